@@ -1,0 +1,210 @@
+//! HTTP helpers: turning errors into responses for axum's `HandleErrorLayer`.
+//!
+//! | error | status |
+//! |---|---|
+//! | [`Rejected`] `UserLimit`, `RateLimited` | 429 Too Many Requests |
+//! | [`Rejected`] `QueueFull`, `CircuitOpen` | 503 Service Unavailable |
+//! | [`Rejected`] `QueueTimeout`, `tower::timeout::error::Elapsed` | 504 Gateway Timeout |
+//! | [`Rejected`] `Cancelled` | 499 Client Closed Request |
+//! | [`Rejected`] `MissingKey` | 400 Bad Request |
+//! | `tower::load_shed::error::Overloaded` | 503 Service Unavailable |
+//! | anything else | 500 Internal Server Error, with no detail of the error |
+//!
+//! `Cancelled` answers 499 because a cancellation comes from the client's side (a user pressing
+//! "stop" through a cancel endpoint): the server is healthy and retrying makes no sense, which a
+//! 503 would suggest.
+//!
+//! A known retry delay is sent as `Retry-After` in whole seconds, rounded up, and in the JSON body
+//! in milliseconds: `{"error": "rate_limited", "message": "...", "retry_after_ms": 1500}`.
+//!
+//! ```
+//! use axum::{error_handling::HandleErrorLayer, routing::get, Router};
+//! use tower::ServiceBuilder;
+//!
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(HandleErrorLayer::new(tower_llm_queue::http::handle_error))
+//!             .timeout(std::time::Duration::from_secs(30)),
+//!     );
+//! ```
+
+use std::error::Error;
+use std::time::Duration;
+
+use http::{header, HeaderValue, StatusCode};
+
+use crate::rejected::{Rejected, RejectionKind};
+
+/// The status code this crate answers for a rejection of this kind.
+pub fn status_for(kind: RejectionKind) -> StatusCode {
+    match kind {
+        RejectionKind::UserLimit | RejectionKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        RejectionKind::QueueFull | RejectionKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+        RejectionKind::QueueTimeout => StatusCode::GATEWAY_TIMEOUT,
+        RejectionKind::Cancelled => client_closed_request(),
+        RejectionKind::MissingKey => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn client_closed_request() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+/// `Retry-After` in whole seconds, rounded up (a delay of 1 ms is sent as 1).
+pub fn retry_after_seconds(delay: Duration) -> u64 {
+    let secs = delay.as_secs();
+    if delay.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    }
+}
+
+/// The parts of the response for an error: status, retry delay and JSON body.
+fn describe(err: &(dyn Error + 'static)) -> (StatusCode, Option<Duration>, serde_json::Value) {
+    if let Some(rejected) = Rejected::find(err) {
+        let body = serde_json::json!({
+            "error": rejected.kind().as_str(),
+            "message": rejected.message(),
+            "retry_after_ms": rejected.retry_after().map(|d| d.as_millis() as u64),
+        });
+        return (status_for(rejected.kind()), rejected.retry_after(), body);
+    }
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.is::<tower::timeout::error::Elapsed>() {
+            let body = serde_json::json!({
+                "error": "timeout",
+                "message": "the upstream did not answer in time",
+                "retry_after_ms": null,
+            });
+            return (StatusCode::GATEWAY_TIMEOUT, None, body);
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            let body = serde_json::json!({
+                "error": "overloaded",
+                "message": "the service is overloaded",
+                "retry_after_ms": null,
+            });
+            return (StatusCode::SERVICE_UNAVAILABLE, None, body);
+        }
+        current = e.source();
+    }
+    let body = serde_json::json!({
+        "error": "internal",
+        "message": "internal server error",
+        "retry_after_ms": null,
+    });
+    (StatusCode::INTERNAL_SERVER_ERROR, None, body)
+}
+
+/// Builds the response for an error, with any body type that can be made from bytes.
+///
+/// This is what [`handle_error`] does, without axum.
+pub fn error_response<B>(err: &(dyn Error + 'static)) -> http::Response<B>
+where
+    B: From<bytes::Bytes>,
+{
+    let (status, retry_after, body) = describe(err);
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), error = %err, "request failed");
+    }
+    let bytes = bytes::Bytes::from(body.to_string());
+    let mut response = http::Response::new(B::from(bytes));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(delay) = retry_after {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_after_seconds(delay)),
+        );
+    }
+    response
+}
+
+/// The error handler for axum's `HandleErrorLayer`: answers 429, 503, 504, 499 or 400 for a
+/// [`Rejected`] (see the table in the [module docs](self)) and 500 with no detail for any other
+/// error.
+#[cfg(feature = "axum")]
+pub async fn handle_error(err: tower::BoxError) -> axum::response::Response {
+    error_response::<axum::body::Body>(&*err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn parts(err: tower::BoxError) -> (StatusCode, Option<String>, serde_json::Value) {
+        let response = handle_error(err).await;
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, retry, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn rejection_with_delay() {
+        let err = Rejected::new(RejectionKind::RateLimited)
+            .with_retry_after(Duration::from_millis(1500))
+            .into();
+        let (status, retry, body) = parts(err).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(retry.as_deref(), Some("2"));
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["retry_after_ms"], 1500);
+        assert_eq!(body["message"], "rate limit exceeded");
+    }
+
+    #[tokio::test]
+    async fn each_kind_has_its_status() {
+        let expect = [
+            (RejectionKind::QueueFull, 503),
+            (RejectionKind::QueueTimeout, 504),
+            (RejectionKind::UserLimit, 429),
+            (RejectionKind::RateLimited, 429),
+            (RejectionKind::CircuitOpen, 503),
+            (RejectionKind::Cancelled, 499),
+            (RejectionKind::MissingKey, 400),
+        ];
+        for (kind, code) in expect {
+            let (status, retry, body) = parts(Rejected::new(kind).into()).await;
+            assert_eq!(status.as_u16(), code, "{kind}");
+            assert_eq!(retry, None);
+            assert_eq!(body["error"], kind.as_str());
+            assert!(body["retry_after_ms"].is_null());
+        }
+    }
+
+    #[tokio::test]
+    async fn other_errors_leak_nothing() {
+        let (status, retry, body) = parts("database password is hunter2".into()).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(retry, None);
+        assert!(!body.to_string().contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn timeouts_are_504() {
+        let (status, _, body) = parts(tower::timeout::error::Elapsed::new().into()).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["error"], "timeout");
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_seconds(Duration::from_millis(2001)), 3);
+        assert_eq!(retry_after_seconds(Duration::ZERO), 0);
+    }
+}

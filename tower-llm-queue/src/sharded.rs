@@ -1,0 +1,95 @@
+//! A map from [`Key`] to per-key state, split into independently locked shards so that requests
+//! of different keys rarely wait for each other.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::key::Key;
+
+/// Locks a mutex, ignoring poisoning: every critical section in this crate leaves its data
+/// consistent before anything that could panic, so a poisoned lock still guards valid state.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Per-key state in shards. Callers remove a key's entry as soon as it holds nothing, and call
+/// [`shrink`] afterwards so that memory returns to baseline once keys have gone.
+pub(crate) struct Sharded<V> {
+    shards: Box<[Mutex<HashMap<Key, V>>]>,
+    hasher: RandomState,
+}
+
+impl<V> Sharded<V> {
+    pub(crate) fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let count = (cores * 4).next_power_of_two();
+        Sharded {
+            shards: (0..count).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The locked shard that holds `key`.
+    pub(crate) fn lock(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, V>> {
+        let index = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
+        lock(&self.shards[index])
+    }
+
+    /// Visits every shard in turn, each locked while `f` runs.
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut HashMap<Key, V>)) {
+        for shard in self.shards.iter() {
+            f(&mut lock(shard));
+        }
+    }
+
+    /// The number of keys held.
+    pub(crate) fn len(&self) -> usize {
+        let mut total = 0;
+        self.for_each_shard(|map| total += map.len());
+        total
+    }
+}
+
+impl<V> std::fmt::Debug for Sharded<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sharded")
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gives memory back when a map has become mostly empty. Amortised O(1) per removal.
+pub(crate) fn shrink<K, V>(map: &mut HashMap<K, V>)
+where
+    K: Eq + std::hash::Hash,
+{
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_returns_after_many_keys() {
+        let map: Sharded<u32> = Sharded::new();
+        for i in 0..10_000u64 {
+            map.lock(&Key::from(i)).insert(Key::from(i), 1);
+        }
+        assert_eq!(map.len(), 10_000);
+        for i in 0..10_000u64 {
+            let mut shard = map.lock(&Key::from(i));
+            shard.remove(&Key::from(i));
+            shrink(&mut shard);
+        }
+        let mut capacity = 0;
+        map.for_each_shard(|m| capacity += m.capacity());
+        assert_eq!(map.len(), 0);
+        assert!(capacity <= map.shards.len() * 64, "capacity {capacity}");
+    }
+}
