@@ -10,10 +10,17 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod admission;
+pub mod hold;
 pub mod http;
 pub mod key;
+pub mod per_user;
+pub mod priority_queue;
 mod rejected;
 mod sharded;
+mod waiter;
 
 pub use key::{ExtractKey, Key};
+pub use per_user::{PerUserConcurrencyLayer, PerUserHandle};
+pub use priority_queue::{PriorityQueueHandle, PriorityQueueLayer, RequestId};
 pub use rejected::{Rejected, RejectionKind};

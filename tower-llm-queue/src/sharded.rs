@@ -1,8 +1,6 @@
 //! A map from [`Key`] to per-key state, split into independently locked shards so that requests
 //! of different keys rarely wait for each other.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -1,0 +1,271 @@
+//! Per-user slots, held in shards; a user with nothing in flight and nobody waiting has no entry.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::Context;
+use std::time::Duration;
+
+use crate::admission::{Finish, Slot};
+use crate::hold::{Guard, Permit};
+use crate::key::Key;
+use crate::rejected::{Rejected, RejectionKind};
+use crate::sharded::{shrink, Sharded};
+use crate::waiter::Waiter;
+
+use super::stats::PerUserStats;
+
+const NO_TIMEOUT: u64 = u64::MAX;
+
+#[derive(Debug, Default)]
+struct User {
+    in_flight: usize,
+    waiters: VecDeque<Arc<Waiter>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    admitted: AtomicU64,
+    rejected: AtomicU64,
+    waited: AtomicU64,
+    timed_out: AtomicU64,
+    cancelled: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    max_per_user: AtomicUsize,
+    max_waiting: AtomicUsize,
+    timeout_ms: AtomicU64,
+    users: Sharded<User>,
+    counters: Counters,
+}
+
+pub(crate) enum Acquired {
+    Running(UserSlot),
+    Waiting(UserSlot, Option<Duration>),
+}
+
+/// One request's claim on a user's slots.
+#[derive(Debug)]
+pub(crate) struct UserSlot {
+    shared: Arc<Shared>,
+    key: Key,
+    waiter: Arc<Waiter>,
+    /// Admitted at once; otherwise the slot is held once the waiter was granted.
+    holding: bool,
+    /// Timed out and already out of the user's queue: nothing left to give up.
+    released: bool,
+    finish: Finish,
+}
+
+impl Shared {
+    pub(crate) fn new(max_per_user: usize) -> Self {
+        Shared {
+            max_per_user: AtomicUsize::new(max_per_user),
+            max_waiting: AtomicUsize::new(0),
+            timeout_ms: AtomicU64::new(NO_TIMEOUT),
+            users: Sharded::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn set_wait(&self, max_waiting: usize, timeout: Duration) {
+        self.max_waiting.store(max_waiting, Relaxed);
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(NO_TIMEOUT - 1);
+        self.timeout_ms.store(ms, Relaxed);
+    }
+
+    pub(crate) fn set_reject(&self) {
+        self.max_waiting.store(0, Relaxed);
+        self.timeout_ms.store(NO_TIMEOUT, Relaxed);
+    }
+
+    pub(crate) fn max_per_user(&self) -> usize {
+        self.max_per_user.load(Relaxed)
+    }
+
+    pub(crate) fn max_waiting(&self) -> usize {
+        self.max_waiting.load(Relaxed)
+    }
+
+    pub(crate) fn acquire(self: &Arc<Self>, key: Key) -> Result<Acquired, Rejected> {
+        let max = self.max_per_user.load(Relaxed);
+        let max_waiting = self.max_waiting.load(Relaxed);
+        let mut shard = self.users.lock(&key);
+        let user = shard.entry(key.clone()).or_default();
+        if user.in_flight < max && user.waiters.is_empty() {
+            user.in_flight += 1;
+            drop(shard);
+            self.counters.admitted.fetch_add(1, Relaxed);
+            self.counters.in_flight.fetch_add(1, Relaxed);
+            tracing::trace!(user = %key, "admitted");
+            return Ok(Acquired::Running(self.slot(key, Waiter::granted(), true)));
+        }
+        if user.waiters.len() < max_waiting {
+            let waiter = Arc::new(Waiter::new());
+            user.waiters.push_back(waiter.clone());
+            drop(shard);
+            self.counters.waited.fetch_add(1, Relaxed);
+            self.counters.waiting.fetch_add(1, Relaxed);
+            tracing::debug!(user = %key, "waiting for one of the user's slots");
+            let timeout = match self.timeout_ms.load(Relaxed) {
+                NO_TIMEOUT => None,
+                ms => Some(Duration::from_millis(ms)),
+            };
+            return Ok(Acquired::Waiting(
+                UserSlot {
+                    shared: self.clone(),
+                    key,
+                    waiter,
+                    holding: false,
+                    released: false,
+                    finish: Finish::Dropped,
+                },
+                timeout,
+            ));
+        }
+        if user.in_flight == 0 && user.waiters.is_empty() {
+            shard.remove(&key);
+        }
+        drop(shard);
+        self.counters.rejected.fetch_add(1, Relaxed);
+        tracing::debug!(user = %key, max_per_user = max, "rejected: user limit");
+        Err(
+            Rejected::new(RejectionKind::UserLimit).with_message(format!(
+                "too many concurrent requests: at most {max} per user; \
+             wait for a current one to complete"
+            )),
+        )
+    }
+
+    fn slot(self: &Arc<Self>, key: Key, waiter: Waiter, holding: bool) -> UserSlot {
+        UserSlot {
+            shared: self.clone(),
+            key,
+            waiter: Arc::new(waiter),
+            holding,
+            released: false,
+            finish: Finish::Dropped,
+        }
+    }
+
+    /// Gives a finished request's slot to the user's next waiter, or frees it.
+    fn release(&self, key: &Key) {
+        let mut shard = self.users.lock(key);
+        let Some(user) = shard.get_mut(key) else {
+            return;
+        };
+        while let Some(next) = user.waiters.pop_front() {
+            self.counters.waiting.fetch_sub(1, Relaxed);
+            if next.grant() {
+                return;
+            }
+        }
+        user.in_flight -= 1;
+        self.counters.in_flight.fetch_sub(1, Relaxed);
+        if user.in_flight == 0 {
+            shard.remove(key);
+            shrink(&mut shard);
+        }
+    }
+
+    /// A waiter gives up; true if it left before it was granted a slot.
+    fn leave(&self, key: &Key, waiter: &Arc<Waiter>) -> bool {
+        let mut shard = self.users.lock(key);
+        if !waiter.leave() {
+            return false;
+        }
+        if let Some(user) = shard.get_mut(key) {
+            if let Some(at) = user.waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) {
+                user.waiters.remove(at);
+                self.counters.waiting.fetch_sub(1, Relaxed);
+            }
+            if user.in_flight == 0 && user.waiters.is_empty() {
+                shard.remove(key);
+                shrink(&mut shard);
+            }
+        }
+        true
+    }
+
+    pub(crate) fn in_flight_of(&self, key: &Key) -> usize {
+        self.users.lock(key).get(key).map_or(0, |u| u.in_flight)
+    }
+
+    pub(crate) fn stats(&self) -> PerUserStats {
+        let c = &self.counters;
+        PerUserStats {
+            max_per_user: self.max_per_user(),
+            max_waiting_per_user: self.max_waiting(),
+            users: self.users.len(),
+            in_flight: c.in_flight.load(Relaxed),
+            waiting: c.waiting.load(Relaxed),
+            admitted: c.admitted.load(Relaxed),
+            rejected: c.rejected.load(Relaxed),
+            waited: c.waited.load(Relaxed),
+            timed_out: c.timed_out.load(Relaxed),
+            cancelled: c.cancelled.load(Relaxed),
+            completed: c.completed.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+        }
+    }
+}
+
+impl Slot for UserSlot {
+    fn waiter(&self) -> &Waiter {
+        &self.waiter
+    }
+
+    fn time_out(&mut self) -> Option<Rejected> {
+        if self.holding || !self.shared.leave(&self.key, &self.waiter) {
+            return None;
+        }
+        self.shared.counters.timed_out.fetch_add(1, Relaxed);
+        tracing::debug!(user = %self.key, "rejected: waited too long for a user slot");
+        self.released = true;
+        Some(
+            Rejected::new(RejectionKind::UserLimit)
+                .with_message("waited too long for one of this user's requests to complete"),
+        )
+    }
+
+    fn set_finish(&mut self, finish: Finish) {
+        self.finish = finish;
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if !self.holding && self.shared.leave(&self.key, &self.waiter) {
+            self.shared.counters.cancelled.fetch_add(1, Relaxed);
+            return;
+        }
+        let c = &self.shared.counters;
+        match (std::thread::panicking(), self.finish) {
+            (true, _) | (false, Finish::Failed) => c.failed.fetch_add(1, Relaxed),
+            (false, Finish::Completed) => c.completed.fetch_add(1, Relaxed),
+            (false, Finish::Dropped) => c.cancelled.fetch_add(1, Relaxed),
+        };
+        self.shared.release(&self.key);
+    }
+}
+
+impl Guard for UserSlot {
+    fn poll_cancelled(&self, _: &mut Context<'_>) -> bool {
+        false
+    }
+}
+
+impl From<UserSlot> for Permit {
+    fn from(slot: UserSlot) -> Self {
+        Permit::new(slot)
+    }
+}

@@ -1,0 +1,109 @@
+//! A bounded queue in front of a service: at most `concurrency` requests run at once, and the
+//! rest wait for their turn by priority level, then fairly across users, then by arrival.
+//!
+//! # Behaviour
+//!
+//! * **Admission.** A request starts at once while fewer than `concurrency` run and nobody
+//!   waits. Otherwise it waits; when `capacity` requests already wait it is refused at once with
+//!   [`RejectionKind::QueueFull`](crate::RejectionKind::QueueFull) and a `retry_after` estimated
+//!   from recent service times.
+//! * **Order.** Level 1 before level 2, and so on ([`PriorityQueueLayer::priority`]). Within a
+//!   level, with [`fair_by`](PriorityQueueLayer::fair_by), users take turns round robin, so one
+//!   user's burst of 100 cannot delay another user's first request by more than one turn;
+//!   without it, arrival order. Every 10th admission goes to the request that has waited longest
+//!   whatever its level, so low levels progress under a constant stream of high-priority work
+//!   ([`longest_waiting_every`](PriorityQueueLayer::longest_waiting_every); 0 gives strict
+//!   priority).
+//! * **Timeout.** With [`queue_timeout`](PriorityQueueLayer::queue_timeout), a request that
+//!   waited that long leaves with [`RejectionKind::QueueTimeout`](crate::RejectionKind::QueueTimeout).
+//! * **Cancellation.** [`PriorityQueueHandle::cancel`] takes a queued request out, or drops a
+//!   running request's inner future (or ends its held response body); its caller gets
+//!   [`RejectionKind::Cancelled`](crate::RejectionKind::Cancelled). Dropping the response future
+//!   has the same effect on the queue.
+//! * **Ids.** Every request gets a [`RequestId`]: read it from the response future
+//!   ([`ResponseFuture::request_id`]), or, for HTTP, let [`RequestIdExtension`] take it from —
+//!   or put it into — the request's extensions, so that a handler can hand it to the client.
+//! * **Cost.** Admission and release take O(log n) in the number of waiting requests; an
+//!   uncontended request takes one lock to enter and one to leave.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_llm_queue::PriorityQueueLayer;
+//!
+//! struct Prompt { user: String, chat: bool }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let layer = PriorityQueueLayer::new(3)                       // 3 upstream calls at once
+//!     .capacity(100)
+//!     .priority(|p: &Prompt| if p.chat { 1 } else { 3 })       // chat before batch work
+//!     .fair_by(|p: &Prompt| p.user.clone())                    // users take turns
+//!     .queue_timeout(Duration::from_secs(30));
+//! let handle = layer.handle();
+//!
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|p: Prompt| async move {
+//!         Ok::<_, tower::BoxError>(format!("answer for {}", p.user))
+//!     }));
+//!
+//! let answer = svc.ready().await?.call(Prompt { user: "ada".into(), chat: true }).await?;
+//! assert_eq!(answer, "answer for ada");
+//! assert_eq!(handle.stats().completed, 1);
+//! assert_eq!(handle.stats().running, 0);
+//! # Ok(())
+//! # }
+//! ```
+
+mod future;
+mod layer;
+mod priority;
+mod request_id;
+mod schedule;
+mod service;
+mod state;
+mod stats;
+
+use std::sync::Arc;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::PriorityQueueLayer;
+pub use self::priority::{
+    ArrivalOrder, ExtractPriority, FairBy, FairShare, HeaderPriority, LowestPriority,
+};
+pub use self::request_id::{AssignRequestId, NewRequestId, RequestId, RequestIdExtension};
+pub use self::service::PriorityQueue;
+pub use self::stats::{EntryState, QueueEntry, QueueStats};
+
+use self::state::Shared;
+
+/// Reads and controls one queue: stats, the list of entries, and cancellation.
+///
+/// Obtained from [`PriorityQueueLayer::handle`] or [`PriorityQueue::handle`]; every handle of a
+/// layer sees the same queue.
+#[derive(Clone, Debug)]
+pub struct PriorityQueueHandle {
+    shared: Arc<Shared>,
+}
+
+impl PriorityQueueHandle {
+    /// A snapshot of the queue's counters and wait-time percentiles.
+    pub fn stats(&self) -> QueueStats {
+        self.shared.stats()
+    }
+
+    /// Every request in the queue, waiting or running, ordered by id.
+    pub fn entries(&self) -> Vec<QueueEntry> {
+        self.shared.entries()
+    }
+
+    /// Cancels a waiting or running request: its caller gets
+    /// [`RejectionKind::Cancelled`](crate::RejectionKind::Cancelled). False if the queue holds
+    /// no such request.
+    pub fn cancel(&self, id: RequestId) -> bool {
+        self.shared.cancel(id)
+    }
+}

@@ -1,0 +1,151 @@
+//! The hand-off between a layer's shared state and one waiting request: a status word and the
+//! waker of the task that waits on it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+
+const WAITING: u8 = 0;
+const GRANTED: u8 = 1;
+const CANCELLED: u8 = 2;
+const GONE: u8 = 3;
+
+/// What happened to a request that waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// It may run: a slot is now its own.
+    Granted,
+    /// It was cancelled through a handle.
+    Cancelled,
+}
+
+/// One request's status, shared between its future and the layer's state.
+///
+/// Transitions: `WAITING → GRANTED`, `WAITING/GRANTED → CANCELLED` (through a handle), and
+/// `WAITING → GONE` (the future gave up: dropped or timed out). Whoever makes a transition under
+/// the layer's lock owns its consequences, so a grant is never lost and never given twice.
+#[derive(Debug, Default)]
+pub(crate) struct Waiter {
+    status: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Waiter {
+    pub(crate) fn new() -> Self {
+        Waiter::default()
+    }
+
+    /// A waiter that already holds its slot.
+    pub(crate) fn granted() -> Self {
+        Waiter {
+            status: AtomicU8::new(GRANTED),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Gives the slot to this waiter and wakes it. False if it had already given up.
+    pub(crate) fn grant(&self) -> bool {
+        let granted = self
+            .status
+            .compare_exchange(WAITING, GRANTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if granted {
+            self.waker.wake();
+        }
+        granted
+    }
+
+    /// Marks the request cancelled and wakes it, whether it waits or runs. False if it was
+    /// already cancelled or gone.
+    pub(crate) fn cancel(&self) -> bool {
+        let mut current = self.status.load(Ordering::Acquire);
+        loop {
+            if current != WAITING && current != GRANTED {
+                return false;
+            }
+            match self.status.compare_exchange(
+                current,
+                CANCELLED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.waker.wake();
+                    return true;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The future gives up waiting. False if a grant (or a cancellation) came first.
+    pub(crate) fn leave(&self) -> bool {
+        self.status
+            .compare_exchange(WAITING, GONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.status.load(Ordering::Acquire) == CANCELLED
+    }
+
+    /// Pending while waiting; the waker is registered before the status is read again, so a
+    /// grant between the two is never missed.
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        if let Some(outcome) = self.settled() {
+            return Poll::Ready(outcome);
+        }
+        self.waker.register(cx.waker());
+        match self.settled() {
+            Some(outcome) => Poll::Ready(outcome),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Registers interest in a cancellation of a running request; true once cancelled.
+    pub(crate) fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
+        if self.is_cancelled() {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.is_cancelled()
+    }
+
+    fn settled(&self) -> Option<Outcome> {
+        match self.status.load(Ordering::Acquire) {
+            GRANTED => Some(Outcome::Granted),
+            CANCELLED => Some(Outcome::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_and_leave_exclude_each_other() {
+        let w = Waiter::new();
+        assert!(w.grant());
+        assert!(!w.leave());
+        assert!(!w.grant());
+
+        let w = Waiter::new();
+        assert!(w.leave());
+        assert!(!w.grant());
+        assert!(!w.cancel());
+    }
+
+    #[test]
+    fn cancel_reaches_running_and_waiting() {
+        let w = Waiter::granted();
+        assert!(w.cancel());
+        assert!(w.is_cancelled());
+        assert!(!w.cancel());
+        let w = Waiter::new();
+        assert!(w.cancel());
+        assert!(!w.grant());
+    }
+}
