@@ -70,6 +70,20 @@ where
 }
 
 #[cfg(test)]
+impl<V> Sharded<V> {
+    /// The room all shards have allocated, in entries.
+    pub(crate) fn capacity(&self) -> usize {
+        let mut total = 0;
+        self.for_each_shard(|map| total += map.capacity());
+        total
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

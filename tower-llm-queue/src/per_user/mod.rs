@@ -82,3 +82,6 @@ impl PerUserHandle {
         self.shared.in_flight_of(user)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -269,3 +269,11 @@ impl From<UserSlot> for Permit {
         Permit::new(slot)
     }
 }
+
+#[cfg(test)]
+impl Shared {
+    /// Room allocated for per-user entries, and the number of shards.
+    pub(super) fn user_capacity(&self) -> (usize, usize) {
+        (self.users.capacity(), self.users.shard_count())
+    }
+}

@@ -107,3 +107,6 @@ impl PriorityQueueHandle {
         self.shared.cancel(id)
     }
 }
+
+#[cfg(test)]
+mod tests;

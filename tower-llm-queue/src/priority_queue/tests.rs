@@ -1,0 +1,383 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::sleep;
+use tower::{service_fn, BoxError, Service, ServiceBuilder};
+
+use super::*;
+use crate::{Rejected, RejectionKind};
+
+#[derive(Debug, Clone)]
+struct Job {
+    label: String,
+    user: String,
+    level: u8,
+    work: Duration,
+}
+
+fn job(label: &str, user: &str, level: u8) -> Job {
+    Job {
+        label: label.into(),
+        user: user.into(),
+        level,
+        work: Duration::from_secs(1),
+    }
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// An upstream that logs the order of calls and takes `work` to answer.
+fn upstream(
+    log: Log,
+) -> impl Service<Job, Response = String, Error = BoxError, Future = impl Send> + Clone {
+    service_fn(move |job: Job| {
+        log.lock().unwrap().push(job.label.clone());
+        async move {
+            sleep(job.work).await;
+            Ok::<_, BoxError>(job.label)
+        }
+    })
+}
+
+fn kind(err: &BoxError) -> RejectionKind {
+    Rejected::find(&**err).expect("a rejection").kind()
+}
+
+/// Calls in order (arrival order is call order), then waits for every answer.
+async fn run_all<S>(svc: &mut S, jobs: Vec<Job>) -> Vec<Result<String, BoxError>>
+where
+    S: Service<Job, Response = String, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .map(|j| tokio::spawn(svc.call(j)))
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+fn logged(log: &Log) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn higher_levels_first_and_fifo_within_a_level() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1)
+        .longest_waiting_every(0)
+        .priority(|j: &Job| j.level);
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let jobs = vec![
+        job("first", "u", 3),
+        job("low-a", "u", 3),
+        job("high-a", "u", 1),
+        job("mid", "u", 2),
+        job("high-b", "u", 1),
+        job("low-b", "u", 3),
+        job("high-c", "u", 1),
+    ];
+    for r in run_all(&mut svc, jobs).await {
+        r.unwrap();
+    }
+    assert_eq!(
+        logged(&log),
+        ["first", "high-a", "high-b", "high-c", "mid", "low-a", "low-b"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn out_of_range_levels_are_clamped() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1)
+        .levels(3)
+        .longest_waiting_every(0)
+        .priority(|j: &Job| j.level);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let running = tokio::spawn(svc.call(job("first", "u", 1)));
+    let a = tokio::spawn(svc.call(job("two-hundred", "u", 200)));
+    let b = tokio::spawn(svc.call(job("zero", "u", 0)));
+    tokio::task::yield_now().await;
+    assert_eq!(handle.stats().waiting_per_level, vec![1, 0, 1]);
+    for h in [running, a, b] {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(logged(&log), ["first", "zero", "two-hundred"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_cannot_starve_other_users() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1)
+        .capacity(10_000)
+        .fair_by(|j: &Job| j.user.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let mut jobs: Vec<Job> = (0..100).map(|n| job(&format!("A{n}"), "A", 5)).collect();
+    for user in ["B", "C", "D", "E", "F", "G", "H", "I", "J"] {
+        jobs.extend((0..10).map(|n| job(&format!("{user}{n}"), user, 5)));
+    }
+    for r in run_all(&mut svc, jobs).await {
+        r.unwrap();
+    }
+    let order = logged(&log);
+    let first_users: std::collections::HashSet<char> = order[..10]
+        .iter()
+        .map(|l| l.chars().next().unwrap())
+        .collect();
+    assert_eq!(first_users.len(), 10, "first ten: {:?}", &order[..10]);
+    // Every user's requests stay in their own arrival order.
+    let a_order: Vec<&String> = order.iter().filter(|l| l.starts_with('A')).collect();
+    let expected: Vec<String> = (0..100).map(|n| format!("A{n}")).collect();
+    assert!(a_order.iter().zip(&expected).all(|(a, b)| *a == b));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_user_waits_at_most_one_turn() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1).fair_by(|j: &Job| j.user.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let burst: Vec<_> = (0..50)
+        .map(|n| tokio::spawn(svc.call(job(&format!("A{n}"), "A", 5))))
+        .collect();
+    // Ten of A's requests have run when B arrives.
+    sleep(Duration::from_millis(9_500)).await;
+    let late = tokio::spawn(svc.call(job("B0", "B", 5)));
+    late.await.unwrap().unwrap();
+    let order = logged(&log);
+    let b_at = order.iter().position(|l| l == "B0").unwrap();
+    assert!(b_at <= 11, "B ran {b_at}th: {order:?}");
+    for h in burst {
+        h.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_queue_refuses_at_once_with_an_estimate() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1).capacity(2);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let two_seconds = |label: &str| Job {
+        work: Duration::from_secs(2),
+        ..job(label, "u", 5)
+    };
+    let first = tokio::spawn(svc.call(two_seconds("1")));
+    let queued: Vec<_> = (0..2)
+        .map(|n| tokio::spawn(svc.call(two_seconds(&n.to_string()))))
+        .collect();
+    let before = tokio::time::Instant::now();
+    let err = svc.call(job("x", "u", 5)).await.unwrap_err();
+    assert_eq!(before.elapsed(), Duration::ZERO);
+    assert_eq!(kind(&err), RejectionKind::QueueFull);
+    let rejected = Rejected::find(&*err).unwrap();
+    // Nothing finished yet: the estimate falls back to one second per round.
+    assert_eq!(rejected.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(handle.stats().rejected, 1);
+    first.await.unwrap().unwrap();
+    for q in queued {
+        q.await.unwrap().unwrap();
+    }
+    // With service times known (2 s each), the estimate follows them.
+    let _blocker = tokio::spawn(svc.call(Job {
+        work: Duration::from_secs(60),
+        ..job("long", "u", 5)
+    }));
+    let _q: Vec<_> = (0..2)
+        .map(|n| tokio::spawn(svc.call(job(&n.to_string(), "u", 5))))
+        .collect();
+    tokio::task::yield_now().await;
+    let err = svc.call(job("x", "u", 5)).await.unwrap_err();
+    let rejected = Rejected::find(&*err).unwrap();
+    assert_eq!(rejected.retry_after(), Some(Duration::from_secs(6)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_timeout_takes_a_request_out() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1).queue_timeout(Duration::from_secs(5));
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let long = tokio::spawn(svc.call(Job {
+        work: Duration::from_secs(10),
+        ..job("long", "u", 5)
+    }));
+    let started = tokio::time::Instant::now();
+    let err = svc.call(job("late", "u", 5)).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::QueueTimeout);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    let stats = handle.stats();
+    assert_eq!((stats.waiting, stats.timed_out, stats.running), (0, 1, 1));
+    long.await.unwrap().unwrap();
+    assert_eq!(logged(&log), ["long"]);
+    assert_eq!(handle.stats().running, 0);
+}
+
+struct DropFlag(Arc<Mutex<bool>>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = true;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_by_id_queued_and_running() {
+    let dropped = Arc::new(Mutex::new(false));
+    let flag = dropped.clone();
+    let layer = PriorityQueueLayer::new(1);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |secs: u64| {
+            let guard = DropFlag(flag.clone());
+            async move {
+                sleep(Duration::from_secs(secs)).await;
+                drop(guard);
+                Ok::<_, BoxError>(secs)
+            }
+        }));
+    let running = svc.call(100);
+    let running_id = running.request_id();
+    let running = tokio::spawn(running);
+    let queued = svc.call(1);
+    let queued_id = queued.request_id();
+    let queued = tokio::spawn(queued);
+    let after = tokio::spawn(svc.call(2));
+    tokio::task::yield_now().await;
+
+    let entries = handle.entries();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0].id, running_id);
+    assert_eq!(entries[0].state, EntryState::Running);
+    assert_eq!(entries[1].state, EntryState::Queued);
+
+    assert!(handle.cancel(queued_id));
+    assert!(!handle.cancel(queued_id));
+    let err = queued.await.unwrap().unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::Cancelled);
+    assert_eq!(handle.stats().waiting, 1);
+
+    sleep(Duration::from_secs(1)).await;
+    assert!(handle.cancel(running_id));
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::Cancelled);
+    assert!(*dropped.lock().unwrap(), "the inner future was dropped");
+    // The slot went to the next request at once.
+    assert_eq!(after.await.unwrap().unwrap(), 2);
+    let stats = handle.stats();
+    assert_eq!(stats.cancelled, 2);
+    assert_eq!(stats.completed, 1);
+    assert_eq!((stats.running, stats.waiting), (0, 0));
+    assert!(!handle.cancel(RequestId::from_u64(u64::MAX)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn lowest_level_still_progresses() {
+    for (every, at_most) in [(10u32, 10usize), (0, 51)] {
+        let log = Log::default();
+        let layer = PriorityQueueLayer::new(1)
+            .longest_waiting_every(every)
+            .priority(|j: &Job| j.level);
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(upstream(log.clone()));
+        let mut jobs = vec![job("first", "u", 1), job("low", "u", 5)];
+        jobs.extend((0..50).map(|n| job(&format!("high{n}"), "u", 1)));
+        for r in run_all(&mut svc, jobs).await {
+            r.unwrap();
+        }
+        let at = logged(&log).iter().position(|l| l == "low").unwrap();
+        assert!(at <= at_most, "every {every}: low ran {at}th");
+        if every == 0 {
+            assert_eq!(at, 51, "strict priority runs it last");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_and_entries_serialize() {
+    let layer = PriorityQueueLayer::new(1).fair_by(|j: &Job| j.user.clone());
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(Log::default()));
+    let a = tokio::spawn(svc.call(job("a", "ada", 2)));
+    let b = tokio::spawn(svc.call(job("b", "bob", 2)));
+    sleep(Duration::from_millis(500)).await;
+    let entries = serde_json::to_value(handle.entries()).unwrap();
+    assert_eq!(entries[1]["user"], "bob");
+    assert_eq!(entries[1]["state"], "queued");
+    assert_eq!(entries[1]["level"], 5);
+    assert_eq!(entries[1]["waited_ms"], 500.0);
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let stats = serde_json::to_value(handle.stats()).unwrap();
+    assert_eq!(stats["completed"], 2);
+    assert_eq!(stats["wait_p99_ms"], 1000.0);
+    assert_eq!(stats["users"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_user_key_is_refused_when_asked() {
+    let layer =
+        PriorityQueueLayer::new(1).fair_by(crate::key::HeaderKey::new("x-user").or_reject());
+    let mut svc =
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(|_: http::Request<()>| async {
+                Ok::<_, BoxError>(())
+            }));
+    let err = svc.call(http::Request::new(())).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::MissingKey);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_request_id_is_refused() {
+    let layer = PriorityQueueLayer::new(2).request_id(|_: &mut u64| RequestId::from_u64(7));
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|secs: u64| async move {
+            sleep(Duration::from_secs(secs)).await;
+            Ok::<_, BoxError>(secs)
+        }));
+    let first = tokio::spawn(svc.call(5));
+    let err = svc.call(1).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::MissingKey);
+    assert!(err.to_string().contains("request id 7 is already in use"));
+    assert_eq!(first.await.unwrap().unwrap(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_errors_pass_through_untouched() {
+    #[derive(Debug)]
+    struct Upstream;
+    impl std::fmt::Display for Upstream {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("upstream said no")
+        }
+    }
+    impl std::error::Error for Upstream {}
+    let layer = PriorityQueueLayer::new(1);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|_: ()| async { Err::<(), _>(Upstream) }));
+    let err = svc.call(()).await.unwrap_err();
+    assert!(err.is::<Upstream>());
+    assert_eq!(handle.stats().failed, 1);
+}
