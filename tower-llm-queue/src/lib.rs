@@ -6,6 +6,48 @@
 //! shared state however often it is cloned. Everything a layer refuses itself is a
 //! [`Rejected`] with a [`RejectionKind`] and an optional retry delay; errors of the inner service
 //! pass through untouched. [`http::handle_error`] turns both into HTTP responses for axum.
+//!
+//! | layer | decides | on excess |
+//! |---|---|---|
+//! | [`PriorityQueueLayer`] | how many run at once; who runs next (priority, then fair across users, then arrival) | waits in a bounded queue; full → [`RejectionKind::QueueFull`] |
+//! | [`PerUserConcurrencyLayer`] | how many one user may have in flight | [`RejectionKind::UserLimit`] at once, or waits |
+//!
+//! # Example
+//!
+//! Two layers stacked around an upstream that answers prompts; the same stack goes into an axum
+//! `Router` with `.layer(...)` behind a `HandleErrorLayer` (see [`http`]).
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
+//!
+//! #[derive(Clone)]
+//! struct Prompt { user: u64, text: String, interactive: bool }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let queue = PriorityQueueLayer::new(3)
+//!     .capacity(1_000)
+//!     .priority(|p: &Prompt| if p.interactive { 1 } else { 5 })
+//!     .fair_by(|p: &Prompt| p.user)
+//!     .queue_timeout(Duration::from_secs(30));
+//! let stats = queue.handle();
+//!
+//! let mut llm = ServiceBuilder::new()
+//!     .layer(PerUserConcurrencyLayer::new(2, |p: &Prompt| p.user))
+//!     .layer(queue)
+//!     .service(service_fn(|p: Prompt| async move {
+//!         Ok::<_, tower::BoxError>(format!("echo: {}", p.text))
+//!     }));
+//!
+//! let prompt = Prompt { user: 7, text: "hi".into(), interactive: true };
+//! let answer = llm.ready().await?.call(prompt).await?;
+//! assert_eq!(answer, "echo: hi");
+//! assert_eq!(stats.stats().completed, 1);
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
@@ -24,3 +66,7 @@ pub use key::{ExtractKey, Key};
 pub use per_user::{PerUserConcurrencyLayer, PerUserHandle};
 pub use priority_queue::{PriorityQueueHandle, PriorityQueueLayer, RequestId};
 pub use rejected::{Rejected, RejectionKind};
+
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
