@@ -143,25 +143,22 @@ impl Shared {
         }
         if state.running < state.config.concurrency && state.schedule.len() == 0 {
             state.schedule.admit_directly(level, user.as_ref());
-            let waiter = Arc::new(Waiter::granted());
             state.running += 1;
             state.counters.admitted += 1;
             state.waits.record(Duration::ZERO);
             tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
-            state.entries.insert(
-                id,
-                Entry {
-                    user,
-                    level,
-                    since: now,
-                    phase: Phase::Running {
-                        waited: Duration::ZERO,
-                        started: now,
-                    },
-                    waiter: waiter.clone(),
+            let entry = Entry {
+                user,
+                level,
+                since: now,
+                phase: Phase::Running {
+                    waited: Duration::ZERO,
+                    started: now,
                 },
-            );
-            return Ok(Enqueued::Running(self.ticket(id, waiter)));
+                waiter: Arc::new(Waiter::granted()),
+            };
+            let ticket = self.register(&mut state, id, entry);
+            return Ok(Enqueued::Running(ticket));
         }
         if state.schedule.len() >= state.config.capacity {
             state.counters.rejected += 1;
@@ -170,23 +167,21 @@ impl Shared {
             return Err(Rejected::new(RejectionKind::QueueFull).with_retry_after(retry_after));
         }
         let pos = state.schedule.push(level, user.as_ref(), id);
-        let waiter = Arc::new(Waiter::new());
         tracing::debug!(%id, user = ?user, level = level + 1, waiting = state.schedule.len(), "queued");
-        state.entries.insert(
-            id,
-            Entry {
-                user,
-                level,
-                since: now,
-                phase: Phase::Queued(pos),
-                waiter: waiter.clone(),
-            },
-        );
-        let timeout = state.config.queue_timeout;
-        Ok(Enqueued::Waiting(self.ticket(id, waiter), timeout))
+        let entry = Entry {
+            user,
+            level,
+            since: now,
+            phase: Phase::Queued(pos),
+            waiter: Arc::new(Waiter::new()),
+        };
+        let ticket = self.register(&mut state, id, entry);
+        Ok(Enqueued::Waiting(ticket, state.config.queue_timeout))
     }
 
-    fn ticket(self: &Arc<Self>, id: RequestId, waiter: Arc<Waiter>) -> Ticket {
+    fn register(self: &Arc<Self>, state: &mut State, id: RequestId, entry: Entry) -> Ticket {
+        let waiter = entry.waiter.clone();
+        state.entries.insert(id, entry);
         Ticket {
             shared: self.clone(),
             id,
