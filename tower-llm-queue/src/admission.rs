@@ -30,7 +30,8 @@ pub(crate) enum Finish {
 /// A request's place in a layer's shared state: waiting, then holding a slot. Dropping it at any
 /// moment gives the place or the slot up.
 pub(crate) trait Slot: Into<Permit> {
-    fn waiter(&self) -> &Waiter;
+    /// The hand-off with the layer; `None` for a slot taken at once that cannot be cancelled.
+    fn waiter(&self) -> Option<&Waiter>;
 
     /// The wait has lasted too long: leave, and say why, unless the slot was granted meanwhile.
     fn time_out(&mut self) -> Option<Rejected>;
@@ -47,8 +48,7 @@ pin_project! {
     {
         #[pin]
         running: Option<S::Future>,
-        #[pin]
-        deadline: Option<Sleep>,
+        deadline: Option<Pin<Box<Sleep>>>,
         ticket: Option<T>,
         admitted: bool,
         inner: Option<S>,
@@ -84,7 +84,7 @@ where
     ) -> Self {
         Admission {
             running: None,
-            deadline: timeout.map(tokio::time::sleep),
+            deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
             ticket: Some(ticket),
             admitted: false,
             inner: Some(inner),
@@ -135,8 +135,9 @@ where
                 return Poll::Ready(Err(polled_after_completion()));
             };
 
+            let waiter = ticket.waiter();
             if let Some(call) = this.running.as_mut().as_pin_mut() {
-                if ticket.waiter().poll_cancelled(cx) {
+                if waiter.is_some_and(|w| w.poll_cancelled(cx)) {
                     this.running.set(None);
                     this.ticket.take();
                     return Poll::Ready(Err(cancelled()));
@@ -159,21 +160,22 @@ where
             }
 
             if !*this.admitted {
-                match ticket.waiter().poll(cx) {
+                let outcome = waiter.map_or(Poll::Ready(Outcome::Granted), |w| w.poll(cx));
+                match outcome {
                     Poll::Ready(Outcome::Granted) => {
                         *this.admitted = true;
-                        this.deadline.set(None);
+                        *this.deadline = None;
                     }
                     Poll::Ready(Outcome::Cancelled) => {
                         this.ticket.take();
                         return Poll::Ready(Err(cancelled()));
                     }
                     Poll::Pending => {
-                        let Some(deadline) = this.deadline.as_mut().as_pin_mut() else {
+                        let Some(deadline) = this.deadline.as_mut() else {
                             return Poll::Pending;
                         };
-                        ready!(deadline.poll(cx));
-                        this.deadline.set(None);
+                        ready!(deadline.as_mut().poll(cx));
+                        *this.deadline = None;
                         if let Some(rejected) = ticket.time_out() {
                             this.ticket.take();
                             return Poll::Ready(Err(rejected.into()));
@@ -183,7 +185,7 @@ where
                 }
             }
 
-            if ticket.waiter().poll_cancelled(cx) {
+            if ticket.waiter().is_some_and(|w| w.poll_cancelled(cx)) {
                 this.ticket.take();
                 return Poll::Ready(Err(cancelled()));
             }

@@ -2,10 +2,17 @@
 //! of different keys rarely wait for each other.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::key::Key;
+
+/// The hasher of every map in this crate: fast, and seeded at random so that keys chosen by
+/// clients cannot be lined up into one bucket.
+pub(crate) type Hasher = foldhash::fast::RandomState;
+
+/// A `HashMap` with [`Hasher`].
+pub(crate) type FastMap<K, V> = HashMap<K, V, Hasher>;
 
 /// Locks a mutex, ignoring poisoning: every critical section in this crate leaves its data
 /// consistent before anything that could panic, so a poisoned lock still guards valid state.
@@ -16,8 +23,10 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Per-key state in shards. Callers remove a key's entry as soon as it holds nothing, and call
 /// [`shrink`] afterwards so that memory returns to baseline once keys have gone.
 pub(crate) struct Sharded<V> {
-    shards: Box<[Mutex<HashMap<Key, V>>]>,
-    hasher: RandomState,
+    shards: Box<[Mutex<FastMap<Key, V>>]>,
+    /// Picks the shard; seeded apart from the maps' own hashers, and read from the hash's middle
+    /// bits, so that the keys of one shard still spread over its map's buckets.
+    hasher: Hasher,
 }
 
 impl<V> Sharded<V> {
@@ -25,29 +34,22 @@ impl<V> Sharded<V> {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         let count = (cores * 4).next_power_of_two();
         Sharded {
-            shards: (0..count).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..count).map(|_| Mutex::new(FastMap::default())).collect(),
+            hasher: Hasher::default(),
         }
     }
 
     /// The locked shard that holds `key`.
-    pub(crate) fn lock(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, V>> {
-        let index = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
+    pub(crate) fn lock(&self, key: &Key) -> MutexGuard<'_, FastMap<Key, V>> {
+        let index = (self.hasher.hash_one(key) >> 32) as usize & (self.shards.len() - 1);
         lock(&self.shards[index])
     }
 
     /// Visits every shard in turn, each locked while `f` runs.
-    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut HashMap<Key, V>)) {
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut FastMap<Key, V>)) {
         for shard in self.shards.iter() {
             f(&mut lock(shard));
         }
-    }
-
-    /// The number of keys held.
-    pub(crate) fn len(&self) -> usize {
-        let mut total = 0;
-        self.for_each_shard(|map| total += map.len());
-        total
     }
 }
 
@@ -60,9 +62,10 @@ impl<V> std::fmt::Debug for Sharded<V> {
 }
 
 /// Gives memory back when a map has become mostly empty. Amortised O(1) per removal.
-pub(crate) fn shrink<K, V>(map: &mut HashMap<K, V>)
+pub(crate) fn shrink<K, V, S>(map: &mut HashMap<K, V, S>)
 where
     K: Eq + std::hash::Hash,
+    S: BuildHasher,
 {
     if map.capacity() > 64 && map.len() * 4 < map.capacity() {
         map.shrink_to(map.len() * 2);
@@ -71,6 +74,13 @@ where
 
 #[cfg(test)]
 impl<V> Sharded<V> {
+    /// The number of keys held.
+    pub(crate) fn len(&self) -> usize {
+        let mut total = 0;
+        self.for_each_shard(|map| total += map.len());
+        total
+    }
+
     /// The room all shards have allocated, in entries.
     pub(crate) fn capacity(&self) -> usize {
         let mut total = 0;

@@ -32,8 +32,6 @@ struct Counters {
     cancelled: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
-    in_flight: AtomicUsize,
-    waiting: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -55,10 +53,10 @@ pub(crate) enum Acquired {
 pub(crate) struct UserSlot {
     shared: Arc<Shared>,
     key: Key,
-    waiter: Arc<Waiter>,
-    /// Admitted at once; otherwise the slot is held once the waiter was granted.
-    holding: bool,
-    /// Timed out and already out of the user's queue: nothing left to give up.
+    /// `None` when the slot was taken at once; otherwise the slot is held once this waiter has
+    /// been granted.
+    waiter: Option<Arc<Waiter>>,
+    /// Timed out and already out of the user's line: nothing left to give up.
     released: bool,
     finish: Finish,
 }
@@ -102,32 +100,20 @@ impl Shared {
             user.in_flight += 1;
             drop(shard);
             self.counters.admitted.fetch_add(1, Relaxed);
-            self.counters.in_flight.fetch_add(1, Relaxed);
             tracing::trace!(user = %key, "admitted");
-            return Ok(Acquired::Running(self.slot(key, Waiter::granted(), true)));
+            return Ok(Acquired::Running(self.slot(key, None)));
         }
         if user.waiters.len() < max_waiting {
             let waiter = Arc::new(Waiter::new());
             user.waiters.push_back(waiter.clone());
             drop(shard);
             self.counters.waited.fetch_add(1, Relaxed);
-            self.counters.waiting.fetch_add(1, Relaxed);
             tracing::debug!(user = %key, "waiting for one of the user's slots");
             let timeout = match self.timeout_ms.load(Relaxed) {
                 NO_TIMEOUT => None,
                 ms => Some(Duration::from_millis(ms)),
             };
-            return Ok(Acquired::Waiting(
-                UserSlot {
-                    shared: self.clone(),
-                    key,
-                    waiter,
-                    holding: false,
-                    released: false,
-                    finish: Finish::Dropped,
-                },
-                timeout,
-            ));
+            return Ok(Acquired::Waiting(self.slot(key, Some(waiter)), timeout));
         }
         if user.in_flight == 0 && user.waiters.is_empty() {
             shard.remove(&key);
@@ -143,12 +129,11 @@ impl Shared {
         )
     }
 
-    fn slot(self: &Arc<Self>, key: Key, waiter: Waiter, holding: bool) -> UserSlot {
+    fn slot(self: &Arc<Self>, key: Key, waiter: Option<Arc<Waiter>>) -> UserSlot {
         UserSlot {
             shared: self.clone(),
             key,
-            waiter: Arc::new(waiter),
-            holding,
+            waiter,
             released: false,
             finish: Finish::Dropped,
         }
@@ -161,13 +146,11 @@ impl Shared {
             return;
         };
         while let Some(next) = user.waiters.pop_front() {
-            self.counters.waiting.fetch_sub(1, Relaxed);
             if next.grant() {
                 return;
             }
         }
         user.in_flight -= 1;
-        self.counters.in_flight.fetch_sub(1, Relaxed);
         if user.in_flight == 0 {
             shard.remove(key);
             shrink(&mut shard);
@@ -183,7 +166,6 @@ impl Shared {
         if let Some(user) = shard.get_mut(key) {
             if let Some(at) = user.waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) {
                 user.waiters.remove(at);
-                self.counters.waiting.fetch_sub(1, Relaxed);
             }
             if user.in_flight == 0 && user.waiters.is_empty() {
                 shard.remove(key);
@@ -198,13 +180,21 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> PerUserStats {
+        let (mut users, mut in_flight, mut waiting) = (0, 0, 0);
+        self.users.for_each_shard(|shard| {
+            users += shard.len();
+            for user in shard.values() {
+                in_flight += user.in_flight;
+                waiting += user.waiters.len();
+            }
+        });
         let c = &self.counters;
         PerUserStats {
             max_per_user: self.max_per_user(),
             max_waiting_per_user: self.max_waiting(),
-            users: self.users.len(),
-            in_flight: c.in_flight.load(Relaxed),
-            waiting: c.waiting.load(Relaxed),
+            users,
+            in_flight,
+            waiting,
             admitted: c.admitted.load(Relaxed),
             rejected: c.rejected.load(Relaxed),
             waited: c.waited.load(Relaxed),
@@ -217,12 +207,13 @@ impl Shared {
 }
 
 impl Slot for UserSlot {
-    fn waiter(&self) -> &Waiter {
-        &self.waiter
+    fn waiter(&self) -> Option<&Waiter> {
+        self.waiter.as_deref()
     }
 
     fn time_out(&mut self) -> Option<Rejected> {
-        if self.holding || !self.shared.leave(&self.key, &self.waiter) {
+        let waiter = self.waiter.as_ref()?;
+        if !self.shared.leave(&self.key, waiter) {
             return None;
         }
         self.shared.counters.timed_out.fetch_add(1, Relaxed);
@@ -244,9 +235,11 @@ impl Drop for UserSlot {
         if self.released {
             return;
         }
-        if !self.holding && self.shared.leave(&self.key, &self.waiter) {
-            self.shared.counters.cancelled.fetch_add(1, Relaxed);
-            return;
+        if let Some(waiter) = &self.waiter {
+            if self.shared.leave(&self.key, waiter) {
+                self.shared.counters.cancelled.fetch_add(1, Relaxed);
+                return;
+            }
         }
         let c = &self.shared.counters;
         match (std::thread::panicking(), self.finish) {

@@ -7,9 +7,10 @@
 //! 100 is interleaved with everybody else's requests one by one — in O(log n) per operation.
 //! Without a fairness key every tag is zero and the order is plain FIFO.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::key::Key;
+use crate::sharded::FastMap;
 
 use super::RequestId;
 
@@ -33,7 +34,7 @@ struct Flow {
 pub(crate) struct Schedule {
     levels: Vec<BTreeMap<(u64, u64), RequestId>>,
     by_age: BTreeMap<u64, (usize, u64)>,
-    flows: HashMap<(usize, Key), Flow>,
+    flows: FastMap<(usize, Key), Flow>,
     virtual_time: Vec<u64>,
     seq: u64,
     /// Every `oldest_every`-th admission from the queue goes to the request that has waited
@@ -48,7 +49,7 @@ impl Schedule {
         Schedule {
             levels: (0..levels).map(|_| BTreeMap::new()).collect(),
             by_age: BTreeMap::new(),
-            flows: HashMap::new(),
+            flows: FastMap::default(),
             virtual_time: vec![0; levels],
             seq: 0,
             oldest_every,

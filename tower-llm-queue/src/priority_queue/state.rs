@@ -1,6 +1,5 @@
 //! The state one queue shares among its layer, services, futures and handle.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::Duration;
@@ -11,7 +10,7 @@ use crate::admission::{Finish, Slot};
 use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
-use crate::sharded::lock;
+use crate::sharded::{lock, FastMap};
 use crate::waiter::Waiter;
 
 use super::schedule::{Position, Schedule};
@@ -35,15 +34,26 @@ impl Config {
 
 #[derive(Debug)]
 enum Phase {
-    Queued(Position),
-    Running { waited: Duration, started: Instant },
+    Queued {
+        position: Position,
+        since: Instant,
+    },
+    Running {
+        waited: Duration,
+        /// When it was admitted, for the service-time estimate; only sampled requests read the
+        /// clock (see [`SAMPLE_EVERY`]).
+        started: Option<Instant>,
+    },
 }
+
+/// One request in `SAMPLE_EVERY` that starts at once reads the clock to measure its service
+/// time; requests that waited always do, since they read it anyway.
+const SAMPLE_EVERY: u32 = 8;
 
 #[derive(Debug)]
 struct Entry {
     user: Option<Key>,
     level: usize,
-    since: Instant,
     phase: Phase,
     waiter: Arc<Waiter>,
 }
@@ -62,8 +72,9 @@ struct Counters {
 struct State {
     config: Config,
     schedule: Schedule,
-    entries: HashMap<RequestId, Entry>,
+    entries: FastMap<RequestId, Entry>,
     running: usize,
+    samples: u32,
     counters: Counters,
     waits: RecentWaits,
     /// Smoothed time a request holds its slot, for the `retry_after` of `QueueFull`.
@@ -100,8 +111,9 @@ impl Shared {
             state: Mutex::new(State {
                 config,
                 schedule,
-                entries: HashMap::new(),
+                entries: FastMap::default(),
                 running: 0,
+                samples: 0,
                 counters: Counters::default(),
                 waits: RecentWaits::default(),
                 service_time: None,
@@ -133,7 +145,6 @@ impl Shared {
         user: Option<Key>,
         priority: u8,
     ) -> Result<Enqueued, Rejected> {
-        let now = Instant::now();
         let mut state = lock(&self.state);
         let level = state.config.level_index(priority);
         if state.entries.contains_key(&id) {
@@ -147,13 +158,14 @@ impl Shared {
             state.counters.admitted += 1;
             state.waits.record(Duration::ZERO);
             tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
+            state.samples = state.samples.wrapping_add(1);
+            let started = (state.samples % SAMPLE_EVERY == 0).then(Instant::now);
             let entry = Entry {
                 user,
                 level,
-                since: now,
                 phase: Phase::Running {
                     waited: Duration::ZERO,
-                    started: now,
+                    started,
                 },
                 waiter: Arc::new(Waiter::granted()),
             };
@@ -171,8 +183,10 @@ impl Shared {
         let entry = Entry {
             user,
             level,
-            since: now,
-            phase: Phase::Queued(pos),
+            phase: Phase::Queued {
+                position: pos,
+                since: Instant::now(),
+            },
             waiter: Arc::new(Waiter::new()),
         };
         let ticket = self.register(&mut state, id, entry);
@@ -202,7 +216,7 @@ impl Shared {
         }
         tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
         let queued = match entry.phase {
-            Phase::Queued(pos) => Some(pos),
+            Phase::Queued { position, .. } => Some(position),
             Phase::Running { .. } => None,
         };
         state.counters.cancelled += 1;
@@ -248,8 +262,8 @@ impl Shared {
             .filter(|(_, e)| !e.waiter.is_cancelled())
             .map(|(id, e)| {
                 let (state, waited) = match e.phase {
-                    Phase::Queued(_) => {
-                        (EntryState::Queued, now.saturating_duration_since(e.since))
+                    Phase::Queued { since, .. } => {
+                        (EntryState::Queued, now.saturating_duration_since(since))
                     }
                     Phase::Running { waited, .. } => (EntryState::Running, waited),
                 };
@@ -283,10 +297,13 @@ impl State {
                 self.schedule.finish(level, user.as_ref());
                 continue;
             }
-            let waited = now.saturating_duration_since(entry.since);
+            let waited = match entry.phase {
+                Phase::Queued { since, .. } => now.saturating_duration_since(since),
+                Phase::Running { waited, .. } => waited,
+            };
             entry.phase = Phase::Running {
                 waited,
-                started: now,
+                started: Some(now),
             };
             tracing::debug!(%id, user = ?entry.user, level = entry.level + 1, waited_ms = waited.as_millis() as u64, "admitted");
             self.running += 1;
@@ -310,8 +327,8 @@ impl State {
 }
 
 impl Slot for Ticket {
-    fn waiter(&self) -> &Waiter {
-        &self.waiter
+    fn waiter(&self) -> Option<&Waiter> {
+        Some(&self.waiter)
     }
 
     fn set_finish(&mut self, finish: Finish) {
@@ -322,7 +339,7 @@ impl Slot for Ticket {
     fn time_out(&mut self) -> Option<Rejected> {
         let mut state = lock(&self.shared.state);
         let entry = state.entries.get(&self.id)?;
-        let Phase::Queued(pos) = entry.phase else {
+        let Phase::Queued { position: pos, .. } = entry.phase else {
             return None;
         };
         if !entry.waiter.leave() {
@@ -350,7 +367,7 @@ impl Drop for Ticket {
         };
         let cancelled_by_handle = entry.waiter.is_cancelled();
         match entry.phase {
-            Phase::Queued(pos) => {
+            Phase::Queued { position: pos, .. } => {
                 entry.waiter.leave();
                 state.schedule.remove(pos, entry.user.as_ref());
                 if !cancelled_by_handle {
@@ -360,7 +377,9 @@ impl Drop for Ticket {
             Phase::Running { started, .. } => {
                 state.running -= 1;
                 state.schedule.finish(entry.level, entry.user.as_ref());
-                state.observe_service_time(started.elapsed());
+                if let Some(started) = started {
+                    state.observe_service_time(started.elapsed());
+                }
                 if !cancelled_by_handle {
                     let c = &mut state.counters;
                     match (panicking, self.finish) {
