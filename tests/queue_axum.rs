@@ -145,6 +145,9 @@ async fn a_missing_user_header_is_400_when_required() {
     assert_eq!(body["message"], "header x-user-id is missing or malformed");
 }
 
+/// Where the test receives, per request, the sender that feeds its response body.
+type BodyFeeds = mpsc::UnboundedReceiver<mpsc::UnboundedSender<Result<Bytes, Infallible>>>;
+
 /// A handler whose body streams whatever the test sends, until the sender is dropped.
 fn streaming_app(
     hold: bool,
@@ -152,7 +155,7 @@ fn streaming_app(
     Router,
     tower_llm_queue::PriorityQueueHandle,
     tower_llm_queue::PerUserHandle,
-    mpsc::UnboundedReceiver<mpsc::UnboundedSender<Result<Bytes, Infallible>>>,
+    BodyFeeds,
 ) {
     let (senders_tx, senders) = mpsc::unbounded_channel();
     let handler = move |Extension(id): Extension<RequestId>| {
