@@ -1,0 +1,135 @@
+//! Overhead and throughput of the scheduling layers, beside a bare service and tower's own
+//! `ConcurrencyLimit` in the same run.
+//!
+//! * `uncontended/*`: one request at a time through each stack; overhead = time − bare time.
+//! * `contended/*`: 1,000 concurrent tasks through a limit of 50, on a two-thread runtime; the
+//!   inner call yields three times, as a stand-in for I/O.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
+
+fn immediate(
+) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
+{
+    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
+}
+
+fn yielding(
+) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
+{
+    service_fn(|n: u64| async move {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        Ok::<_, BoxError>(n)
+    })
+}
+
+type Boxed = tower::util::BoxCloneService<u64, u64, BoxError>;
+
+fn stacks<S>(inner: S) -> Vec<(&'static str, Boxed)>
+where
+    S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    vec![
+        ("bare", Boxed::new(inner.clone())),
+        (
+            "concurrency_limit",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .concurrency_limit(50)
+                    .service(inner.clone()),
+            ),
+        ),
+        (
+            "priority_queue",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(PriorityQueueLayer::new(50).capacity(10_000))
+                    .service(inner.clone()),
+            ),
+        ),
+        (
+            "priority_queue_fair_100_users",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        PriorityQueueLayer::new(50)
+                            .capacity(10_000)
+                            .fair_by(|n: &u64| n % 100),
+                    )
+                    .service(inner.clone()),
+            ),
+        ),
+        (
+            "per_user_100_users",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(PerUserConcurrencyLayer::new(50, |n: &u64| n % 100))
+                    .service(inner),
+            ),
+        ),
+    ]
+}
+
+fn uncontended(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("uncontended");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (name, svc) in stacks(immediate()) {
+        let mut n = 0u64;
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter(|| {
+                n += 1;
+                let svc = svc.clone();
+                async move { svc.oneshot(n).await.unwrap() }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn contended(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("contended_1000_tasks_limit_50");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(20)
+        .throughput(Throughput::Elements(1_000));
+    for (name, svc) in stacks(yielding()) {
+        if name == "bare" {
+            continue;
+        }
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter(|| {
+                let svc = svc.clone();
+                async move {
+                    let tasks: Vec<_> = (0..1_000u64)
+                        .map(|n| tokio::spawn(svc.clone().oneshot(n)))
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap().unwrap();
+                    }
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, uncontended, contended);
+criterion_main!(benches);
