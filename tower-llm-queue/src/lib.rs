@@ -53,6 +53,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod admission;
+pub mod dedup;
 pub mod hold;
 pub mod http;
 pub mod key;
@@ -62,6 +63,7 @@ mod rejected;
 mod sharded;
 mod waiter;
 
+pub use dedup::DedupLayer;
 pub use key::{ExtractKey, Key};
 pub use per_user::{PerUserConcurrencyLayer, PerUserHandle};
 pub use priority_queue::{PriorityQueueHandle, PriorityQueueLayer, RequestId};

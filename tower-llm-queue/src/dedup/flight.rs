@@ -1,0 +1,294 @@
+//! The state one dedup layer shares: the calls in flight, the cache of recent results, counters.
+
+use std::any::Any;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::sharded::{lock, FastMap};
+
+use super::error::CallFailed;
+use super::DedupStats;
+
+/// What one waiter receives.
+pub(super) type Outcome<R> = Result<R, tower::BoxError>;
+
+/// How the inner call ended.
+pub(super) enum Ended<R> {
+    Ok(R),
+    Err(tower::BoxError),
+    Panicked(CallFailed),
+}
+
+/// One call in flight and everybody waiting for it.
+struct Flight {
+    id: u64,
+    /// `Vec<oneshot::Sender<Outcome<R>>>` for the response type `R` of the service that started
+    /// the call.
+    senders: Box<dyn Any + Send>,
+    waiting: usize,
+    abort: Option<AbortHandle>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    /// `Result<R, CallFailed>`.
+    result: Arc<dyn Any + Send + Sync>,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    coalesced: AtomicU64,
+    misses: AtomicU64,
+    bypassed: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+}
+
+const NONE: u64 = u64::MAX;
+
+pub(super) struct Shared<K> {
+    flights: Mutex<FastMap<K, Flight>>,
+    cache: OnceLock<quick_cache::sync::Cache<K, Cached>>,
+    max_entries: AtomicUsize,
+    ttl_ms: AtomicU64,
+    negative_ttl_ms: AtomicU64,
+    next_id: AtomicU64,
+    counters: Counters,
+}
+
+/// How a request joined the layer's state.
+pub(super) enum Joined<R> {
+    /// A fresh result from the cache.
+    Hit(Outcome<R>),
+    /// Waiting for a call in flight, as waiter of flight `id`.
+    Waiting(u64, oneshot::Receiver<Outcome<R>>),
+    /// Nobody runs this call: the caller must start it as flight `id`.
+    Lead(u64, oneshot::Receiver<Outcome<R>>),
+    /// The key is in use by a service of another response type: call without sharing.
+    Alone,
+}
+
+fn millis(ms: u64) -> Option<Duration> {
+    (ms != NONE).then(|| Duration::from_millis(ms))
+}
+
+fn to_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(NONE - 1)
+}
+
+impl<K> Shared<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    pub(super) fn new() -> Self {
+        Shared {
+            flights: Mutex::new(FastMap::default()),
+            cache: OnceLock::new(),
+            max_entries: AtomicUsize::new(10_000),
+            ttl_ms: AtomicU64::new(NONE),
+            negative_ttl_ms: AtomicU64::new(NONE),
+            next_id: AtomicU64::new(0),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(super) fn set_ttl(&self, ttl: Duration) {
+        self.ttl_ms.store(to_ms(ttl), Relaxed);
+    }
+
+    pub(super) fn set_negative_ttl(&self, ttl: Duration) {
+        self.negative_ttl_ms.store(to_ms(ttl), Relaxed);
+    }
+
+    pub(super) fn set_max_entries(&self, n: usize) {
+        self.max_entries.store(n.max(1), Relaxed);
+    }
+
+    pub(super) fn count_bypass(&self) {
+        self.counters.bypassed.fetch_add(1, Relaxed);
+    }
+
+    fn cache(&self) -> &quick_cache::sync::Cache<K, Cached> {
+        self.cache
+            .get_or_init(|| quick_cache::sync::Cache::new(self.max_entries.load(Relaxed)))
+    }
+
+    fn caching(&self) -> bool {
+        self.ttl_ms.load(Relaxed) != NONE || self.negative_ttl_ms.load(Relaxed) != NONE
+    }
+
+    fn cached<R: Clone + 'static>(&self, key: &K) -> Option<Outcome<R>> {
+        if !self.caching() {
+            return None;
+        }
+        let cache = self.cache();
+        let entry = cache.get(key)?;
+        if entry.expires <= Instant::now() {
+            cache.remove(key);
+            return None;
+        }
+        let result = entry.result.downcast_ref::<Result<R, CallFailed>>()?;
+        Some(result.clone().map_err(Into::into))
+    }
+
+    /// Serves from the cache, joins the call in flight, or asks the caller to lead a new one.
+    pub(super) fn join<R>(&self, key: &K) -> Joined<R>
+    where
+        R: Clone + Send + 'static,
+    {
+        if let Some(hit) = self.cached::<R>(key) {
+            self.counters.hits.fetch_add(1, Relaxed);
+            return Joined::Hit(hit);
+        }
+        let mut flights = lock(&self.flights);
+        let (tx, rx) = oneshot::channel();
+        if let Some(flight) = flights.get_mut(key) {
+            let Some(senders) = flight
+                .senders
+                .downcast_mut::<Vec<oneshot::Sender<Outcome<R>>>>()
+            else {
+                return Joined::Alone;
+            };
+            senders.push(tx);
+            flight.waiting += 1;
+            self.counters.coalesced.fetch_add(1, Relaxed);
+            return Joined::Waiting(flight.id, rx);
+        }
+        let id = self.next_id.fetch_add(1, Relaxed);
+        flights.insert(
+            key.clone(),
+            Flight {
+                id,
+                senders: Box::new(vec![tx]),
+                waiting: 1,
+                abort: None,
+            },
+        );
+        self.counters.misses.fetch_add(1, Relaxed);
+        Joined::Lead(id, rx)
+    }
+
+    /// Records the task that runs flight `id`, unless every waiter has already gone, in which
+    /// case the task is stopped at once.
+    pub(super) fn started(&self, key: &K, id: u64, abort: AbortHandle) {
+        let mut flights = lock(&self.flights);
+        match flights.get_mut(key) {
+            Some(flight) if flight.id == id => flight.abort = Some(abort),
+            _ => abort.abort(),
+        }
+    }
+
+    /// A waiter of flight `id` gives up; the last one to go stops the call.
+    pub(super) fn leave(&self, key: &K, id: u64) {
+        let mut flights = lock(&self.flights);
+        let Some(flight) = flights.get_mut(key) else {
+            return;
+        };
+        if flight.id != id {
+            return;
+        }
+        flight.waiting -= 1;
+        if flight.waiting == 0 {
+            if let Some(flight) = flights.remove(key) {
+                if let Some(abort) = flight.abort {
+                    abort.abort();
+                }
+                tracing::debug!("dedup: every waiter left; the shared call is dropped");
+            }
+        }
+    }
+
+    /// Flight `id` is over: caches its result when asked to and hands it to every waiter. A
+    /// failure seen by one waiter alone reaches it untouched; several share a [`CallFailed`].
+    pub(super) fn finish<R>(&self, key: &K, id: u64, ended: Ended<R>)
+    where
+        R: Clone + Send + Sync + 'static,
+    {
+        let (senders, result) = {
+            let mut flights = lock(&self.flights);
+            match flights.get(key) {
+                Some(flight) if flight.id == id => {}
+                _ => return,
+            }
+            let Some(flight) = flights.remove(key) else {
+                return;
+            };
+            let Ok(senders) = flight
+                .senders
+                .downcast::<Vec<oneshot::Sender<Outcome<R>>>>()
+            else {
+                return;
+            };
+            let negative_ttl = millis(self.negative_ttl_ms.load(Relaxed));
+            let (result, ttl) = match ended {
+                Ended::Ok(response) => (Ok(response), millis(self.ttl_ms.load(Relaxed))),
+                Ended::Err(err) if senders.len() == 1 && negative_ttl.is_none() => {
+                    self.counters.failed.fetch_add(1, Relaxed);
+                    drop(flights);
+                    if let Some(only) = senders.into_iter().next() {
+                        let _ = only.send(Err(err));
+                    }
+                    return;
+                }
+                Ended::Err(err) => {
+                    self.counters.failed.fetch_add(1, Relaxed);
+                    (Err(CallFailed::error(err)), negative_ttl)
+                }
+                Ended::Panicked(failed) => {
+                    self.counters.failed.fetch_add(1, Relaxed);
+                    self.counters.panicked.fetch_add(1, Relaxed);
+                    (Err(failed), None)
+                }
+            };
+            if let Some(ttl) = ttl {
+                self.cache().insert(
+                    key.clone(),
+                    Cached {
+                        result: Arc::new(result.clone()),
+                        expires: Instant::now() + ttl,
+                    },
+                );
+            }
+            (*senders, result)
+        };
+        for tx in senders {
+            let _ = tx.send(result.clone().map_err(Into::into));
+        }
+    }
+
+    pub(super) fn stats(&self) -> DedupStats {
+        let c = &self.counters;
+        DedupStats {
+            hits: c.hits.load(Relaxed),
+            coalesced: c.coalesced.load(Relaxed),
+            misses: c.misses.load(Relaxed),
+            bypassed: c.bypassed.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            panicked: c.panicked.load(Relaxed),
+            in_flight: lock(&self.flights).len(),
+            entries: self.cache.get().map_or(0, |c| c.len()),
+        }
+    }
+
+    pub(super) fn max_entries(&self) -> usize {
+        self.max_entries.load(Relaxed)
+    }
+
+    pub(super) fn ttl(&self) -> Option<Duration> {
+        millis(self.ttl_ms.load(Relaxed))
+    }
+}
+
+impl<K> std::fmt::Debug for Shared<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,141 @@
+use std::fmt;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::FutureExt;
+use tokio::sync::oneshot;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use super::error::CallFailed;
+use super::flight::{Ended, Joined, Outcome, Shared};
+use super::future::ResponseFuture;
+use super::DedupHandle;
+
+/// Lets identical requests share one call to the inner service, and serves recent results from
+/// a cache. Built by [`DedupLayer`](super::DedupLayer).
+#[derive(Clone)]
+pub struct Dedup<S, F, K> {
+    pub(super) inner: S,
+    pub(super) shared: Arc<Shared<K>>,
+    pub(super) key_fn: F,
+}
+
+impl<S, F, K> Dedup<S, F, K> {
+    /// Reads the layer's stats.
+    pub fn handle(&self) -> DedupHandle<K> {
+        DedupHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, F, K, Req> Service<Req> for Dedup<S, F, K>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
+    S::Error: Into<tower::BoxError>,
+    Req: Send + 'static,
+    F: Fn(&Req) -> Option<K>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Response = S::Response;
+    type Error = tower::BoxError;
+    type Future = ResponseFuture<S::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let key = (self.key_fn)(&request);
+        let shared = self.shared.clone();
+        let inner = self.inner.clone();
+        ResponseFuture::new(Box::pin(respond(shared, inner, request, key)))
+    }
+}
+
+async fn respond<S, Req, K>(
+    shared: Arc<Shared<K>>,
+    inner: S,
+    request: Req,
+    key: Option<K>,
+) -> Outcome<S::Response>
+where
+    S: Service<Req> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
+    S::Error: Into<tower::BoxError>,
+    Req: Send + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    let (Some(key), Ok(runtime)) = (key, tokio::runtime::Handle::try_current()) else {
+        shared.count_bypass();
+        return inner.oneshot(request).await.map_err(Into::into);
+    };
+    match shared.join::<S::Response>(&key) {
+        Joined::Hit(outcome) => outcome,
+        Joined::Alone => {
+            shared.count_bypass();
+            inner.oneshot(request).await.map_err(Into::into)
+        }
+        Joined::Waiting(id, answer) => wait(shared, key, id, answer).await,
+        Joined::Lead(id, answer) => {
+            let task_shared = shared.clone();
+            let task_key = key.clone();
+            let task = runtime.spawn(async move {
+                let ended = match AssertUnwindSafe(inner.oneshot(request))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(Ok(response)) => Ended::Ok(response),
+                    Ok(Err(err)) => Ended::Err(err.into()),
+                    Err(payload) => Ended::Panicked(CallFailed::panicked(&*payload)),
+                };
+                task_shared.finish(&task_key, id, ended);
+            });
+            shared.started(&key, id, task.abort_handle());
+            wait(shared, key, id, answer).await
+        }
+    }
+}
+
+/// Leaves flight `id` when dropped: whoever drops out — leader or follower — only stops the
+/// shared call if nobody else waits for it.
+struct Leave<K: Hash + Eq + Clone + Send + Sync + 'static> {
+    shared: Arc<Shared<K>>,
+    key: K,
+    id: u64,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Leave<K> {
+    fn drop(&mut self) {
+        self.shared.leave(&self.key, self.id);
+    }
+}
+
+async fn wait<R, K>(
+    shared: Arc<Shared<K>>,
+    key: K,
+    id: u64,
+    answer: oneshot::Receiver<Outcome<R>>,
+) -> Outcome<R>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    let _leave = Leave { shared, key, id };
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the shared call ended without an answer".into()))
+}
+
+impl<S: fmt::Debug, F, K> fmt::Debug for Dedup<S, F, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dedup")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
