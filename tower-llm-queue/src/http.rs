@@ -8,6 +8,7 @@
 //! | [`Rejected`] `Cancelled` | 499 Client Closed Request |
 //! | [`Rejected`] `MissingKey` | 400 Bad Request |
 //! | `tower::load_shed::error::Overloaded` | 503 Service Unavailable |
+//! | [`BodyTooLarge`](crate::buffer::BodyTooLarge) of a request / of a response | 413 Payload Too Large / 502 Bad Gateway |
 //! | anything else | 500 Internal Server Error, with no detail of the error |
 //!
 //! `Cancelled` answers 499 because a cancellation comes from the client's side (a user pressing
@@ -81,6 +82,18 @@ fn describe(err: &(dyn Error + 'static)) -> (StatusCode, Option<Duration>, serde
                 "retry_after_ms": null,
             });
             return (StatusCode::GATEWAY_TIMEOUT, None, body);
+        }
+        if let Some(too_large) = e.downcast_ref::<crate::buffer::BodyTooLarge>() {
+            let (status, error) = match too_large.is_request() {
+                true => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+                false => (StatusCode::BAD_GATEWAY, "response_too_large"),
+            };
+            let body = serde_json::json!({
+                "error": error,
+                "message": too_large.to_string(),
+                "retry_after_ms": null,
+            });
+            return (status, None, body);
         }
         if e.is::<tower::load_shed::error::Overloaded>() {
             let body = serde_json::json!({

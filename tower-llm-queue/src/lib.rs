@@ -53,6 +53,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod admission;
+pub mod buffer;
 pub mod classify;
 pub mod dedup;
 pub mod hold;

@@ -20,7 +20,8 @@
 //! a single waiter gets the inner error untouched, several share a [`CallFailed`]. A panic in
 //! the inner service is a [`CallFailed`] for every waiter, and the key is usable again at once.
 //!
-//! Responses must be `Clone`. For `http::Response`, put a [`BufferBodyLayer`] inside this layer:
+//! Responses must be `Clone`. For `http::Response`, put a
+//! [`BufferResponseLayer`](crate::buffer::BufferResponseLayer) inside this layer:
 //! a streamed reply is then buffered whole before it is shared.
 //!
 //! The cache's expiry follows `tokio::time`, so it can be tested with paused time; the cache
@@ -59,7 +60,6 @@
 mod error;
 mod flight;
 mod future;
-mod http;
 mod layer;
 mod service;
 
@@ -68,7 +68,6 @@ use std::sync::Arc;
 
 pub use self::error::CallFailed;
 pub use self::future::ResponseFuture;
-pub use self::http::{BodyTooLarge, BufferBody, BufferBodyLayer, BufferFuture};
 pub use self::layer::DedupLayer;
 pub use self::service::Dedup;
 

@@ -285,7 +285,7 @@ async fn buffered_http_responses_can_be_shared() {
         .layer(DedupLayer::new(|r: &::http::Request<()>| {
             Some(r.uri().path().to_string())
         }))
-        .layer(BufferBodyLayer::new(1024))
+        .layer(crate::buffer::BufferResponseLayer::new(1024))
         .service(upstream);
     let a = tokio::spawn(svc.clone().oneshot(::http::Request::new(())));
     let b = tokio::spawn(svc.clone().oneshot(::http::Request::new(())));
@@ -303,12 +303,12 @@ async fn buffered_http_responses_can_be_shared() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     let small = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new(2))
+        .layer(crate::buffer::BufferResponseLayer::new(2))
         .service(service_fn(|_: ()| async {
             Ok::<_, BoxError>(::http::Response::new(http_body_util::Full::new(
                 bytes::Bytes::from("too long"),
             )))
         }));
     let err = small.oneshot(()).await.unwrap_err();
-    assert!(err.is::<BodyTooLarge>(), "{err}");
+    assert!(err.is::<crate::buffer::BodyTooLarge>(), "{err}");
 }
