@@ -16,8 +16,6 @@
 
 use std::error::Error;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -118,16 +116,14 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let inner = self.inner.clone();
         let limit = self.limit;
-        BufferFuture {
-            inner: Box::pin(async move {
-                let (parts, body) = request.into_parts();
-                let body = collect(body, limit, true).await?;
-                let request = http::Request::from_parts(parts, body);
-                tower::ServiceExt::oneshot(inner, request)
-                    .await
-                    .map_err(Into::into)
-            }),
-        }
+        BufferFuture::new(async move {
+            let (parts, body) = request.into_parts();
+            let body = collect(body, limit, true).await?;
+            let request = http::Request::from_parts(parts, body);
+            tower::ServiceExt::oneshot(inner, request)
+                .await
+                .map_err(Into::into)
+        })
     }
 }
 
@@ -165,26 +161,8 @@ pub struct BufferResponse<S> {
     limit: usize,
 }
 
-type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, tower::BoxError>> + Send>>;
-
 /// The response future of [`BufferRequest`] and [`BufferResponse`].
-pub struct BufferFuture<R> {
-    inner: Boxed<R>,
-}
-
-impl<R> Future for BufferFuture<R> {
-    type Output = Result<R, tower::BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl<R> fmt::Debug for BufferFuture<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BufferFuture").finish_non_exhaustive()
-    }
-}
+pub type BufferFuture<R> = crate::boxed::BoxedFuture<R>;
 
 impl<S, Req, B> Service<Req> for BufferResponse<S>
 where
@@ -206,13 +184,11 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let call = self.inner.call(request);
         let limit = self.limit;
-        BufferFuture {
-            inner: Box::pin(async move {
-                let (parts, body) = call.await.map_err(Into::into)?.into_parts();
-                let body = collect(body, limit, false).await?;
-                Ok(http::Response::from_parts(parts, body))
-            }),
-        }
+        BufferFuture::new(async move {
+            let (parts, body) = call.await.map_err(Into::into)?.into_parts();
+            let body = collect(body, limit, false).await?;
+            Ok(http::Response::from_parts(parts, body))
+        })
     }
 }
 

@@ -53,6 +53,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod admission;
+mod boxed;
 pub mod buffer;
 pub mod classify;
 pub mod dedup;
@@ -62,14 +63,17 @@ pub mod key;
 pub mod per_user;
 pub mod priority_queue;
 mod rejected;
+pub mod retry;
 mod sharded;
 mod waiter;
 
+pub use boxed::BoxedFuture;
 pub use dedup::DedupLayer;
 pub use key::{ExtractKey, Key};
 pub use per_user::{PerUserConcurrencyLayer, PerUserHandle};
 pub use priority_queue::{PriorityQueueHandle, PriorityQueueLayer, RequestId};
 pub use rejected::{Rejected, RejectionKind};
+pub use retry::RetryBackoffLayer;
 
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

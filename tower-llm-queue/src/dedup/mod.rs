@@ -59,7 +59,6 @@
 
 mod error;
 mod flight;
-mod future;
 mod layer;
 mod service;
 
@@ -67,7 +66,9 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 pub use self::error::CallFailed;
-pub use self::future::ResponseFuture;
+/// The response future of [`Dedup`]: dropping it leaves the shared call, which goes on while
+/// anybody else waits for it and is dropped when the last waiter goes.
+pub type ResponseFuture<R> = crate::boxed::BoxedFuture<R>;
 pub use self::layer::DedupLayer;
 pub use self::service::Dedup;
 

@@ -11,8 +11,8 @@ use tower_service::Service;
 
 use super::error::CallFailed;
 use super::flight::{Ended, Joined, Outcome, Shared};
-use super::future::ResponseFuture;
 use super::DedupHandle;
+use super::ResponseFuture;
 
 /// Lets identical requests share one call to the inner service, and serves recent results from
 /// a cache. Built by [`DedupLayer`](super::DedupLayer).
@@ -54,7 +54,7 @@ where
         let key = (self.key_fn)(&request);
         let shared = self.shared.clone();
         let inner = self.inner.clone();
-        ResponseFuture::new(Box::pin(respond(shared, inner, request, key)))
+        ResponseFuture::new(respond(shared, inner, request, key))
     }
 }
 

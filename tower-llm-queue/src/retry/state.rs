@@ -1,0 +1,125 @@
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::sharded::lock;
+
+use super::budget::{BudgetLedger, RetryBudget};
+use super::RetryStats;
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    retries: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    budget_exhausted: AtomicU64,
+    retry_after_too_long: AtomicU64,
+    cooled_down: AtomicU64,
+}
+
+/// What every service of one retry layer shares: the budget, the cool-down and the counters.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    ledger: Mutex<BudgetLedger>,
+    cooldown_until: Mutex<Option<Instant>>,
+    counters: Counters,
+}
+
+/// How a call through the retry layer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    Succeeded,
+    /// Failed for good: not retryable, or `max_retries` reached.
+    Failed,
+    BudgetExhausted,
+    RetryAfterTooLong,
+}
+
+impl Shared {
+    pub(super) fn new() -> Self {
+        Shared {
+            ledger: Mutex::new(BudgetLedger::new(RetryBudget::default())),
+            cooldown_until: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(super) fn set_budget(&self, budget: RetryBudget) {
+        lock(&self.ledger).set(budget);
+    }
+
+    pub(super) fn first_attempt(&self) {
+        self.counters.calls.fetch_add(1, Relaxed);
+        lock(&self.ledger).first_attempt(Instant::now());
+    }
+
+    pub(super) fn try_retry(&self) -> bool {
+        let granted = lock(&self.ledger).try_retry(Instant::now());
+        if granted {
+            self.counters.retries.fetch_add(1, Relaxed);
+        }
+        granted
+    }
+
+    pub(super) fn ended(&self, ending: Ending) {
+        let c = &self.counters;
+        match ending {
+            Ending::Succeeded => &c.succeeded,
+            Ending::Failed => &c.failed,
+            Ending::BudgetExhausted => &c.budget_exhausted,
+            Ending::RetryAfterTooLong => &c.retry_after_too_long,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    /// The upstream asked not to be called before `delay` from now: every request through the
+    /// layer waits until then.
+    pub(super) fn cool_down(&self, delay: Duration) {
+        let until = Instant::now() + delay;
+        let mut current = lock(&self.cooldown_until);
+        if current.is_none_or(|c| c < until) {
+            *current = Some(until);
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "retry: upstream cool-down"
+            );
+        }
+    }
+
+    /// When the cool-down ends, if one is in force.
+    pub(super) fn cooldown(&self) -> Option<Instant> {
+        let mut current = lock(&self.cooldown_until);
+        match *current {
+            Some(until) if until > Instant::now() => Some(until),
+            Some(_) => {
+                *current = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub(super) fn waited_for_cooldown(&self) {
+        self.counters.cooled_down.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn stats(&self) -> RetryStats {
+        let c = &self.counters;
+        let now = Instant::now();
+        RetryStats {
+            calls: c.calls.load(Relaxed),
+            retries: c.retries.load(Relaxed),
+            succeeded: c.succeeded.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            budget_exhausted: c.budget_exhausted.load(Relaxed),
+            retry_after_too_long: c.retry_after_too_long.load(Relaxed),
+            cooled_down: c.cooled_down.load(Relaxed),
+            cooldown_remaining: self
+                .cooldown()
+                .map_or(Duration::ZERO, |until| until.saturating_duration_since(now)),
+        }
+    }
+}
