@@ -55,6 +55,7 @@
 mod admission;
 mod boxed;
 pub mod buffer;
+pub mod circuit_breaker;
 pub mod classify;
 pub mod dedup;
 pub mod hold;
@@ -68,6 +69,7 @@ mod sharded;
 mod waiter;
 
 pub use boxed::BoxedFuture;
+pub use circuit_breaker::CircuitBreakerLayer;
 pub use dedup::DedupLayer;
 pub use key::{ExtractKey, Key};
 pub use per_user::{PerUserConcurrencyLayer, PerUserHandle};

@@ -1,0 +1,367 @@
+//! The breakers of one layer, one per key, and their state machine.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::classify::Outcome;
+use crate::key::Key;
+use crate::rejected::{Rejected, RejectionKind};
+use crate::sharded::{lock, Sharded};
+
+use super::{BreakerState, BreakerStats, Window};
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Config {
+    pub(crate) failure_rate: f64,
+    pub(crate) slow_call: Option<(Duration, f64)>,
+    pub(crate) minimum_calls: usize,
+    pub(crate) window: Window,
+    pub(crate) open_for: Duration,
+    pub(crate) open_growth: f64,
+    pub(crate) max_open_for: Duration,
+    pub(crate) half_open_calls: u32,
+    pub(crate) open_on_not_before: bool,
+}
+
+impl Config {
+    fn open_for(&self, trips: u32) -> Duration {
+        let grown = self.open_for.as_secs_f64() * self.open_growth.powi(trips.min(64) as i32);
+        Duration::try_from_secs_f64(grown)
+            .unwrap_or(self.max_open_for)
+            .min(self.max_open_for.max(self.open_for))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { admitted: u32, succeeded: u32 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    at: Instant,
+    failed: bool,
+    slow: bool,
+}
+
+#[derive(Debug)]
+struct Breaker {
+    state: State,
+    /// Changes whenever the state does, so that calls admitted under an older state do not
+    /// count in the new one.
+    generation: u64,
+    records: VecDeque<Record>,
+    /// Consecutive trips without a full recovery, for `open_growth`.
+    trips: u32,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Breaker {
+            state: State::Closed,
+            generation: 0,
+            records: VecDeque::new(),
+            trips: 0,
+        }
+    }
+
+    fn set(&mut self, state: State) {
+        self.state = state;
+        self.generation += 1;
+        self.records.clear();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forced {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+    rejected: AtomicU64,
+    opened: AtomicU64,
+    closed: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: Mutex<Config>,
+    forced: Mutex<Option<Forced>>,
+    breakers: Sharded<Breaker>,
+    counters: Counters,
+}
+
+/// A call let through: normal, or one of the half-open probes.
+#[derive(Debug)]
+pub(crate) struct Pass {
+    key: Key,
+    generation: u64,
+    probe: bool,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Self {
+        Shared {
+            config: Mutex::new(config),
+            forced: Mutex::new(None),
+            breakers: Sharded::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) {
+        f(&mut lock(&self.config));
+    }
+
+    pub(crate) fn config(&self) -> Config {
+        *lock(&self.config)
+    }
+
+    fn count(&self, counter: impl FnOnce(&Counters) -> &AtomicU64, n: u64) {
+        counter(&self.counters).fetch_add(n, Relaxed);
+    }
+
+    /// Lets a call through, or refuses it with `CircuitOpen`.
+    pub(crate) fn admit(&self, key: Key) -> Result<Pass, Rejected> {
+        let now = Instant::now();
+        let forced = *lock(&self.forced);
+        let config = self.config();
+        let mut shard = self.breakers.lock(&key);
+        let breaker = shard.entry(key.clone()).or_insert_with(Breaker::new);
+        let refuse = |retry_after: Option<Duration>| {
+            let mut rejected = Rejected::new(RejectionKind::CircuitOpen);
+            if let Some(after) = retry_after {
+                rejected = rejected.with_retry_after(after);
+            }
+            rejected
+        };
+        let mut probe = false;
+        match forced {
+            Some(Forced::Open) => {
+                drop(shard);
+                self.count(|c| &c.rejected, 1);
+                return Err(refuse(None));
+            }
+            Some(Forced::Closed) => {}
+            None => {
+                if let State::Open { until } = breaker.state {
+                    if now < until {
+                        drop(shard);
+                        self.count(|c| &c.rejected, 1);
+                        return Err(refuse(Some(until - now)));
+                    }
+                    breaker.set(State::HalfOpen {
+                        admitted: 0,
+                        succeeded: 0,
+                    });
+                    tracing::info!(key = %key, "circuit half-open: probing the upstream");
+                }
+                if let State::HalfOpen { admitted, .. } = &mut breaker.state {
+                    if *admitted >= config.half_open_calls {
+                        drop(shard);
+                        self.count(|c| &c.rejected, 1);
+                        return Err(refuse(None));
+                    }
+                    *admitted += 1;
+                    probe = true;
+                }
+            }
+        }
+        let generation = breaker.generation;
+        drop(shard);
+        self.count(|c| &c.calls, 1);
+        Ok(Pass {
+            key,
+            generation,
+            probe,
+            started: now,
+            recorded: false,
+        })
+    }
+
+    /// Records how a call that was let through ended.
+    pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
+        pass.recorded = true;
+        let now = Instant::now();
+        let config = self.config();
+        let slow = config
+            .slow_call
+            .is_some_and(|(limit, _)| now.saturating_duration_since(pass.started) >= limit);
+        let (failed, not_before) = match outcome {
+            Outcome::Success => (false, None),
+            Outcome::Failure { not_before, .. } => (true, not_before),
+        };
+        self.count(|c| &c.failures, u64::from(failed));
+        self.count(|c| &c.slow, u64::from(slow));
+        let mut shard = self.breakers.lock(&pass.key);
+        let Some(breaker) = shard.get_mut(&pass.key) else {
+            return;
+        };
+        if let (Some(delay), true) = (not_before, config.open_on_not_before) {
+            let until = now + delay;
+            let later = match breaker.state {
+                State::Open { until: current } => until > current,
+                _ => true,
+            };
+            if later && !delay.is_zero() {
+                breaker.set(State::Open { until });
+                drop(shard);
+                self.count(|c| &c.opened, 1);
+                tracing::warn!(key = %pass.key, delay_ms = delay.as_millis() as u64, "circuit open: the upstream asked to wait");
+                return;
+            }
+        }
+        if breaker.generation != pass.generation {
+            return;
+        }
+        match &mut breaker.state {
+            State::HalfOpen { succeeded, .. } if pass.probe => {
+                if failed || slow {
+                    let open_for = config.open_for(breaker.trips);
+                    breaker.trips = breaker.trips.saturating_add(1);
+                    breaker.set(State::Open {
+                        until: now + open_for,
+                    });
+                    drop(shard);
+                    self.count(|c| &c.opened, 1);
+                    tracing::warn!(key = %pass.key, open_ms = open_for.as_millis() as u64, "circuit open again: a probe failed");
+                    return;
+                }
+                *succeeded += 1;
+                if *succeeded >= config.half_open_calls {
+                    breaker.trips = 0;
+                    breaker.set(State::Closed);
+                    drop(shard);
+                    self.count(|c| &c.closed, 1);
+                    tracing::info!(key = %pass.key, "circuit closed: the upstream recovered");
+                }
+            }
+            State::Closed => {
+                breaker.records.push_back(Record {
+                    at: now,
+                    failed,
+                    slow,
+                });
+                match config.window {
+                    Window::Calls(n) => {
+                        while breaker.records.len() > n.max(1) {
+                            breaker.records.pop_front();
+                        }
+                    }
+                    Window::Time(span) => {
+                        while breaker
+                            .records
+                            .front()
+                            .is_some_and(|r| now.saturating_duration_since(r.at) > span)
+                        {
+                            breaker.records.pop_front();
+                        }
+                    }
+                }
+                let total = breaker.records.len();
+                if total < config.minimum_calls.max(1) {
+                    return;
+                }
+                let failures = breaker.records.iter().filter(|r| r.failed).count();
+                let slows = breaker.records.iter().filter(|r| r.slow).count();
+                let failing = failures as f64 / total as f64 >= config.failure_rate;
+                let slowing = config
+                    .slow_call
+                    .is_some_and(|(_, rate)| slows as f64 / total as f64 >= rate);
+                if failing || slowing {
+                    let open_for = config.open_for(breaker.trips);
+                    breaker.trips = breaker.trips.saturating_add(1);
+                    breaker.set(State::Open {
+                        until: now + open_for,
+                    });
+                    drop(shard);
+                    self.count(|c| &c.opened, 1);
+                    tracing::warn!(
+                        key = %pass.key,
+                        failures,
+                        slow = slows,
+                        calls = total,
+                        open_ms = open_for.as_millis() as u64,
+                        "circuit open"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A call let through ended without an outcome (its caller dropped it): a probe's place is
+    /// given back, so that probing goes on.
+    pub(crate) fn abandon(&self, pass: &Pass) {
+        if !pass.probe || pass.recorded {
+            return;
+        }
+        let mut shard = self.breakers.lock(&pass.key);
+        if let Some(breaker) = shard.get_mut(&pass.key) {
+            if breaker.generation == pass.generation {
+                if let State::HalfOpen { admitted, .. } = &mut breaker.state {
+                    *admitted = admitted.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn force(&self, forced: Option<bool>) {
+        *lock(&self.forced) = forced.map(|open| if open { Forced::Open } else { Forced::Closed });
+        tracing::info!(?forced, "circuit forced");
+    }
+
+    pub(crate) fn reset(&self) {
+        *lock(&self.forced) = None;
+        self.breakers.for_each_shard(|shard| shard.clear());
+        tracing::info!("circuit reset");
+    }
+
+    pub(crate) fn state(&self, key: &Key) -> BreakerState {
+        match *lock(&self.forced) {
+            Some(Forced::Open) => return BreakerState::ForcedOpen,
+            Some(Forced::Closed) => return BreakerState::ForcedClosed,
+            None => {}
+        }
+        let now = Instant::now();
+        let shard = self.breakers.lock(key);
+        match shard.get(key).map(|b| b.state) {
+            None | Some(State::Closed) => BreakerState::Closed,
+            Some(State::Open { until }) if until > now => BreakerState::Open {
+                remaining: until - now,
+            },
+            Some(State::Open { .. }) | Some(State::HalfOpen { .. }) => BreakerState::HalfOpen,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> BreakerStats {
+        let c = &self.counters;
+        BreakerStats {
+            calls: c.calls.load(Relaxed),
+            failures: c.failures.load(Relaxed),
+            slow: c.slow.load(Relaxed),
+            rejected: c.rejected.load(Relaxed),
+            opened: c.opened.load(Relaxed),
+            closed: c.closed.load(Relaxed),
+        }
+    }
+}
+
+impl Pass {
+    pub(crate) fn key(&self) -> &Key {
+        &self.key
+    }
+}

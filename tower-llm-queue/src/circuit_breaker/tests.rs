@@ -1,0 +1,303 @@
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::sleep;
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+
+use super::*;
+use crate::classify::HttpClassifier;
+use crate::{Rejected, RejectionKind};
+
+/// An upstream that fails while `down` is set, takes `secs` per call, and counts the calls that
+/// reach it.
+#[derive(Clone, Default)]
+struct Upstream {
+    down: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    fn service(
+        &self,
+    ) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
+    {
+        let this = self.clone();
+        service_fn(move |secs: u64| {
+            this.calls.fetch_add(1, Ordering::SeqCst);
+            let down = this.down.load(Ordering::SeqCst);
+            async move {
+                sleep(Duration::from_secs(secs)).await;
+                if down {
+                    Err::<u64, BoxError>("upstream down".into())
+                } else {
+                    Ok(secs)
+                }
+            }
+        })
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn breaker() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new()
+        .minimum_calls(4)
+        .window(Window::Calls(10))
+        .open_for(Duration::from_secs(10))
+        .half_open_calls(2)
+}
+
+fn kind(err: &BoxError) -> Option<RejectionKind> {
+    Rejected::find(&**err).map(|r| r.kind())
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_open_half_open_closed() {
+    let up = Upstream::default();
+    let layer = breaker();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+
+    up.set_down(true);
+    for _ in 0..3 {
+        assert!(svc.clone().oneshot(0).await.is_err());
+    }
+    assert_eq!(handle.state(), BreakerState::Closed, "below minimum_calls");
+    assert!(svc.clone().oneshot(0).await.is_err());
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+
+    let err = svc.clone().oneshot(0).await.unwrap_err();
+    assert_eq!(kind(&err), Some(RejectionKind::CircuitOpen));
+    assert_eq!(
+        Rejected::find(&*err).unwrap().retry_after(),
+        Some(Duration::from_secs(10))
+    );
+    assert_eq!(up.calls(), 4, "refused without calling");
+
+    sleep(Duration::from_secs(10)).await;
+    up.set_down(false);
+    assert_eq!(svc.clone().oneshot(0).await.unwrap(), 0);
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    assert_eq!(svc.clone().oneshot(0).await.unwrap(), 0);
+    assert_eq!(handle.state(), BreakerState::Closed);
+    let stats = handle.stats();
+    assert_eq!((stats.opened, stats.closed, stats.rejected), (1, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_lets_exactly_n_probes_through() {
+    let up = Upstream::default();
+    let layer = breaker().half_open_calls(3);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    up.set_down(true);
+    for _ in 0..4 {
+        let _ = svc.clone().oneshot(0).await;
+    }
+    sleep(Duration::from_secs(10)).await;
+    up.set_down(false);
+    let before = up.calls();
+    let arrivals: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(svc.clone().oneshot(1)))
+        .collect();
+    let mut refused = 0;
+    for a in arrivals {
+        if let Err(err) = a.await.unwrap() {
+            assert_eq!(kind(&err), Some(RejectionKind::CircuitOpen));
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        up.calls() - before,
+        3,
+        "exactly three probes reached the upstream"
+    );
+    assert_eq!(refused, 997);
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_for_longer() {
+    let up = Upstream::default();
+    let layer = breaker()
+        .half_open_calls(1)
+        .open_growth(2.0, Duration::from_secs(60));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    up.set_down(true);
+    for _ in 0..4 {
+        let _ = svc.clone().oneshot(0).await;
+    }
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open {
+            remaining: Duration::from_secs(10)
+        }
+    );
+    sleep(Duration::from_secs(10)).await;
+    assert!(svc.clone().oneshot(0).await.is_err(), "the probe fails");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open {
+            remaining: Duration::from_secs(20)
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_probe_gives_its_place_back() {
+    let up = Upstream::default();
+    let layer = breaker().half_open_calls(1);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    up.set_down(true);
+    for _ in 0..4 {
+        let _ = svc.clone().oneshot(0).await;
+    }
+    sleep(Duration::from_secs(10)).await;
+    up.set_down(false);
+    let probe = tokio::spawn(svc.clone().oneshot(30));
+    sleep(Duration::from_secs(1)).await;
+    probe.abort();
+    let _ = probe.await;
+    assert_eq!(
+        svc.clone().oneshot(0).await.unwrap(),
+        0,
+        "a new probe may go"
+    );
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_states_and_reset() {
+    let up = Upstream::default();
+    let layer = breaker();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    handle.force_open();
+    assert_eq!(handle.state(), BreakerState::ForcedOpen);
+    let err = svc.clone().oneshot(0).await.unwrap_err();
+    assert_eq!(kind(&err), Some(RejectionKind::CircuitOpen));
+    assert_eq!(up.calls(), 0);
+
+    up.set_down(true);
+    handle.force_closed();
+    for _ in 0..10 {
+        assert_eq!(kind(&svc.clone().oneshot(0).await.unwrap_err()), None);
+    }
+    assert_eq!(up.calls(), 10, "forced closed lets everything through");
+    handle.reset();
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_delay_opens_it_until_then() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let layer = CircuitBreakerLayer::new().classify(HttpClassifier);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_: ()| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {
+                Ok::<_, BoxError>(
+                    http::Response::builder()
+                        .status(429)
+                        .header("retry-after", "7")
+                        .body(())
+                        .unwrap(),
+                )
+            }
+        }));
+    assert_eq!(svc.clone().oneshot(()).await.unwrap().status(), 429);
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open {
+            remaining: Duration::from_secs(7)
+        }
+    );
+    let err = svc.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(
+        Rejected::find(&*err).unwrap().retry_after(),
+        Some(Duration::from_secs(7))
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_open_it() {
+    let up = Upstream::default();
+    let layer = breaker().slow_call(Duration::from_secs(5), 0.5);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    for _ in 0..4 {
+        assert_eq!(svc.clone().oneshot(6).await.unwrap(), 6);
+    }
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+    assert_eq!(handle.stats().slow, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_time_window_forgets_old_failures() {
+    let up = Upstream::default();
+    let layer = breaker().window(Window::Time(Duration::from_secs(60)));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    up.set_down(true);
+    for _ in 0..3 {
+        let _ = svc.clone().oneshot(0).await;
+    }
+    sleep(Duration::from_secs(61)).await;
+    up.set_down(false);
+    for _ in 0..3 {
+        svc.clone().oneshot(0).await.unwrap();
+    }
+    up.set_down(true);
+    let _ = svc.clone().oneshot(0).await;
+    // 1 failure out of 4 recent calls: closed.
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_key_has_its_own_breaker() {
+    let up = Upstream::default();
+    let layer = breaker().keyed_by(|secs: &u64| if *secs == 0 { "a" } else { "b" });
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    up.set_down(true);
+    for _ in 0..4 {
+        let _ = svc.clone().oneshot(0).await;
+    }
+    assert!(matches!(
+        handle.state_of(&Key::from("a")),
+        BreakerState::Open { .. }
+    ));
+    assert_eq!(handle.state_of(&Key::from("b")), BreakerState::Closed);
+    up.set_down(false);
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_of_other_layers_are_not_counted() {
+    let layer = breaker();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|_: ()| async {
+            Err::<(), BoxError>(Rejected::new(RejectionKind::QueueFull).into())
+        }));
+    for _ in 0..10 {
+        let err = svc.clone().oneshot(()).await.unwrap_err();
+        assert_eq!(kind(&err), Some(RejectionKind::QueueFull));
+    }
+    assert_eq!(handle.state(), BreakerState::Closed);
+    assert_eq!(handle.stats().failures, 0);
+}
