@@ -136,12 +136,12 @@ impl CircuitBreakerHandle {
 
     /// Refuses every call until [`reset`](Self::reset) or [`force_closed`](Self::force_closed).
     pub fn force_open(&self) {
-        self.shared.force(Some(true));
+        self.shared.force(true);
     }
 
     /// Lets every call through until [`reset`](Self::reset) or [`force_open`](Self::force_open).
     pub fn force_closed(&self) {
-        self.shared.force(Some(false));
+        self.shared.force(false);
     }
 
     /// Ends any forcing and closes every breaker, forgetting their history.

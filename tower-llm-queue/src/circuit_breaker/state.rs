@@ -1,8 +1,8 @@
 //! The breakers of one layer, one per key, and their state machine.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::classify::Outcome;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
-use crate::sharded::{lock, Sharded};
+use crate::sharded::Sharded;
 
 use super::{BreakerState, BreakerStats, Window};
 
@@ -45,7 +45,8 @@ enum State {
 
 #[derive(Debug, Clone, Copy)]
 struct Record {
-    at: Instant,
+    /// When it ended; kept only for a time window.
+    at: Option<Instant>,
     failed: bool,
     slow: bool,
 }
@@ -57,6 +58,9 @@ struct Breaker {
     /// count in the new one.
     generation: u64,
     records: VecDeque<Record>,
+    /// Failed and slow calls among `records`.
+    failures: usize,
+    slows: usize,
     /// Consecutive trips without a full recovery, for `open_growth`.
     trips: u32,
 }
@@ -67,6 +71,8 @@ impl Breaker {
             state: State::Closed,
             generation: 0,
             records: VecDeque::new(),
+            failures: 0,
+            slows: 0,
             trips: 0,
         }
     }
@@ -75,14 +81,27 @@ impl Breaker {
         self.state = state;
         self.generation += 1;
         self.records.clear();
+        self.failures = 0;
+        self.slows = 0;
+    }
+
+    fn push(&mut self, record: Record) {
+        self.failures += usize::from(record.failed);
+        self.slows += usize::from(record.slow);
+        self.records.push_back(record);
+    }
+
+    fn pop(&mut self) {
+        if let Some(oldest) = self.records.pop_front() {
+            self.failures -= usize::from(oldest.failed);
+            self.slows -= usize::from(oldest.slow);
+        }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Forced {
-    Open,
-    Closed,
-}
+const NOT_FORCED: u8 = 0;
+const FORCED_OPEN: u8 = 1;
+const FORCED_CLOSED: u8 = 2;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -96,8 +115,8 @@ struct Counters {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    config: Mutex<Config>,
-    forced: Mutex<Option<Forced>>,
+    config: RwLock<Config>,
+    forced: AtomicU8,
     breakers: Sharded<Breaker>,
     counters: Counters,
 }
@@ -108,26 +127,37 @@ pub(crate) struct Pass {
     key: Key,
     generation: u64,
     probe: bool,
-    started: Instant,
+    /// When the call started; read only when slow calls are watched.
+    started: Option<Instant>,
+    config: Config,
     recorded: bool,
+}
+
+/// Reads the clock at most once, and only if asked.
+struct Clock(Option<Instant>);
+
+impl Clock {
+    fn now(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
 }
 
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         Shared {
-            config: Mutex::new(config),
-            forced: Mutex::new(None),
+            config: RwLock::new(config),
+            forced: AtomicU8::new(NOT_FORCED),
             breakers: Sharded::new(),
             counters: Counters::default(),
         }
     }
 
     pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) {
-        f(&mut lock(&self.config));
+        f(&mut self.config.write().unwrap_or_else(PoisonError::into_inner));
     }
 
     pub(crate) fn config(&self) -> Config {
-        *lock(&self.config)
+        *self.config.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn count(&self, counter: impl FnOnce(&Counters) -> &AtomicU64, n: u64) {
@@ -136,8 +166,8 @@ impl Shared {
 
     /// Lets a call through, or refuses it with `CircuitOpen`.
     pub(crate) fn admit(&self, key: Key) -> Result<Pass, Rejected> {
-        let now = Instant::now();
-        let forced = *lock(&self.forced);
+        let mut clock = Clock(None);
+        let forced = self.forced.load(Relaxed);
         let config = self.config();
         let mut shard = self.breakers.lock(&key);
         let breaker = shard.entry(key.clone()).or_insert_with(Breaker::new);
@@ -150,14 +180,15 @@ impl Shared {
         };
         let mut probe = false;
         match forced {
-            Some(Forced::Open) => {
+            FORCED_OPEN => {
                 drop(shard);
                 self.count(|c| &c.rejected, 1);
                 return Err(refuse(None));
             }
-            Some(Forced::Closed) => {}
-            None => {
+            FORCED_CLOSED => {}
+            _ => {
                 if let State::Open { until } = breaker.state {
+                    let now = clock.now();
                     if now < until {
                         drop(shard);
                         self.count(|c| &c.rejected, 1);
@@ -187,7 +218,8 @@ impl Shared {
             key,
             generation,
             probe,
-            started: now,
+            started: config.slow_call.map(|_| clock.now()),
+            config,
             recorded: false,
         })
     }
@@ -195,11 +227,14 @@ impl Shared {
     /// Records how a call that was let through ended.
     pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
         pass.recorded = true;
-        let now = Instant::now();
-        let config = self.config();
-        let slow = config
-            .slow_call
-            .is_some_and(|(limit, _)| now.saturating_duration_since(pass.started) >= limit);
+        let mut clock = Clock(None);
+        let config = pass.config;
+        let slow = match (config.slow_call, pass.started) {
+            (Some((limit, _)), Some(started)) => {
+                clock.now().saturating_duration_since(started) >= limit
+            }
+            _ => false,
+        };
         let (failed, not_before) = match outcome {
             Outcome::Success => (false, None),
             Outcome::Failure { not_before, .. } => (true, not_before),
@@ -211,7 +246,7 @@ impl Shared {
             return;
         };
         if let (Some(delay), true) = (not_before, config.open_on_not_before) {
-            let until = now + delay;
+            let until = clock.now() + delay;
             let later = match breaker.state {
                 State::Open { until: current } => until > current,
                 _ => true,
@@ -233,7 +268,7 @@ impl Shared {
                     let open_for = config.open_for(breaker.trips);
                     breaker.trips = breaker.trips.saturating_add(1);
                     breaker.set(State::Open {
-                        until: now + open_for,
+                        until: clock.now() + open_for,
                     });
                     drop(shard);
                     self.count(|c| &c.opened, 1);
@@ -250,24 +285,23 @@ impl Shared {
                 }
             }
             State::Closed => {
-                breaker.records.push_back(Record {
-                    at: now,
-                    failed,
-                    slow,
-                });
+                let at = match config.window {
+                    Window::Time(_) => Some(clock.now()),
+                    Window::Calls(_) => None,
+                };
+                breaker.push(Record { at, failed, slow });
                 match config.window {
                     Window::Calls(n) => {
                         while breaker.records.len() > n.max(1) {
-                            breaker.records.pop_front();
+                            breaker.pop();
                         }
                     }
                     Window::Time(span) => {
-                        while breaker
-                            .records
-                            .front()
-                            .is_some_and(|r| now.saturating_duration_since(r.at) > span)
-                        {
-                            breaker.records.pop_front();
+                        let now = clock.now();
+                        while breaker.records.front().is_some_and(|r| {
+                            r.at.is_some_and(|at| now.saturating_duration_since(at) > span)
+                        }) {
+                            breaker.pop();
                         }
                     }
                 }
@@ -275,8 +309,7 @@ impl Shared {
                 if total < config.minimum_calls.max(1) {
                     return;
                 }
-                let failures = breaker.records.iter().filter(|r| r.failed).count();
-                let slows = breaker.records.iter().filter(|r| r.slow).count();
+                let (failures, slows) = (breaker.failures, breaker.slows);
                 let failing = failures as f64 / total as f64 >= config.failure_rate;
                 let slowing = config
                     .slow_call
@@ -285,7 +318,7 @@ impl Shared {
                     let open_for = config.open_for(breaker.trips);
                     breaker.trips = breaker.trips.saturating_add(1);
                     breaker.set(State::Open {
-                        until: now + open_for,
+                        until: clock.now() + open_for,
                     });
                     drop(shard);
                     self.count(|c| &c.opened, 1);
@@ -319,22 +352,23 @@ impl Shared {
         }
     }
 
-    pub(crate) fn force(&self, forced: Option<bool>) {
-        *lock(&self.forced) = forced.map(|open| if open { Forced::Open } else { Forced::Closed });
-        tracing::info!(?forced, "circuit forced");
+    pub(crate) fn force(&self, open: bool) {
+        let forced = if open { FORCED_OPEN } else { FORCED_CLOSED };
+        self.forced.store(forced, Relaxed);
+        tracing::info!(open, "circuit forced");
     }
 
     pub(crate) fn reset(&self) {
-        *lock(&self.forced) = None;
+        self.forced.store(NOT_FORCED, Relaxed);
         self.breakers.for_each_shard(|shard| shard.clear());
         tracing::info!("circuit reset");
     }
 
     pub(crate) fn state(&self, key: &Key) -> BreakerState {
-        match *lock(&self.forced) {
-            Some(Forced::Open) => return BreakerState::ForcedOpen,
-            Some(Forced::Closed) => return BreakerState::ForcedClosed,
-            None => {}
+        match self.forced.load(Relaxed) {
+            FORCED_OPEN => return BreakerState::ForcedOpen,
+            FORCED_CLOSED => return BreakerState::ForcedClosed,
+            _ => {}
         }
         let now = Instant::now();
         let shard = self.breakers.lock(key);
