@@ -11,6 +11,13 @@
 //! |---|---|---|
 //! | [`PriorityQueueLayer`] | how many run at once; who runs next (priority, then fair across users, then arrival) | waits in a bounded queue; full → [`RejectionKind::QueueFull`] |
 //! | [`PerUserConcurrencyLayer`] | how many one user may have in flight | [`RejectionKind::UserLimit`] at once, or waits |
+//! | [`RetryBackoffLayer`] | whether and when to try again | backoff with jitter, the upstream's delay, a budget, a shared cool-down |
+//! | [`DedupLayer`] | whether an identical request is running or cached | joins it, or gets the cached result |
+//! | [`CircuitBreakerLayer`] | whether the upstream is healthy enough to call | [`RejectionKind::CircuitOpen`] at once until probes succeed |
+//!
+//! [`classify`] decides what a result means for retries and the breaker; [`buffer`] makes HTTP
+//! bodies cloneable for them; [`key`] finds who a request belongs to; [`hold`] keeps a slot while
+//! a streamed reply is read.
 //!
 //! # Example
 //!
