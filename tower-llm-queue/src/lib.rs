@@ -70,6 +70,7 @@ pub mod http;
 pub mod key;
 pub mod per_user;
 pub mod priority_queue;
+pub mod rate;
 mod rejected;
 pub mod retry;
 mod sharded;
@@ -81,6 +82,7 @@ pub use dedup::DedupLayer;
 pub use key::{ExtractKey, Key};
 pub use per_user::{PerUserConcurrencyLayer, PerUserHandle};
 pub use priority_queue::{PriorityQueueHandle, PriorityQueueLayer, RequestId};
+pub use rate::{SlidingWindowLayer, TokenBucketLayer};
 pub use rejected::{Rejected, RejectionKind};
 pub use retry::RetryBackoffLayer;
 

@@ -41,8 +41,18 @@ impl<V> Sharded<V> {
 
     /// The locked shard that holds `key`.
     pub(crate) fn lock(&self, key: &Key) -> MutexGuard<'_, FastMap<Key, V>> {
+        self.lock_indexed(key).1
+    }
+
+    /// The locked shard that holds `key`, and its index (below [`Sharded::shard_count`]).
+    pub(crate) fn lock_indexed(&self, key: &Key) -> (usize, MutexGuard<'_, FastMap<Key, V>>) {
         let index = (self.hasher.hash_one(key) >> 32) as usize & (self.shards.len() - 1);
-        lock(&self.shards[index])
+        (index, lock(&self.shards[index]))
+    }
+
+    /// The number of shards.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
     /// Visits every shard in turn, each locked while `f` runs.
@@ -86,10 +96,6 @@ impl<V> Sharded<V> {
         let mut total = 0;
         self.for_each_shard(|map| total += map.capacity());
         total
-    }
-
-    pub(crate) fn shard_count(&self) -> usize {
-        self.shards.len()
     }
 }
 

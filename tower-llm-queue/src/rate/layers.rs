@@ -1,0 +1,160 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::limiter::Limit;
+use super::service::{RateLimit, Shared};
+use super::{Global, NoReconcile, Rate, RateHandle, Unit};
+
+macro_rules! rate_layer_builders {
+    ($layer:ident) => {
+        impl<E, C, R> $layer<E, C, R> {
+            /// One limit per key that this [`ExtractKey`](crate::ExtractKey) finds — per user,
+            /// API key or organisation — instead of one for all.
+            pub fn keyed_by<E2>(self, key: E2) -> $layer<E2, C, R> {
+                $layer {
+                    shared: self.shared,
+                    key,
+                    cost: self.cost,
+                    reconcile: self.reconcile,
+                    max_wait: self.max_wait,
+                }
+            }
+
+            /// What a request costs: a closure `Fn(&Req) -> u64`, such as its estimated tokens.
+            /// Default 1: the limit counts requests.
+            pub fn cost<C2>(self, cost: C2) -> $layer<E, C2, R> {
+                $layer {
+                    shared: self.shared,
+                    key: self.key,
+                    cost,
+                    reconcile: self.reconcile,
+                    max_wait: self.max_wait,
+                }
+            }
+
+            /// Replaces the estimated cost by what the upstream reports it used, once the
+            /// response is known: a closure `Fn(&Response) -> Option<u64>`, such as
+            /// `usage.total_tokens`.
+            pub fn reconcile<R2>(self, reconcile: R2) -> $layer<E, C, R2> {
+                $layer {
+                    shared: self.shared,
+                    key: self.key,
+                    cost: self.cost,
+                    reconcile,
+                    max_wait: self.max_wait,
+                }
+            }
+
+            /// Refuses a request over the limit at once with
+            /// [`RejectionKind::RateLimited`](crate::RejectionKind::RateLimited) and the exact
+            /// time until it would fit as `retry_after` (the default).
+            pub fn reject(mut self) -> Self {
+                self.max_wait = None;
+                self
+            }
+
+            /// Lets a request over the limit wait for its turn — in arrival order per key, each
+            /// woken at the instant it fits — when that comes within `max_wait`; otherwise it is
+            /// refused at once.
+            pub fn wait(mut self, max_wait: Duration) -> Self {
+                self.max_wait = Some(max_wait);
+                self
+            }
+
+            /// Reads the limit's stats and usage.
+            pub fn handle(&self) -> RateHandle {
+                RateHandle {
+                    shared: self.shared.clone(),
+                }
+            }
+        }
+
+        impl<S, E: Clone, C: Clone, R: Clone> Layer<S> for $layer<E, C, R> {
+            type Service = RateLimit<S, E, C, R>;
+
+            fn layer(&self, inner: S) -> Self::Service {
+                RateLimit {
+                    inner,
+                    shared: self.shared.clone(),
+                    key: self.key.clone(),
+                    cost: self.cost.clone(),
+                    reconcile: self.reconcile.clone(),
+                    max_wait: self.max_wait,
+                }
+            }
+        }
+
+        impl<E, C, R> fmt::Debug for $layer<E, C, R> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($layer))
+                    .field("limit", &self.shared.limiter.limit())
+                    .field("max_wait", &self.max_wait)
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
+/// Admits at most `limit` cost in any interval of length `window`, globally or per key. See the
+/// [module docs](super).
+#[derive(Clone)]
+pub struct SlidingWindowLayer<E = Global, C = Unit, R = NoReconcile> {
+    shared: Arc<Shared>,
+    key: E,
+    cost: C,
+    reconcile: R,
+    max_wait: Option<Duration>,
+}
+
+impl SlidingWindowLayer {
+    /// At most `limit` requests (or cost units, with [`cost`](Self::cost)) in any interval of
+    /// length `window`. A `limit` of 0 refuses everything.
+    pub fn new(limit: u64, window: Duration) -> Self {
+        SlidingWindowLayer {
+            shared: Arc::new(Shared::new(Limit::Window {
+                limit,
+                window: window.max(Duration::from_nanos(1)),
+            })),
+            key: Global,
+            cost: Unit,
+            reconcile: NoReconcile,
+            max_wait: None,
+        }
+    }
+}
+
+rate_layer_builders!(SlidingWindowLayer);
+
+/// Admits a steady [`Rate`] with a burst allowance (GCRA), globally or per key. See the
+/// [module docs](super).
+#[derive(Clone)]
+pub struct TokenBucketLayer<E = Global, C = Unit, R = NoReconcile> {
+    shared: Arc<Shared>,
+    key: E,
+    cost: C,
+    reconcile: R,
+    max_wait: Option<Duration>,
+}
+
+impl TokenBucketLayer {
+    /// A steady `rate` with a burst of `burst` requests (or cost units) at once. Seed 004's
+    /// "100 per second, bursts of 200" is `TokenBucketLayer::new(Rate::per_second(100), 200)`.
+    /// A `burst` of 0 counts as 1.
+    pub fn new(rate: Rate, burst: u64) -> Self {
+        TokenBucketLayer {
+            shared: Arc::new(Shared::new(Limit::Bucket {
+                interval: rate.interval(),
+                burst: burst.max(1),
+            })),
+            key: Global,
+            cost: Unit,
+            reconcile: NoReconcile,
+            max_wait: None,
+        }
+    }
+}
+
+rate_layer_builders!(TokenBucketLayer);

@@ -1,0 +1,209 @@
+//! Rate limits: how much — requests or tokens — may start per window of time, globally or per
+//! key. Two algorithms share one service and one in-memory store:
+//!
+//! * [`SlidingWindowLayer`] — **exact**: in no interval of length `window` does the admitted cost
+//!   of one key exceed `limit`. It keeps a log of `(start, cost)` per key for the last window,
+//!   so memory per key grows with the requests of one window (24 bytes each): the price of
+//!   exactness, and the right one for upstream quotas such as "30 requests in any 60 seconds"
+//!   (seed 002).
+//! * [`TokenBucketLayer`] — a steady [`Rate`] with a burst (GCRA): one instant per key, O(1).
+//!   Seed 004's "100 per second, bursts of 200" is
+//!   `TokenBucketLayer::new(Rate::per_second(100), 200)`.
+//!
+//! Over the limit, a request is refused at once with
+//! [`RejectionKind::RateLimited`](crate::RejectionKind::RateLimited) (429) and the exact time
+//! until it would fit as `retry_after`; with `.wait(max_wait)` it instead reserves the earliest
+//! instant it fits — in arrival order per key, each waiter woken by its own timer, never by
+//! polling — if that comes within `max_wait`. A waiter that goes away gives its reservation
+//! back. A request that costs more than the whole limit is refused at once: it could never fit.
+//! Keys that have been idle for a window are swept out, so memory stays bounded however many
+//! distinct keys pass.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_llm_queue::rate::{Rate, TokenBucketLayer};
+//! use tower_llm_queue::{Rejected, RejectionKind, SlidingWindowLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // Seed 003: 20 requests per minute per user.
+//! let per_user = SlidingWindowLayer::new(20, Duration::from_secs(60))
+//!     .keyed_by(|req: &(String, u64)| req.0.clone());
+//! // Seed 004: 100 per second with bursts of 200, for everybody.
+//! let global = TokenBucketLayer::new(Rate::per_second(100), 200);
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(per_user)
+//!     .layer(global)
+//!     .service(service_fn(|req: (String, u64)| async move { Ok::<_, tower::BoxError>(req.1) }));
+//!
+//! for n in 0..20 {
+//!     svc.ready().await.unwrap().call(("ada".into(), n)).await.unwrap();
+//! }
+//! let err = svc.ready().await.unwrap().call(("ada".into(), 20)).await.unwrap_err();
+//! let rejected = Rejected::find(&*err).unwrap();
+//! assert_eq!(rejected.kind(), RejectionKind::RateLimited);
+//! assert_eq!(rejected.retry_after(), Some(Duration::from_secs(60)));
+//! // Another user has a window of its own.
+//! svc.ready().await.unwrap().call(("bob".into(), 0)).await.unwrap();
+//! # }
+//! ```
+
+mod layers;
+mod limiter;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::key::{ExtractKey, Key};
+
+pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
+pub use self::service::RateLimit;
+
+use self::service::Shared;
+
+/// The response future of [`RateLimit`].
+pub type ResponseFuture<R> = crate::boxed::BoxedFuture<R>;
+
+/// A steady rate, named so that "per second" cannot be mistaken for "one every n seconds".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    interval: Duration,
+}
+
+impl Rate {
+    /// `n` per second. Zero means practically never (one per 34 years).
+    pub fn per_second(n: u32) -> Self {
+        Rate::per(n, Duration::from_secs(1))
+    }
+
+    /// `n` per minute.
+    pub fn per_minute(n: u32) -> Self {
+        Rate::per(n, Duration::from_secs(60))
+    }
+
+    /// `n` per `period`.
+    pub fn per(n: u32, period: Duration) -> Self {
+        let interval = if n == 0 {
+            Duration::from_secs(1 << 30)
+        } else {
+            (period / n).max(Duration::from_nanos(1))
+        };
+        Rate { interval }
+    }
+
+    /// One every `interval`.
+    pub fn one_every(interval: Duration) -> Self {
+        Rate {
+            interval: interval.max(Duration::from_nanos(1)),
+        }
+    }
+
+    pub(crate) fn interval(self) -> Duration {
+        self.interval
+    }
+}
+
+/// What a request costs against a rate limit.
+///
+/// Implemented by [`Unit`] (every request costs 1: the default) and every `Fn(&Req) -> u64`.
+pub trait Cost<Req> {
+    /// The request's cost.
+    fn cost(&self, request: &Req) -> u64;
+}
+
+impl<F, Req> Cost<Req> for F
+where
+    F: Fn(&Req) -> u64,
+{
+    fn cost(&self, request: &Req) -> u64 {
+        self(request)
+    }
+}
+
+/// Every request costs 1: the limit counts requests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unit;
+
+impl<Req> Cost<Req> for Unit {
+    fn cost(&self, _: &Req) -> u64 {
+        1
+    }
+}
+
+/// The actual cost of a call, once its response is known.
+///
+/// Implemented by [`NoReconcile`] (the default: the estimate stands) and every
+/// `Fn(&Response) -> Option<u64>`.
+pub trait Reconcile<Response> {
+    /// The actual cost, if the response reports it.
+    fn actual_cost(&self, response: &Response) -> Option<u64>;
+}
+
+impl<F, Response> Reconcile<Response> for F
+where
+    F: Fn(&Response) -> Option<u64>,
+{
+    fn actual_cost(&self, response: &Response) -> Option<u64> {
+        self(response)
+    }
+}
+
+/// The estimated cost stands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoReconcile;
+
+impl<Response> Reconcile<Response> for NoReconcile {
+    fn actual_cost(&self, _: &Response) -> Option<u64> {
+        None
+    }
+}
+
+/// One limit for all requests: the key of a layer without `keyed_by`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global;
+
+impl<Req> ExtractKey<Req> for Global {
+    fn extract(&self, _: &Req) -> Result<Key, crate::Rejected> {
+        Ok(Key::anonymous())
+    }
+}
+
+/// Counters of a rate-limit layer.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RateStats {
+    /// Requests admitted, at once or after waiting.
+    pub admitted: u64,
+    /// Requests that waited for their turn.
+    pub waited: u64,
+    /// Requests refused.
+    pub rejected: u64,
+    /// Keys with state in memory now.
+    pub keys: usize,
+}
+
+/// Reads the state of one rate-limit layer.
+#[derive(Clone, Debug)]
+pub struct RateHandle {
+    shared: Arc<Shared>,
+}
+
+impl RateHandle {
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> RateStats {
+        self.shared.stats()
+    }
+
+    /// The cost admitted for `key` in the current window (sliding window), or the units of the
+    /// burst in use (token bucket). [`Key::anonymous`] is the key of a layer without `keyed_by`.
+    pub fn usage(&self, key: &Key) -> u64 {
+        self.shared.limiter.usage(key)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::time::{advance, sleep, Instant};
+use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
+
+use super::limiter::{Decision, Limit, MemoryLimiter};
+use super::*;
+use crate::{Rejected, RejectionKind};
+
+fn paused() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+fn rejection(err: &BoxError) -> &Rejected {
+    Rejected::find(&**err).expect("a rejection")
+}
+
+/// Checks that no interval of length `window` holds more than `limit`: the sum over a sliding
+/// interval is largest when it ends at an admission.
+fn assert_window(admitted: &[(Instant, u64)], limit: u64, window: Duration) {
+    for (end, _) in admitted {
+        let inside: u64 = admitted
+            .iter()
+            .filter(|(at, _)| *at <= *end && *end - *at < window)
+            .map(|(_, c)| c)
+            .sum();
+        assert!(
+            inside <= limit,
+            "{inside} > {limit} in the window ending at {end:?}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_window_ever_holds_more_than_the_limit(
+        limit in 1u64..20,
+        window_ms in 1u64..2_000,
+        arrivals in proptest::collection::vec((0u64..500, 1u64..8, 0u8..3, any::<bool>()), 1..120),
+    ) {
+        paused().block_on(async {
+            let window = Duration::from_millis(window_ms);
+            let limiter = MemoryLimiter::new(Limit::Window { limit, window });
+            let mut admitted: Vec<Vec<(Instant, u64)>> = vec![Vec::new(); 3];
+            for (gap_ms, cost, user, wait) in arrivals {
+                advance(Duration::from_millis(gap_ms)).await;
+                let key = Key::from(u64::from(user));
+                let max_wait = wait.then_some(Duration::from_millis(700));
+                match limiter.decide(&key, cost, max_wait) {
+                    Decision::Now(_) => admitted[user as usize].push((Instant::now(), cost)),
+                    Decision::At(at, _) => {
+                        prop_assert!(at > Instant::now());
+                        prop_assert!(at - Instant::now() <= Duration::from_millis(700));
+                        admitted[user as usize].push((at, cost));
+                    }
+                    Decision::TooLarge => prop_assert!(cost > limit),
+                    Decision::Denied(retry_after) => {
+                        prop_assert!(cost <= limit);
+                        // Retried exactly then, with nothing else arriving, it is admitted.
+                        advance(retry_after).await;
+                        match limiter.decide(&key, cost, None) {
+                            Decision::Now(_) => admitted[user as usize].push((Instant::now(), cost)),
+                            other => prop_assert!(false, "retry_after was early: {:?}", other),
+                        }
+                    }
+                }
+            }
+            for log in &admitted {
+                assert_window(log, limit, window);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn seed_004_bursts_200_then_100_per_second() {
+    paused().block_on(async {
+        let limiter = MemoryLimiter::new(Limit::Bucket {
+            interval: Rate::per_second(100).interval(),
+            burst: 200,
+        });
+        let key = Key::anonymous();
+        let at_once = (0..300)
+            .filter(|_| matches!(limiter.decide(&key, 1, None), Decision::Now(_)))
+            .count();
+        assert_eq!(at_once, 200);
+        advance(Duration::from_secs(1)).await;
+        let next_second = (0..300)
+            .filter(|_| matches!(limiter.decide(&key, 1, None), Decision::Now(_)))
+            .count();
+        assert_eq!(next_second, 100);
+        match limiter.decide(&key, 1, None) {
+            Decision::Denied(after) => assert_eq!(after, Duration::from_millis(10)),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_go_in_arrival_order_at_their_instant() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = log.clone();
+    let layer = SlidingWindowLayer::new(2, Duration::from_secs(10)).wait(Duration::from_secs(30));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |n: u64| {
+            seen.lock().unwrap().push((n, Instant::now()));
+            async move { Ok::<_, BoxError>(n) }
+        }));
+    let start = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|n| tokio::spawn(svc.clone().oneshot(n)))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap();
+    let order: Vec<u64> = log.iter().map(|(n, _)| *n).collect();
+    assert_eq!(order, [0, 1, 2, 3, 4, 5]);
+    let at: Vec<u64> = log.iter().map(|(_, t)| (*t - start).as_secs()).collect();
+    assert_eq!(at, [0, 0, 10, 10, 20, 20]);
+    let stats = handle.stats();
+    assert_eq!((stats.admitted, stats.waited, stats.rejected), (6, 4, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_too_long_is_refused_at_once() {
+    let layer = SlidingWindowLayer::new(1, Duration::from_secs(60)).wait(Duration::from_secs(5));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    svc.clone().oneshot(0).await.unwrap();
+    let started = Instant::now();
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited);
+    assert_eq!(rejection(&err).retry_after(), Some(Duration::from_secs(60)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_frees_its_place() {
+    let layer = SlidingWindowLayer::new(1, Duration::from_secs(10)).wait(Duration::from_secs(60));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    svc.clone().oneshot(0).await.unwrap();
+    let waiter = tokio::spawn(svc.clone().oneshot(1));
+    sleep(Duration::from_secs(1)).await;
+    waiter.abort();
+    let _ = waiter.await;
+    // The place at 10 s is free again: the next request takes it, not the one after.
+    let started = Instant::now();
+    svc.clone().oneshot(2).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(9));
+    assert_eq!(handle.usage(&Key::anonymous()), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_above_the_limit_is_refused_clearly() {
+    let svc = ServiceBuilder::new()
+        .layer(
+            SlidingWindowLayer::new(1_000, Duration::from_secs(60))
+                .cost(|tokens: &u64| *tokens)
+                .wait(Duration::from_secs(3_600)),
+        )
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    let err = svc.oneshot(5_000).await.unwrap_err();
+    assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited);
+    assert!(err.to_string().contains("can never be admitted"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconciled_usage_replaces_the_estimate() {
+    let layer = SlidingWindowLayer::new(1_000, Duration::from_secs(60))
+        .cost(|_: &u64| 100)
+        .reconcile(|used: &u64| Some(*used));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    svc.clone().oneshot(740).await.unwrap();
+    assert_eq!(handle.usage(&Key::anonymous()), 740);
+    assert!(svc.clone().oneshot(100).await.is_ok(), "840");
+    assert!(svc.clone().oneshot(100).await.is_ok(), "940");
+    // An estimate of 100 no longer fits; without reconciliation it would have (300 < 1000).
+    let err = svc.oneshot(100).await.unwrap_err();
+    assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited);
+}
+
+#[test]
+fn keys_seen_once_do_not_stay() {
+    paused().block_on(async {
+        // A million users, each seen once; a key is idle 100 ms after its request.
+        let limiter = MemoryLimiter::new(Limit::Bucket {
+            interval: Rate::per_second(10).interval(),
+            burst: 10,
+        });
+        let mut peak = 0;
+        for n in 0..1_000_000u64 {
+            assert!(matches!(
+                limiter.decide(&Key::from(n), 1, None),
+                Decision::Now(_)
+            ));
+            if n % 1_000 == 999 {
+                advance(Duration::from_millis(10)).await;
+                peak = peak.max(limiter.keys());
+            }
+        }
+        // About 10,000 keys are live at any time (100 ms of arrivals); never much more stays.
+        assert!(peak < 40_000, "{peak} keys resident at the peak");
+        assert!(limiter.keys() < 40_000, "{} keys resident", limiter.keys());
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_key_is_refused_when_asked() {
+    let svc = ServiceBuilder::new()
+        .layer(
+            SlidingWindowLayer::new(1, Duration::from_secs(1))
+                .keyed_by(crate::key::HeaderKey::new("x-user-id").or_reject()),
+        )
+        .service(service_fn(|_: http::Request<()>| async {
+            Ok::<_, BoxError>(())
+        }));
+    let err = svc.oneshot(http::Request::new(())).await.unwrap_err();
+    assert_eq!(rejection(&err).kind(), RejectionKind::MissingKey);
+}
