@@ -1,0 +1,129 @@
+//! The cost of one rate-limit decision, in memory, globally and keyed over 1,000 keys, beside
+//! `governor` in the same run. Both sides are tower services around the same bare upstream, so
+//! the figures include one service call each.
+
+use std::future::{ready, Ready};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use governor::{Quota, RateLimiter};
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_llm_queue::rate::Rate;
+use tower_llm_queue::{SlidingWindowLayer, TokenBucketLayer};
+
+fn upstream(
+) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
+{
+    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
+}
+
+type Keyed = RateLimiter<
+    u64,
+    governor::state::keyed::DefaultKeyedStateStore<u64>,
+    governor::clock::DefaultClock,
+>;
+
+/// A tower service that asks governor's keyed limiter, then answers.
+#[derive(Clone)]
+struct Governed {
+    limiter: Arc<Keyed>,
+    keys: u64,
+}
+
+impl Service<u64> for Governed {
+    type Response = u64;
+    type Error = BoxError;
+    type Future = Ready<Result<u64, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, n: u64) -> Self::Future {
+        match self.limiter.check_key(&(n % self.keys)) {
+            Ok(()) => ready(Ok(n)),
+            Err(_) => ready(Err("rate limited".into())),
+        }
+    }
+}
+
+type Boxed = tower::util::BoxCloneService<u64, u64, BoxError>;
+
+fn decisions(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("rate_decision");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let huge = NonZeroU32::new(1_000_000_000).unwrap();
+    let quota = Quota::per_second(huge).allow_burst(huge);
+    let stacks: Vec<(&str, Boxed)> = vec![
+        ("bare", Boxed::new(upstream())),
+        (
+            "governor_keyed_1000",
+            Boxed::new(Governed {
+                limiter: Arc::new(RateLimiter::keyed(quota)),
+                keys: 1_000,
+            }),
+        ),
+        (
+            "governor_global",
+            Boxed::new(Governed {
+                limiter: Arc::new(RateLimiter::keyed(quota)),
+                keys: 1,
+            }),
+        ),
+        (
+            "token_bucket_keyed_1000",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000_000)
+                            .keyed_by(|n: &u64| n % 1_000),
+                    )
+                    .service(upstream()),
+            ),
+        ),
+        (
+            "token_bucket_global",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(TokenBucketLayer::new(
+                        Rate::per_second(1_000_000_000),
+                        1_000_000_000,
+                    ))
+                    .service(upstream()),
+            ),
+        ),
+        (
+            "sliding_window_keyed_1000",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        SlidingWindowLayer::new(1_000_000_000, Duration::from_millis(10))
+                            .keyed_by(|n: &u64| n % 1_000),
+                    )
+                    .service(upstream()),
+            ),
+        ),
+    ];
+    for (name, svc) in stacks {
+        let mut n = 0u64;
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter(|| {
+                n += 1;
+                svc.clone().oneshot(n)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decisions);
+criterion_main!(benches);
