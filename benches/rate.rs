@@ -125,5 +125,61 @@ fn decisions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decisions);
+/// Decisions per second through Redis: 50 concurrent tasks, one connection (a `RedisStore`
+/// multiplexes), 1,000 requests per iteration. Skipped when Redis is not reachable.
+fn redis_decisions(c: &mut Criterion) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+        .is_ok();
+    if !reachable {
+        eprintln!("skipping the Redis benchmark: no server at {url}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("rate_redis_50_tasks");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(10)
+        .throughput(criterion::Throughput::Elements(1_000));
+    let prefix = format!("tlq-bench:{}", std::process::id());
+    let store = tower_llm_queue::rate::RedisStore::new(&url, prefix).unwrap();
+    let svc = Boxed::new(
+        ServiceBuilder::new()
+            .layer(
+                TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000_000)
+                    .keyed_by(|n: &u64| n % 1_000)
+                    .store(store),
+            )
+            .service(upstream()),
+    );
+    group.bench_function("token_bucket_keyed", |b| {
+        b.to_async(&runtime).iter(|| {
+            let svc = svc.clone();
+            async move {
+                let tasks: Vec<_> = (0..50u64)
+                    .map(|t| {
+                        let svc = svc.clone();
+                        tokio::spawn(async move {
+                            for n in 0..20u64 {
+                                svc.clone().oneshot(t * 20 + n).await.unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decisions, redis_decisions);
 criterion_main!(benches);

@@ -149,7 +149,7 @@ pub async fn handle_error(err: tower::BoxError) -> axum::response::Response {
     error_response::<axum::body::Body>(&*err)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "axum"))]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;

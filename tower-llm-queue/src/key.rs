@@ -69,6 +69,17 @@ impl Key {
     pub fn is_anonymous(&self) -> bool {
         matches!(self.0, Repr::Anonymous)
     }
+
+    /// A name for the key in a shared store, distinct for every key (the text `"5"` and the
+    /// number 5 differ, and no text is the anonymous key).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn storage_name(&self) -> String {
+        match &self.0 {
+            Repr::Anonymous => "a".to_string(),
+            Repr::Int(n) => format!("i:{n}"),
+            Repr::Text(s) => format!("s:{s}"),
+        }
+    }
 }
 
 impl fmt::Display for Key {
@@ -400,6 +411,7 @@ mod tests {
         assert!(x.extract(&Request::new(())).is_err());
     }
 
+    #[cfg(feature = "axum")]
     #[test]
     fn client_ip() {
         let mut req = Request::new(());

@@ -64,6 +64,21 @@ macro_rules! rate_layer_builders {
                 self
             }
 
+            /// Keeps the limit in Redis, shared by every process whose store has the same
+            /// prefix (feature `redis`). Without it the limit lives in this process's memory.
+            ///
+            /// # Panics
+            ///
+            /// When the layer already has a store.
+            #[cfg(feature = "redis")]
+            pub fn store(self, store: super::RedisStore) -> Self {
+                assert!(
+                    self.shared.set_store(store),
+                    "the layer already has a store"
+                );
+                self
+            }
+
             /// Reads the limit's stats and usage.
             pub fn handle(&self) -> RateHandle {
                 RateHandle {

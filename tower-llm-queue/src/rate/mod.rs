@@ -53,6 +53,8 @@
 
 mod layers;
 mod limiter;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 
 use std::sync::Arc;
@@ -61,6 +63,8 @@ use std::time::Duration;
 use crate::key::{ExtractKey, Key};
 
 pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
+#[cfg(feature = "redis")]
+pub use self::redis::{OnRedisFailure, RedisStore};
 pub use self::service::RateLimit;
 
 use self::service::Shared;
@@ -199,7 +203,9 @@ impl RateHandle {
     }
 
     /// The cost admitted for `key` in the current window (sliding window), or the units of the
-    /// burst in use (token bucket). [`Key::anonymous`] is the key of a layer without `keyed_by`.
+    /// burst in use (token bucket), as this process's memory holds it (with a Redis store, the
+    /// shared count lives in Redis). [`Key::anonymous`] is the key of a layer without
+    /// `keyed_by`.
     pub fn usage(&self, key: &Key) -> u64 {
         self.shared.limiter.usage(key)
     }

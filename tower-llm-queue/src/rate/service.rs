@@ -20,10 +20,37 @@ pub(crate) struct Counters {
     rejected: AtomicU64,
 }
 
+/// Where a decision was made, so that corrections go to the same place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    #[cfg(feature = "redis")]
+    Redis,
+    #[cfg(feature = "redis")]
+    Fallback,
+}
+
+/// A request let through: its admission id, where it was decided, and when it may start.
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    id: u64,
+    backend: Backend,
+    start: Option<tokio::time::Instant>,
+}
+
+#[cfg(feature = "redis")]
+#[derive(Debug)]
+struct Remote {
+    store: super::RedisStore,
+    fallback: MemoryLimiter,
+}
+
 /// What one rate-limit layer shares among its services.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) limiter: MemoryLimiter,
+    #[cfg(feature = "redis")]
+    remote: std::sync::OnceLock<Remote>,
     counters: Counters,
 }
 
@@ -31,7 +58,119 @@ impl Shared {
     pub(crate) fn new(limit: Limit) -> Self {
         Shared {
             limiter: MemoryLimiter::new(limit),
+            #[cfg(feature = "redis")]
+            remote: std::sync::OnceLock::new(),
             counters: Counters::default(),
+        }
+    }
+
+    /// Keeps the limit in Redis from now on. False if a store was already set.
+    #[cfg(feature = "redis")]
+    pub(crate) fn set_store(&self, store: super::RedisStore) -> bool {
+        let fallback = MemoryLimiter::new(store.local_share(self.limiter.limit()));
+        self.remote.set(Remote { store, fallback }).is_ok()
+    }
+
+    fn limiter(&self, backend: Backend) -> &MemoryLimiter {
+        match backend {
+            #[cfg(feature = "redis")]
+            Backend::Fallback => self.remote.get().map_or(&self.limiter, |r| &r.fallback),
+            _ => &self.limiter,
+        }
+    }
+
+    async fn decide(
+        &self,
+        key: &Key,
+        cost: u64,
+        max_wait: Option<Duration>,
+    ) -> Result<(Decision, Backend), Rejected> {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = self.remote.get() {
+            let id = fastrand::u64(..);
+            let limit = self.limiter.limit();
+            match remote.store.decide(limit, key, id, cost, max_wait).await {
+                Ok(decision) => return Ok((decision, Backend::Redis)),
+                Err(err) => match remote.store.failure_mode() {
+                    super::OnRedisFailure::LocalShare => {
+                        tracing::warn!(key = %key, error = %err, "rate: Redis failed; deciding with the local share");
+                        return Ok((
+                            remote.fallback.decide(key, cost, max_wait),
+                            Backend::Fallback,
+                        ));
+                    }
+                    super::OnRedisFailure::Refuse => {
+                        tracing::warn!(key = %key, error = %err, "rate: Redis failed; refusing");
+                        return Err(Rejected::new(RejectionKind::RateLimited)
+                            .with_message("the rate limit cannot be checked right now")
+                            .with_retry_after(Duration::from_secs(1)));
+                    }
+                },
+            }
+        }
+        Ok((self.limiter.decide(key, cost, max_wait), Backend::Memory))
+    }
+
+    async fn admit(
+        &self,
+        key: &Key,
+        cost: u64,
+        max_wait: Option<Duration>,
+    ) -> Result<Admitted, Rejected> {
+        let (decision, backend) = self.decide(key, cost, max_wait).await?;
+        let counters = &self.counters;
+        match decision {
+            Decision::Now(id) => {
+                counters.admitted.fetch_add(1, Relaxed);
+                Ok(Admitted {
+                    id,
+                    backend,
+                    start: None,
+                })
+            }
+            Decision::At(at, id) => {
+                counters.admitted.fetch_add(1, Relaxed);
+                counters.waited.fetch_add(1, Relaxed);
+                Ok(Admitted {
+                    id,
+                    backend,
+                    start: Some(at),
+                })
+            }
+            Decision::Denied(retry_after) => {
+                counters.rejected.fetch_add(1, Relaxed);
+                tracing::debug!(key = %key, cost, retry_after_ms = retry_after.as_millis() as u64, "rejected: rate limited");
+                Err(Rejected::new(RejectionKind::RateLimited).with_retry_after(retry_after))
+            }
+            Decision::TooLarge => {
+                counters.rejected.fetch_add(1, Relaxed);
+                Err(
+                    Rejected::new(RejectionKind::RateLimited).with_message(format!(
+                    "a request costing {cost} exceeds the whole limit and can never be admitted"
+                )),
+                )
+            }
+        }
+    }
+
+    /// Corrects an admission's cost (0 gives it back).
+    async fn adjust(&self, key: &Key, admitted: Admitted, old: u64, new: u64) {
+        match admitted.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis => {
+                if let Some(remote) = self.remote.get() {
+                    let limit = self.limiter.limit();
+                    remote.store.adjust(limit, key, admitted.id, old, new).await;
+                }
+            }
+            backend => {
+                let limiter = self.limiter(backend);
+                if new == 0 {
+                    limiter.release(key, admitted.id, old);
+                } else {
+                    limiter.reconcile(key, admitted.id, old, new);
+                }
+            }
         }
     }
 
@@ -72,15 +211,29 @@ impl<S, E, C, R> RateLimit<S, E, C, R> {
 struct Reservation {
     shared: Arc<Shared>,
     key: Key,
-    id: u64,
+    admitted: Admitted,
     cost: u64,
     started: bool,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.started {
-            self.shared.limiter.release(&self.key, self.id, self.cost);
+        if self.started {
+            return;
+        }
+        match self.admitted.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (shared, key) = (self.shared.clone(), self.key.clone());
+                    let (admitted, cost) = (self.admitted, self.cost);
+                    runtime.spawn(async move { shared.adjust(&key, admitted, cost, 0).await });
+                }
+            }
+            backend => self
+                .shared
+                .limiter(backend)
+                .release(&self.key, self.admitted.id, self.cost),
         }
     }
 }
@@ -111,51 +264,26 @@ where
         };
         let cost = self.cost.cost(&request);
         let shared = self.shared.clone();
-        let decision = shared.limiter.decide(&key, cost, self.max_wait);
-        let counters = &shared.counters;
-        let (start, id) = match decision {
-            Decision::Now(id) => {
-                counters.admitted.fetch_add(1, Relaxed);
-                (None, id)
-            }
-            Decision::At(at, id) => {
-                counters.admitted.fetch_add(1, Relaxed);
-                counters.waited.fetch_add(1, Relaxed);
-                (Some(at), id)
-            }
-            Decision::Denied(retry_after) => {
-                counters.rejected.fetch_add(1, Relaxed);
-                tracing::debug!(key = %key, cost, retry_after_ms = retry_after.as_millis() as u64, "rejected: rate limited");
-                let rejected =
-                    Rejected::new(RejectionKind::RateLimited).with_retry_after(retry_after);
-                return ResponseFuture::new(async move { Err(rejected.into()) });
-            }
-            Decision::TooLarge => {
-                counters.rejected.fetch_add(1, Relaxed);
-                let rejected = Rejected::new(RejectionKind::RateLimited).with_message(format!(
-                    "a request costing {cost} exceeds the whole limit and can never be admitted"
-                ));
-                return ResponseFuture::new(async move { Err(rejected.into()) });
-            }
-        };
+        let max_wait = self.max_wait;
         let inner = self.inner.clone();
         let reconcile = self.reconcile.clone();
         ResponseFuture::new(async move {
+            let admitted = shared.admit(&key, cost, max_wait).await?;
             let mut reservation = Reservation {
                 shared,
                 key,
-                id,
+                admitted,
                 cost,
-                started: start.is_none(),
+                started: admitted.start.is_none(),
             };
-            if let Some(at) = start {
+            if let Some(at) = admitted.start {
                 tokio::time::sleep_until(at).await;
                 reservation.started = true;
             }
             let response = inner.oneshot(request).await.map_err(Into::into)?;
             if let Some(actual) = reconcile.actual_cost(&response) {
                 let r = &reservation;
-                r.shared.limiter.reconcile(&r.key, r.id, cost, actual);
+                r.shared.adjust(&r.key, r.admitted, cost, actual).await;
             }
             Ok(response)
         })

@@ -1,0 +1,330 @@
+//! Rate limits kept in Redis, against the real server at `REDIS_URL` (default
+//! `redis://127.0.0.1:6379`). Without a server these tests say so and pass, except under
+//! `CI=true`, where they fail. Redis keeps its own clock, so these tests run in real time; they
+//! are short.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_llm_queue::rate::{OnRedisFailure, Rate, RedisStore};
+use tower_llm_queue::{Rejected, RejectionKind, SlidingWindowLayer, TokenBucketLayer};
+
+fn redis_url() -> Option<String> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_ok();
+    if reachable {
+        return Some(url);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("Redis is not reachable at {url}, and CI=true: the Redis tests must run");
+    }
+    eprintln!("skipping: Redis is not reachable at {url} (set REDIS_URL)");
+    None
+}
+
+fn fresh_prefix(test: &str) -> String {
+    format!(
+        "tlq-test:{test}:{}:{}",
+        std::process::id(),
+        fastrand::u64(..)
+    )
+}
+
+fn counting() -> (
+    Arc<AtomicU64>,
+    impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static,
+) {
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let svc = service_fn(move |n: u64| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(n) }
+    });
+    (calls, svc)
+}
+
+fn kind(err: &BoxError) -> Option<RejectionKind> {
+    Rejected::find(&**err).map(|r| r.kind())
+}
+
+#[tokio::test]
+async fn three_limiters_share_one_window() {
+    let Some(url) = redis_url() else { return };
+    let prefix = fresh_prefix("three");
+    let (calls, upstream) = counting();
+    let limiters: Vec<_> = (0..3)
+        .map(|_| {
+            let store = RedisStore::new(&url, prefix.clone()).unwrap();
+            ServiceBuilder::new()
+                .layer(SlidingWindowLayer::new(10, Duration::from_secs(30)).store(store))
+                .service(upstream.clone())
+        })
+        .collect();
+    let mut refused = 0;
+    for n in 0..30u64 {
+        let svc = limiters[n as usize % 3].clone();
+        if let Err(err) = svc.oneshot(n).await {
+            assert_eq!(kind(&err), Some(RejectionKind::RateLimited));
+            let after = Rejected::find(&*err).unwrap().retry_after().unwrap();
+            assert!(after > Duration::from_secs(25) && after <= Duration::from_secs(30));
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        10,
+        "one limit of 10 for the three"
+    );
+    assert_eq!(refused, 20);
+}
+
+#[tokio::test]
+async fn a_token_bucket_in_redis() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::new(&url, fresh_prefix("bucket")).unwrap();
+    let (calls, upstream) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(TokenBucketLayer::new(Rate::per_second(1), 5).store(store))
+        .service(upstream);
+    let mut waits = Vec::new();
+    for n in 0..8u64 {
+        if let Err(err) = svc.clone().oneshot(n).await {
+            waits.push(Rejected::find(&*err).unwrap().retry_after().unwrap());
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    assert_eq!(waits.len(), 3);
+    assert!(waits
+        .iter()
+        .all(|w| *w > Duration::ZERO && *w <= Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn waiting_reserves_a_place_in_redis() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::new(&url, fresh_prefix("wait")).unwrap();
+    let (_, upstream) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(
+            SlidingWindowLayer::new(2, Duration::from_millis(300))
+                .wait(Duration::from_secs(2))
+                .store(store),
+        )
+        .service(upstream);
+    let started = Instant::now();
+    for n in 0..4u64 {
+        svc.clone().oneshot(n).await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(280), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+}
+
+/// A Redis server of the test's own, on a free port, to stop at will.
+struct OwnRedis {
+    child: Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> Option<OwnRedis> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Option<OwnRedis> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..100 {
+            let ok = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(100)))
+                .is_ok();
+            if ok {
+                return Some(OwnRedis { child, url });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn redis_down_means_the_local_share_or_a_refusal_and_never_a_hang() {
+    if redis_url().is_none() {
+        return;
+    }
+    let Some(server) = OwnRedis::start() else {
+        panic!("redis-server could not be started for the outage test");
+    };
+    let timeout = Duration::from_millis(200);
+    let (calls, upstream) = counting();
+    let share = RedisStore::new(&server.url, fresh_prefix("outage"))
+        .unwrap()
+        .instances(2)
+        .timeout(timeout);
+    let refuse = RedisStore::new(&server.url, fresh_prefix("outage-refuse"))
+        .unwrap()
+        .timeout(timeout)
+        .on_failure(OnRedisFailure::Refuse);
+    let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
+    let shared = ServiceBuilder::new()
+        .layer(SlidingWindowLayer::new(10, Duration::from_secs(30)).store(share))
+        .service(upstream.clone());
+    let strict = ServiceBuilder::new()
+        .layer(SlidingWindowLayer::new(10, Duration::from_secs(30)).store(refuse))
+        .service(upstream);
+    shared.clone().oneshot(0).await.unwrap();
+    strict.clone().oneshot(0).await.unwrap();
+    drop(server);
+
+    // The local share of a limit of 10 over two instances is 5.
+    let mut admitted = 0;
+    for n in 0..10u64 {
+        let started = Instant::now();
+        let result = shared.clone().oneshot(n).await;
+        assert!(
+            started.elapsed() < timeout * 3,
+            "a decision took {:?}",
+            started.elapsed()
+        );
+        admitted += u64::from(result.is_ok());
+    }
+    assert_eq!(admitted, 5);
+    let started = Instant::now();
+    let err = strict.clone().oneshot(1).await.unwrap_err();
+    assert!(started.elapsed() < timeout * 3);
+    assert_eq!(kind(&err), Some(RejectionKind::RateLimited));
+    assert_eq!(calls.load(Ordering::SeqCst), 2 + 5);
+
+    // Redis comes back (empty): the layer returns to it by itself, and the full limit applies.
+    let _server = OwnRedis::start_on(port).expect("redis-server restarts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut back = false;
+    while Instant::now() < deadline && !back {
+        let admitted_before = calls.load(Ordering::SeqCst);
+        let mut admitted = 0;
+        for n in 0..10u64 {
+            admitted += u64::from(shared.clone().oneshot(n).await.is_ok());
+        }
+        back = admitted == 10 && calls.load(Ordering::SeqCst) == admitted_before + 10;
+        if !back {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(back, "the layer went back to Redis");
+}
+
+const CHILD_PREFIX: &str = "TLQ_RATE_CHILD_PREFIX";
+const SHARED_LIMIT: u64 = 200;
+
+/// Run by `two_processes_share_one_limit` in two child processes; does nothing on its own.
+#[tokio::test]
+async fn child_process_hammering_a_shared_limit() {
+    let Ok(prefix) = std::env::var(CHILD_PREFIX) else {
+        return;
+    };
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let store = RedisStore::new(&url, prefix).unwrap();
+    let (calls, upstream) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(SlidingWindowLayer::new(SHARED_LIMIT, Duration::from_secs(10)).store(store))
+        .service(upstream);
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = worker;
+            while Instant::now() < until {
+                let _ = svc.clone().oneshot(n).await;
+                n += 4;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!("ADMITTED {}", calls.load(Ordering::SeqCst));
+}
+
+#[test]
+fn two_processes_share_one_limit() {
+    if redis_url().is_none() {
+        return;
+    }
+    let prefix = fresh_prefix("processes");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(&exe)
+                .args([
+                    "--exact",
+                    "child_process_hammering_a_shared_limit",
+                    "--nocapture",
+                ])
+                .env(CHILD_PREFIX, &prefix)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ADMITTED "))
+            .expect("the child reports")
+            .trim()
+            .parse()
+            .unwrap();
+        admitted.push(n);
+    }
+    let total: u64 = admitted.iter().sum();
+    println!("two processes admitted {admitted:?}, {total} of a limit of {SHARED_LIMIT}");
+    assert!(total <= SHARED_LIMIT, "{total} admitted in one window");
+    assert!(
+        total * 100 >= SHARED_LIMIT * 95,
+        "only {total} admitted under saturation"
+    );
+    assert!(
+        admitted.iter().all(|n| *n > 0),
+        "both processes got a share"
+    );
+}
