@@ -4,23 +4,21 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_queue::DedupLayer;
 
+use tower_llm_queue_servers::bench::{current_thread, yielding};
+
 fn upstream(
-) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-{
-    service_fn(|n: u64| async move {
-        tokio::task::yield_now().await;
-        Ok::<_, BoxError>(n)
-    })
+) -> impl tower::Service<u64, Response = u64, Error = tower::BoxError, Future = impl Send>
+       + Clone
+       + Send
+       + 'static {
+    yielding(1)
 }
 
 fn overhead(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread();
     let mut group = c.benchmark_group("dedup");
     group
         .warm_up_time(Duration::from_secs(1))

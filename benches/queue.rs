@@ -8,27 +8,10 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
 
-fn immediate(
-) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-{
-    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
-}
-
-fn yielding(
-) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-{
-    service_fn(|n: u64| async move {
-        for _ in 0..3 {
-            tokio::task::yield_now().await;
-        }
-        Ok::<_, BoxError>(n)
-    })
-}
-
-type Boxed = tower::util::BoxCloneService<u64, u64, BoxError>;
+use tower_llm_queue_servers::bench::{current_thread, immediate, two_threads, yielding, Boxed};
 
 fn stacks<S>(inner: S) -> Vec<(&'static str, Boxed)>
 where
@@ -77,10 +60,7 @@ where
 }
 
 fn uncontended(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread();
     let mut group = c.benchmark_group("uncontended");
     group
         .warm_up_time(Duration::from_secs(1))
@@ -99,18 +79,14 @@ fn uncontended(c: &mut Criterion) {
 }
 
 fn contended(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     let mut group = c.benchmark_group("contended_1000_tasks_limit_50");
     group
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
         .sample_size(20)
         .throughput(Throughput::Elements(1_000));
-    for (name, svc) in stacks(yielding()) {
+    for (name, svc) in stacks(yielding(3)) {
         if name == "bare" {
             continue;
         }

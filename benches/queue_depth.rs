@@ -4,14 +4,10 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use tower::{service_fn, BoxError, Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder};
 use tower_llm_queue::PriorityQueueLayer;
 
-fn upstream(
-) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-{
-    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
-}
+use tower_llm_queue_servers::bench::immediate as upstream;
 
 fn join_and_leave(c: &mut Criterion) {
     let mut group = c.benchmark_group("queue_depth/join_and_leave");

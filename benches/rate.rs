@@ -10,15 +10,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::{Quota, RateLimiter};
-use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_queue::rate::Rate;
 use tower_llm_queue::{SlidingWindowLayer, TokenBucketLayer};
 
-fn upstream(
-) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-{
-    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
-}
+use tower_llm_queue_servers::bench::{current_thread, immediate as upstream, two_threads, Boxed};
 
 type Keyed = RateLimiter<
     u64,
@@ -50,13 +46,8 @@ impl Service<u64> for Governed {
     }
 }
 
-type Boxed = tower::util::BoxCloneService<u64, u64, BoxError>;
-
 fn decisions(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread();
     let mut group = c.benchmark_group("rate_decision");
     group
         .warm_up_time(Duration::from_secs(1))
@@ -136,11 +127,7 @@ fn redis_decisions(c: &mut Criterion) {
         eprintln!("skipping the Redis benchmark: no server at {url}");
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     let mut group = c.benchmark_group("rate_redis_50_tasks");
     group
         .warm_up_time(Duration::from_secs(1))

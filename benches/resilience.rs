@@ -6,14 +6,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::retry::Policy;
-use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_llm_queue::{CircuitBreakerLayer, RetryBackoffLayer};
 
-fn upstream(
-) -> impl Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone + Send + 'static
-{
-    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
-}
+use tower_llm_queue_servers::bench::{current_thread, immediate as upstream, Boxed};
 
 /// tower's `Retry` with a policy that retries errors up to three times.
 #[derive(Clone)]
@@ -37,13 +33,8 @@ impl Policy<u64, u64, BoxError> for Attempts {
     }
 }
 
-type Boxed = tower::util::BoxCloneService<u64, u64, BoxError>;
-
 fn success_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread();
     let mut group = c.benchmark_group("resilience_success_path");
     group
         .warm_up_time(Duration::from_secs(1))

@@ -85,6 +85,16 @@ impl Breaker {
         self.slows = 0;
     }
 
+    /// Opens for the time the number of consecutive trips calls for; returns that time.
+    fn trip(&mut self, config: &Config, now: Instant) -> Duration {
+        let open_for = config.open_for(self.trips);
+        self.trips = self.trips.saturating_add(1);
+        self.set(State::Open {
+            until: now + open_for,
+        });
+        open_for
+    }
+
     fn push(&mut self, record: Record) {
         self.failures += usize::from(record.failed);
         self.slows += usize::from(record.slow);
@@ -265,11 +275,7 @@ impl Shared {
         match &mut breaker.state {
             State::HalfOpen { succeeded, .. } if pass.probe => {
                 if failed || slow {
-                    let open_for = config.open_for(breaker.trips);
-                    breaker.trips = breaker.trips.saturating_add(1);
-                    breaker.set(State::Open {
-                        until: clock.now() + open_for,
-                    });
+                    let open_for = breaker.trip(&config, clock.now());
                     drop(shard);
                     self.count(|c| &c.opened, 1);
                     tracing::warn!(key = %pass.key, open_ms = open_for.as_millis() as u64, "circuit open again: a probe failed");
@@ -315,11 +321,7 @@ impl Shared {
                     .slow_call
                     .is_some_and(|(_, rate)| slows as f64 / total as f64 >= rate);
                 if failing || slowing {
-                    let open_for = config.open_for(breaker.trips);
-                    breaker.trips = breaker.trips.saturating_add(1);
-                    breaker.set(State::Open {
-                        until: clock.now() + open_for,
-                    });
+                    let open_for = breaker.trip(&config, clock.now());
                     drop(shard);
                     self.count(|c| &c.opened, 1);
                     tracing::warn!(
