@@ -146,6 +146,7 @@ where
     {
         if let Some(hit) = self.cached::<R>(key) {
             self.counters.hits.fetch_add(1, Relaxed);
+            tracing::trace!("dedup: served from the cache");
             return Joined::Hit(hit);
         }
         let mut flights = lock(&self.flights);
@@ -160,6 +161,7 @@ where
             senders.push(tx);
             flight.waiting += 1;
             self.counters.coalesced.fetch_add(1, Relaxed);
+            tracing::trace!(waiting = flight.waiting, "dedup: joined a call in flight");
             return Joined::Waiting(flight.id, rx);
         }
         let id = self.next_id.fetch_add(1, Relaxed);
@@ -173,6 +175,7 @@ where
             },
         );
         self.counters.misses.fetch_add(1, Relaxed);
+        tracing::trace!("dedup: starting a shared call");
         Joined::Lead(id, rx)
     }
 

@@ -131,6 +131,10 @@ impl Shared {
             Decision::At(at, id) => {
                 counters.admitted.fetch_add(1, Relaxed);
                 counters.waited.fetch_add(1, Relaxed);
+                let wait_ms = at
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis() as u64;
+                tracing::debug!(key = %key, cost, wait_ms, "rate: waiting for a reserved start");
                 Ok(Admitted {
                     id,
                     backend,
