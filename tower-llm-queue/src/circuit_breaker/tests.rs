@@ -54,6 +54,17 @@ fn breaker() -> CircuitBreakerLayer {
         .half_open_calls(2)
 }
 
+/// Takes the upstream down and makes the `minimum_calls` (4) failing calls that open the breaker.
+async fn trip<S>(up: &Upstream, svc: &S)
+where
+    S: Service<u64, Response = u64, Error = BoxError> + Clone,
+{
+    up.set_down(true);
+    for _ in 0..4 {
+        let _ = svc.clone().oneshot(0).await;
+    }
+}
+
 fn kind(err: &BoxError) -> Option<RejectionKind> {
     Rejected::find(&**err).map(|r| r.kind())
 }
@@ -97,10 +108,7 @@ async fn half_open_lets_exactly_n_probes_through() {
     let layer = breaker().half_open_calls(3);
     let handle = layer.handle();
     let svc = ServiceBuilder::new().layer(layer).service(up.service());
-    up.set_down(true);
-    for _ in 0..4 {
-        let _ = svc.clone().oneshot(0).await;
-    }
+    trip(&up, &svc).await;
     sleep(Duration::from_secs(10)).await;
     up.set_down(false);
     let before = up.calls();
@@ -131,10 +139,7 @@ async fn a_failed_probe_reopens_for_longer() {
         .open_growth(2.0, Duration::from_secs(60));
     let handle = layer.handle();
     let svc = ServiceBuilder::new().layer(layer).service(up.service());
-    up.set_down(true);
-    for _ in 0..4 {
-        let _ = svc.clone().oneshot(0).await;
-    }
+    trip(&up, &svc).await;
     assert_eq!(
         handle.state(),
         BreakerState::Open {
@@ -157,10 +162,7 @@ async fn a_dropped_probe_gives_its_place_back() {
     let layer = breaker().half_open_calls(1);
     let handle = layer.handle();
     let svc = ServiceBuilder::new().layer(layer).service(up.service());
-    up.set_down(true);
-    for _ in 0..4 {
-        let _ = svc.clone().oneshot(0).await;
-    }
+    trip(&up, &svc).await;
     sleep(Duration::from_secs(10)).await;
     up.set_down(false);
     let probe = tokio::spawn(svc.clone().oneshot(30));
@@ -272,10 +274,7 @@ async fn each_key_has_its_own_breaker() {
     let layer = breaker().keyed_by(|secs: &u64| if *secs == 0 { "a" } else { "b" });
     let handle = layer.handle();
     let svc = ServiceBuilder::new().layer(layer).service(up.service());
-    up.set_down(true);
-    for _ in 0..4 {
-        let _ = svc.clone().oneshot(0).await;
-    }
+    trip(&up, &svc).await;
     assert!(matches!(
         handle.state_of(&Key::from("a")),
         BreakerState::Open { .. }
