@@ -42,12 +42,9 @@ pub(crate) trait Slot: Into<Permit> {
 pin_project! {
     /// Waits for a slot, then for the inner service, then runs the call, and hands the slot to
     /// the response's hold policy.
-    pub(crate) struct Admission<S, Req, H, T>
-    where
-        S: Service<Req>,
-    {
+    pub(crate) struct Admission<S, Req, F, H, T> {
         #[pin]
-        running: Option<S::Future>,
+        running: Option<F>,
         deadline: Option<Pin<Box<Sleep>>>,
         ticket: Option<T>,
         admitted: bool,
@@ -58,10 +55,7 @@ pin_project! {
     }
 }
 
-impl<S, Req, H, T> Admission<S, Req, H, T>
-where
-    S: Service<Req>,
-{
+impl<S, Req, F, H, T> Admission<S, Req, F, H, T> {
     pub(crate) fn admitted(ticket: T, inner: S, request: Req, hold: H) -> Self {
         Admission {
             running: None,
@@ -116,7 +110,7 @@ fn polled_after_completion() -> tower::BoxError {
     "response future polled after completion".into()
 }
 
-impl<S, Req, H, T> Future for Admission<S, Req, H, T>
+impl<S, Req, H, T> Future for Admission<S, Req, S::Future, H, T>
 where
     S: Service<Req>,
     S::Error: Into<tower::BoxError>,
@@ -207,10 +201,7 @@ where
     }
 }
 
-impl<S, Req, H, T> fmt::Debug for Admission<S, Req, H, T>
-where
-    S: Service<Req>,
-{
+impl<S, Req, F, H, T> fmt::Debug for Admission<S, Req, F, H, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admission")
             .field("admitted", &self.admitted)

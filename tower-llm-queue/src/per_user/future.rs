@@ -14,25 +14,22 @@ use super::state::UserSlot;
 pin_project! {
     /// The response future of [`PerUserConcurrency`](super::PerUserConcurrency). Dropping it at
     /// any point gives up the user's slot or place in line.
-    pub struct ResponseFuture<S, Req, H>
-    where
-        S: Service<Req>,
-    {
+    ///
+    /// `F` is the inner service's future: naming it as a parameter, as tower's futures do,
+    /// keeps the compiler able to prove the future `Send` inside spawned tasks and handlers.
+    pub struct ResponseFuture<S, Req, F, H> {
         #[pin]
-        inner: Admission<S, Req, H, UserSlot>,
+        inner: Admission<S, Req, F, H, UserSlot>,
     }
 }
 
-impl<S, Req, H> ResponseFuture<S, Req, H>
-where
-    S: Service<Req>,
-{
-    pub(super) fn new(inner: Admission<S, Req, H, UserSlot>) -> Self {
+impl<S, Req, F, H> ResponseFuture<S, Req, F, H> {
+    pub(super) fn new(inner: Admission<S, Req, F, H, UserSlot>) -> Self {
         ResponseFuture { inner }
     }
 }
 
-impl<S, Req, H> Future for ResponseFuture<S, Req, H>
+impl<S, Req, H> Future for ResponseFuture<S, Req, S::Future, H>
 where
     S: Service<Req>,
     S::Error: Into<tower::BoxError>,
@@ -45,10 +42,7 @@ where
     }
 }
 
-impl<S, Req, H> fmt::Debug for ResponseFuture<S, Req, H>
-where
-    S: Service<Req>,
-{
+impl<S, Req, F, H> fmt::Debug for ResponseFuture<S, Req, F, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("inner", &self.inner)

@@ -16,21 +16,18 @@ pin_project! {
     /// The response future of [`PriorityQueue`](super::PriorityQueue): waits for the request's
     /// turn, then for the inner service, then runs the call. Dropping it at any point gives up the
     /// request's place or slot.
-    pub struct ResponseFuture<S, Req, H>
-    where
-        S: Service<Req>,
-    {
+    ///
+    /// `F` is the inner service's future: naming it as a parameter, as tower's futures do,
+    /// keeps the compiler able to prove the future `Send` inside spawned tasks and handlers.
+    pub struct ResponseFuture<S, Req, F, H> {
         #[pin]
-        inner: Admission<S, Req, H, Ticket>,
+        inner: Admission<S, Req, F, H, Ticket>,
         id: RequestId,
     }
 }
 
-impl<S, Req, H> ResponseFuture<S, Req, H>
-where
-    S: Service<Req>,
-{
-    pub(super) fn new(inner: Admission<S, Req, H, Ticket>, id: RequestId) -> Self {
+impl<S, Req, F, H> ResponseFuture<S, Req, F, H> {
+    pub(super) fn new(inner: Admission<S, Req, F, H, Ticket>, id: RequestId) -> Self {
         ResponseFuture { inner, id }
     }
 
@@ -40,7 +37,7 @@ where
     }
 }
 
-impl<S, Req, H> Future for ResponseFuture<S, Req, H>
+impl<S, Req, H> Future for ResponseFuture<S, Req, S::Future, H>
 where
     S: Service<Req>,
     S::Error: Into<tower::BoxError>,
@@ -53,10 +50,7 @@ where
     }
 }
 
-impl<S, Req, H> fmt::Debug for ResponseFuture<S, Req, H>
-where
-    S: Service<Req>,
-{
+impl<S, Req, F, H> fmt::Debug for ResponseFuture<S, Req, F, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("id", &self.id)

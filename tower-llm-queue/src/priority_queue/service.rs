@@ -47,7 +47,7 @@ where
 {
     type Response = H::Output;
     type Error = tower::BoxError;
-    type Future = ResponseFuture<S, Req, H>;
+    type Future = ResponseFuture<S, Req, S::Future, H>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
