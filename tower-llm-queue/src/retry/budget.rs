@@ -3,6 +3,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// The longest window a budget counts over.
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
+
 /// How many retries a layer may make: at most `ratio` of the first attempts of the last
 /// `window`, plus `min_per_second` for every second of the window, so that a burst of failures
 /// cannot multiply the load on an upstream that is already struggling.
@@ -17,17 +20,17 @@ pub struct RetryBudget {
 
 impl RetryBudget {
     /// A budget of `ratio` (0.2 for 20%) of recent first attempts plus `min_per_second`, counted
-    /// over `window` (at least one second).
+    /// over `window`.
+    ///
+    /// `window` is kept between one second and one hour (the ledger keeps a slot per second of
+    /// it). A negative or NaN `ratio` counts as 0 (only the floor); an infinite one lifts the
+    /// budget, as [`RetryBudget::unlimited`].
     pub fn new(ratio: f64, min_per_second: u32, window: Duration) -> Self {
-        let ratio = if ratio.is_finite() {
-            ratio.max(0.0)
-        } else {
-            0.0
-        };
+        let ratio = if ratio.is_nan() { 0.0 } else { ratio.max(0.0) };
         RetryBudget {
             ratio,
             min_per_second,
-            window: window.max(Duration::from_secs(1)),
+            window: window.clamp(Duration::from_secs(1), MAX_WINDOW),
         }
     }
 
@@ -109,7 +112,8 @@ impl BudgetLedger {
         self.current(now);
         let firsts: u64 = self.seconds.iter().map(|s| s.firsts).sum();
         let retries: u64 = self.seconds.iter().map(|s| s.retries).sum();
-        let floor = u64::from(self.budget.min_per_second) * self.budget.window.as_secs().max(1);
+        let floor = u64::from(self.budget.min_per_second)
+            .saturating_mul(self.budget.window.as_secs().max(1));
         let allowed = floor as f64 + self.budget.ratio * firsts as f64;
         if (retries + 1) as f64 > allowed {
             return false;

@@ -15,6 +15,12 @@
 //! 5. Otherwise wait the larger of the backoff and the upstream's delay — never less than it
 //!    asked — and go back to 1.
 //!
+//! The shared cool-down of step 1 is for the upstream's own throttling. A delay carried by a
+//! refusal of this crate's layers inside this one (a user's spent window, a full queue) concerns
+//! that request or its key only: it delays that request's retry, and nobody else's. A discarded
+//! failure is dropped before the wait, so a streamed body — and any slot held with it — is
+//! released at once; a service whose `poll_ready` failed is replaced by a fresh clone.
+//!
 //! Requests must be `Clone`; for an `http::Request` whose body is not, put a
 //! [`BufferRequestLayer`](crate::buffer::BufferRequestLayer) outside this layer.
 //!

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tower_service::Service;
 
 use crate::classify::{Classify, Outcome};
+use crate::rejected::Rejected;
 
 use super::state::{Ending, Shared};
 use super::ResponseFuture;
@@ -59,19 +60,20 @@ where
 }
 
 async fn attempts<S, C, Req>(
-    mut inner: S,
+    template: S,
     request: Req,
     shared: Arc<Shared>,
     config: Config,
     classify: C,
 ) -> Result<S::Response, tower::BoxError>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<tower::BoxError>,
     C: Classify<S::Response>,
     Req: Clone,
 {
     shared.first_attempt();
+    let mut inner = template.clone();
     let mut retries = 0u32;
     let mut previous = config.backoff.initial();
     loop {
@@ -86,7 +88,11 @@ where
             .map_err(Into::into);
         let result = match ready {
             Ok(()) => inner.call(request.clone()).await.map_err(Into::into),
-            Err(err) => Err(err),
+            Err(err) => {
+                // A service whose `poll_ready` failed must not be polled again.
+                inner = template.clone();
+                Err(err)
+            }
         };
         let (retryable, not_before) = match classify.classify(result.as_ref()) {
             Outcome::Success => {
@@ -98,7 +104,10 @@ where
                 not_before,
             } => (retryable, not_before),
         };
-        if let (Some(delay), true) = (not_before, config.cooldown) {
+        // A refusal of this crate's own layers (a user's window, a full queue) concerns this
+        // request, or its key, only: it delays this request, never the others.
+        let from_upstream = !matches!(&result, Err(err) if Rejected::find(&**err).is_some());
+        if let (Some(delay), true, true) = (not_before, config.cooldown, from_upstream) {
             shared.cool_down(delay.min(config.max_retry_after));
         }
         if !retryable || retries >= config.max_retries {
@@ -118,6 +127,9 @@ where
             shared.ended(Ending::BudgetExhausted);
             return result;
         }
+        // The failure is discarded: whatever it holds (a streamed body and the slot behind it)
+        // is released before the wait, not after.
+        drop(result);
         retries += 1;
         let backoff = config.backoff.delay(retries, previous);
         previous = backoff;

@@ -20,6 +20,9 @@ struct Counters {
     cooled_down: AtomicU64,
 }
 
+/// The longest cool-down kept, whatever the upstream asks: a year.
+const MAX_COOLDOWN: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// What every service of one retry layer shares: the budget, the cool-down and the counters.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -78,7 +81,9 @@ impl Shared {
     /// The upstream asked not to be called before `delay` from now: every request through the
     /// layer waits until then.
     pub(super) fn cool_down(&self, delay: Duration) {
-        let until = Instant::now() + delay;
+        let Some(until) = Instant::now().checked_add(delay.min(MAX_COOLDOWN)) else {
+            return;
+        };
         let mut current = lock(&self.cooldown_until);
         if current.is_none_or(|c| c < until) {
             *current = Some(until);

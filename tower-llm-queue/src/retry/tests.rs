@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
-use crate::classify::HttpClassifier;
+use crate::classify::{HttpClassifier, Outcome};
 
 type Response = http::Response<()>;
 
@@ -199,4 +199,158 @@ async fn errors_are_retried_and_the_last_one_returned() {
     let err = svc.oneshot(()).await.unwrap_err();
     assert_eq!(err.to_string(), "connection reset 2");
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_for_one_key_delays_only_that_request() {
+    // Per-user windows inside the retry layer: ada has spent hers, bob has not.
+    let layer = RetryBackoffLayer::new(2);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(
+            crate::SlidingWindowLayer::new(1, Duration::from_secs(60))
+                .keyed_by(|user: &&'static str| *user),
+        )
+        .service(service_fn(|user: &'static str| async move {
+            Ok::<_, BoxError>(user)
+        }));
+    svc.clone().oneshot("ada").await.unwrap();
+    let ada = tokio::spawn(svc.clone().oneshot("ada"));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = Instant::now();
+    assert_eq!(svc.clone().oneshot("bob").await.unwrap(), "bob");
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "bob does not wait for ada's window"
+    );
+    assert_eq!(handle.stats().cooldown_remaining, Duration::ZERO);
+    // Ada's request itself waits for her window, then succeeds.
+    assert_eq!(ada.await.unwrap().unwrap(), "ada");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_discarded_failure_releases_its_slot_before_the_backoff() {
+    // A queue that holds its slot until the body ends, inside the retry layer: the 503's body
+    // must be gone while the retry sleeps, or the slot stays taken.
+    let queue = crate::PriorityQueueLayer::new(1).hold_until_body_end();
+    let stats = queue.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RetryBackoffLayer::new(1)
+                .backoff(Backoff::exponential(
+                    Duration::from_secs(10),
+                    1.0,
+                    Duration::from_secs(10),
+                ))
+                .classify(HttpClassifier),
+        )
+        .layer(queue)
+        .service(service_fn(move |_: ()| {
+            let status = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                503
+            } else {
+                200
+            };
+            async move {
+                Ok::<_, BoxError>(
+                    http::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(bytes::Bytes::from("x")))
+                        .unwrap(),
+                )
+            }
+        }));
+    let call = tokio::spawn(svc.oneshot(()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.stats().running, 0, "the discarded 503 holds no slot");
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+/// A service whose first `poll_ready` fails: tower's contract is that the instance that failed
+/// is discarded, never polled again.
+#[derive(Clone)]
+struct FailsReadyOnce {
+    failed: bool,
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
+    polled_after_failure: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<()> for FailsReadyOnce {
+    type Response = ();
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<(), BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        if self.failed {
+            self.polled_after_failure.fetch_add(1, Ordering::SeqCst);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            self.failed = true;
+            return std::task::Poll::Ready(Err("not ready".into()));
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_failed_poll_ready_is_replaced() {
+    let inner = FailsReadyOnce {
+        failed: false,
+        fail_next: Arc::new(true.into()),
+        polled_after_failure: Arc::default(),
+        calls: Arc::default(),
+    };
+    let svc = ServiceBuilder::new()
+        .layer(RetryBackoffLayer::new(2))
+        .service(inner.clone());
+    svc.oneshot(()).await.unwrap();
+    assert_eq!(inner.polled_after_failure.load(Ordering::SeqCst), 0);
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_delays_and_budgets_do_not_overflow() {
+    // Headers cap their delays at a week; a classifier of one's own may ask for anything.
+    let forever = |result: Result<&Response, &BoxError>| match result {
+        Ok(r) if r.status() == 429 => Outcome::Failure {
+            retryable: true,
+            not_before: Some(Duration::MAX),
+        },
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::RETRYABLE,
+    };
+    let up = Scripted::new(vec![(429, vec![]), (200, vec![])]);
+    let layer = seed_000()
+        .classify(forever)
+        .max_retry_after(Duration::MAX)
+        .budget(RetryBudget::new(f64::NAN, u32::MAX, Duration::MAX));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    let call = tokio::spawn(svc.oneshot(()));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!call.is_finished(), "it waits as the upstream asked");
+    assert!(handle.stats().cooldown_remaining > Duration::from_secs(3600));
+    call.abort();
+
+    for ratio in [f64::INFINITY, f64::NEG_INFINITY, -1.0, f64::MAX] {
+        let up = Scripted::new(vec![(503, vec![]), (200, vec![])]);
+        let layer = seed_000().budget(RetryBudget::new(ratio, u32::MAX, Duration::MAX));
+        let svc = ServiceBuilder::new().layer(layer).service(up.service());
+        assert_eq!(svc.oneshot(()).await.unwrap().status(), 200, "{ratio}");
+    }
 }
