@@ -15,6 +15,7 @@ use crate::hold::HoldPolicy;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::waiter::Outcome;
 
+use crate::call::CallWhenReady;
 use crate::hold::Permit;
 use crate::waiter::Waiter;
 
@@ -44,12 +45,11 @@ pin_project! {
     /// the response's hold policy.
     pub(crate) struct Admission<S, Req, F, H, T> {
         #[pin]
-        running: Option<F>,
+        call: CallWhenReady<S, Req, F>,
+        timeout: Option<Duration>,
         deadline: Option<Pin<Box<Sleep>>>,
         ticket: Option<T>,
         admitted: bool,
-        inner: Option<S>,
-        request: Option<Req>,
         rejected: Option<Rejected>,
         hold: H,
     }
@@ -58,17 +58,18 @@ pin_project! {
 impl<S, Req, F, H, T> Admission<S, Req, F, H, T> {
     pub(crate) fn admitted(ticket: T, inner: S, request: Req, hold: H) -> Self {
         Admission {
-            running: None,
+            call: CallWhenReady::new(inner, request),
+            timeout: None,
             deadline: None,
             ticket: Some(ticket),
             admitted: true,
-            inner: Some(inner),
-            request: Some(request),
             rejected: None,
             hold,
         }
     }
 
+    /// Waits for its slot, at most `timeout`; the timer starts on the first poll, so that a
+    /// future built outside a runtime does not need one until it is polled.
     pub(crate) fn waiting(
         ticket: T,
         timeout: Option<Duration>,
@@ -77,12 +78,11 @@ impl<S, Req, F, H, T> Admission<S, Req, F, H, T> {
         hold: H,
     ) -> Self {
         Admission {
-            running: None,
-            deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+            call: CallWhenReady::new(inner, request),
+            timeout,
+            deadline: None,
             ticket: Some(ticket),
             admitted: false,
-            inner: Some(inner),
-            request: Some(request),
             rejected: None,
             hold,
         }
@@ -90,12 +90,11 @@ impl<S, Req, F, H, T> Admission<S, Req, F, H, T> {
 
     pub(crate) fn rejected(rejected: Rejected, hold: H) -> Self {
         Admission {
-            running: None,
+            call: CallWhenReady::none(),
+            timeout: None,
             deadline: None,
             ticket: None,
             admitted: false,
-            inner: None,
-            request: None,
             rejected: Some(rejected),
             hold,
         }
@@ -124,80 +123,59 @@ where
         if let Some(rejected) = this.rejected.take() {
             return Poll::Ready(Err(rejected.into()));
         }
-        loop {
-            let Some(ticket) = this.ticket.as_mut() else {
-                return Poll::Ready(Err(polled_after_completion()));
-            };
-
-            let waiter = ticket.waiter();
-            if let Some(call) = this.running.as_mut().as_pin_mut() {
-                if waiter.is_some_and(|w| w.poll_cancelled(cx)) {
-                    this.running.set(None);
+        let Some(ticket) = this.ticket.as_mut() else {
+            return Poll::Ready(Err(polled_after_completion()));
+        };
+        while !*this.admitted {
+            let outcome = ticket
+                .waiter()
+                .map_or(Poll::Ready(Outcome::Granted), |w| w.poll(cx));
+            match outcome {
+                Poll::Ready(Outcome::Granted) => {
+                    *this.admitted = true;
+                    *this.deadline = None;
+                }
+                Poll::Ready(Outcome::Cancelled) => {
                     this.ticket.take();
                     return Poll::Ready(Err(cancelled()));
                 }
-                let result = ready!(call.poll(cx));
-                this.running.set(None);
-                let Some(mut ticket) = this.ticket.take() else {
-                    return Poll::Ready(Err(polled_after_completion()));
-                };
-                return Poll::Ready(match result {
-                    Ok(response) => {
-                        ticket.set_finish(Finish::Completed);
-                        Ok(this.hold.attach(response, ticket))
-                    }
-                    Err(err) => {
-                        ticket.set_finish(Finish::Failed);
-                        Err(err.into())
-                    }
-                });
-            }
-
-            if !*this.admitted {
-                let outcome = waiter.map_or(Poll::Ready(Outcome::Granted), |w| w.poll(cx));
-                match outcome {
-                    Poll::Ready(Outcome::Granted) => {
-                        *this.admitted = true;
-                        *this.deadline = None;
-                    }
-                    Poll::Ready(Outcome::Cancelled) => {
+                Poll::Pending => {
+                    let Some(timeout) = *this.timeout else {
+                        return Poll::Pending;
+                    };
+                    let deadline = this
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(deadline.as_mut().poll(cx));
+                    *this.deadline = None;
+                    *this.timeout = None;
+                    if let Some(rejected) = ticket.time_out() {
                         this.ticket.take();
-                        return Poll::Ready(Err(cancelled()));
-                    }
-                    Poll::Pending => {
-                        let Some(deadline) = this.deadline.as_mut() else {
-                            return Poll::Pending;
-                        };
-                        ready!(deadline.as_mut().poll(cx));
-                        *this.deadline = None;
-                        if let Some(rejected) = ticket.time_out() {
-                            this.ticket.take();
-                            return Poll::Ready(Err(rejected.into()));
-                        }
-                        continue;
+                        return Poll::Ready(Err(rejected.into()));
                     }
                 }
             }
-
-            if ticket.waiter().is_some_and(|w| w.poll_cancelled(cx)) {
-                this.ticket.take();
-                return Poll::Ready(Err(cancelled()));
-            }
-            let (Some(inner), Some(_)) = (this.inner.as_mut(), this.request.as_ref()) else {
-                return Poll::Ready(Err(polled_after_completion()));
-            };
-            if let Err(err) = ready!(inner.poll_ready(cx)) {
-                ticket.set_finish(Finish::Failed);
-                this.ticket.take();
-                return Poll::Ready(Err(err.into()));
-            }
-            let Some(request) = this.request.take() else {
-                return Poll::Ready(Err(polled_after_completion()));
-            };
-            let call = inner.call(request);
-            this.inner.take();
-            this.running.set(Some(call));
         }
+
+        if ticket.waiter().is_some_and(|w| w.poll_cancelled(cx)) {
+            this.call.set(CallWhenReady::none());
+            this.ticket.take();
+            return Poll::Ready(Err(cancelled()));
+        }
+        let result = ready!(this.call.as_mut().poll(cx));
+        let Some(mut ticket) = this.ticket.take() else {
+            return Poll::Ready(Err(polled_after_completion()));
+        };
+        Poll::Ready(match result {
+            Ok(response) => {
+                ticket.set_finish(Finish::Completed);
+                Ok(this.hold.attach(response, ticket))
+            }
+            Err(err) => {
+                ticket.set_finish(Finish::Failed);
+                Err(err)
+            }
+        })
     }
 }
 
@@ -205,7 +183,7 @@ impl<S, Req, F, H, T> fmt::Debug for Admission<S, Req, F, H, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admission")
             .field("admitted", &self.admitted)
-            .field("running", &self.running.is_some())
+            .field("running", &self.call.is_running())
             .finish_non_exhaustive()
     }
 }
