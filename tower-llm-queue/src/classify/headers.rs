@@ -14,17 +14,50 @@ const LONGEST: Duration = Duration::from_secs(7 * 24 * 3600);
 /// 1. `retry-after-ms`: milliseconds (OpenAI-compatible servers, Azure);
 /// 2. `retry-after`: seconds or an HTTP date (RFC 9110);
 /// 3. OpenAI's `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens`: durations such as
-///    `1m30s`, `6s` or `12ms` — the one whose `x-ratelimit-remaining-*` is 0, else the longer;
+///    `1m30s`, `6s` or `12ms` — of a limit whose `x-ratelimit-remaining-*` is 0, the longer;
 /// 4. Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset`:
-///    RFC 3339 instants — those whose `-remaining` is 0, else the latest.
+///    RFC 3339 instants — of a limit whose `-remaining` is 0, the latest.
+///
+/// OpenAI and Anthropic send their reset headers on every response, whether or not a limit is
+/// spent; a reset says "wait" only for a spent limit. [`response_delay`] also reads them on a 429
+/// that does not say which limit it hit.
 ///
 /// ```
 /// use std::time::Duration;
+/// use tower_llm_queue::classify::retry_delay;
 /// let mut headers = http::HeaderMap::new();
 /// headers.insert("x-ratelimit-reset-requests", "1m30s".parse().unwrap());
-/// assert_eq!(tower_llm_queue::classify::retry_delay(&headers), Some(Duration::from_secs(90)));
+/// headers.insert("x-ratelimit-remaining-requests", "59".parse().unwrap());
+/// assert_eq!(retry_delay(&headers), None, "the limit is not spent");
+/// headers.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+/// assert_eq!(retry_delay(&headers), Some(Duration::from_secs(90)));
 /// ```
 pub fn retry_delay(headers: &HeaderMap) -> Option<Duration> {
+    delay_in(headers, false)
+}
+
+/// The delay a response asks for before the next call: [`retry_delay`] of its headers, and on a
+/// 429 — which says some limit is spent — the reset headers even when none says which.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_llm_queue::classify::response_delay;
+/// let throttled = http::Response::builder()
+///     .status(429)
+///     .header("x-ratelimit-reset-tokens", "6s")
+///     .body(())
+///     .unwrap();
+/// assert_eq!(response_delay(&throttled), Some(Duration::from_secs(6)));
+/// ```
+pub fn response_delay<B>(response: &http::Response<B>) -> Option<Duration> {
+    delay_in(
+        response.headers(),
+        response.status() == http::StatusCode::TOO_MANY_REQUESTS,
+    )
+}
+
+/// The delay in `headers`; with `throttled`, a reset counts even when no limit says it is spent.
+fn delay_in(headers: &HeaderMap, throttled: bool) -> Option<Duration> {
     let text = |name: &str| {
         headers
             .get(name)
@@ -37,17 +70,15 @@ pub fn retry_delay(headers: &HeaderMap) -> Option<Duration> {
     if let Some(delay) = text("retry-after").and_then(parse_retry_after) {
         return Some(delay);
     }
-    let exhausted = |kind: &str, prefix: &str, suffix: &str| {
-        text(&format!("{prefix}remaining-{kind}{suffix}")).map(|v| v == "0")
-    };
+    let spent = |remaining: &str| text(remaining).is_some_and(|v| v == "0");
     let openai: Vec<(bool, Duration)> = ["requests", "tokens"]
         .iter()
         .filter_map(|kind| {
             let reset = text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_go_duration)?;
-            Some((exhausted(kind, "x-ratelimit-", "").unwrap_or(false), reset))
+            Some((spent(&format!("x-ratelimit-remaining-{kind}")), reset))
         })
         .collect();
-    if let Some(delay) = pick(&openai) {
+    if let Some(delay) = pick(&openai, throttled) {
         return Some(delay);
     }
     let now = SystemTime::now();
@@ -56,17 +87,22 @@ pub fn retry_delay(headers: &HeaderMap) -> Option<Duration> {
         .filter_map(|kind| {
             let at = text(&format!("anthropic-ratelimit-{kind}-reset")).and_then(parse_rfc3339)?;
             let delay = at.duration_since(now).unwrap_or(Duration::ZERO);
-            let empty = exhausted(kind, "anthropic-ratelimit-", "").unwrap_or(false);
+            let empty = spent(&format!("anthropic-ratelimit-{kind}-remaining"));
             Some((empty, bounded(delay)?))
         })
         .collect();
-    pick(&anthropic)
+    pick(&anthropic, throttled)
 }
 
-/// The longest delay among the exhausted limits, or among all when none says it is exhausted.
-fn pick(resets: &[(bool, Duration)]) -> Option<Duration> {
-    let exhausted = resets.iter().filter(|(e, _)| *e).map(|(_, d)| *d).max();
-    exhausted.or_else(|| resets.iter().map(|(_, d)| *d).max())
+/// The longest delay among the spent limits; when `throttled` and none says it is spent, the
+/// longest of all.
+fn pick(resets: &[(bool, Duration)], throttled: bool) -> Option<Duration> {
+    let spent = resets.iter().filter(|(e, _)| *e).map(|(_, d)| *d).max();
+    match (spent, throttled) {
+        (Some(delay), _) => Some(delay),
+        (None, true) => resets.iter().map(|(_, d)| *d).max(),
+        (None, false) => None,
+    }
 }
 
 fn bounded(delay: Duration) -> Option<Duration> {
@@ -229,6 +265,7 @@ pub fn retry_delay_in_text(text: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::Classify;
     use proptest::prelude::*;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -261,7 +298,10 @@ mod tests {
         let delay = retry_delay(&headers(&[("retry-after", &soon)])).unwrap();
         assert!(delay > secs(115) && delay <= secs(120), "{delay:?}");
         assert_eq!(
-            retry_delay(&headers(&[("x-ratelimit-reset-requests", "1m30s")])),
+            retry_delay(&headers(&[
+                ("x-ratelimit-reset-requests", "1m30s"),
+                ("x-ratelimit-remaining-requests", "0"),
+            ])),
             Some(secs(90))
         );
         assert_eq!(
@@ -275,13 +315,81 @@ mod tests {
         );
         let at = SystemTime::now() + secs(30);
         let stamp = format_rfc3339(at);
-        let delay =
-            retry_delay(&headers(&[("anthropic-ratelimit-requests-reset", &stamp)])).unwrap();
+        let delay = retry_delay(&headers(&[
+            ("anthropic-ratelimit-requests-reset", &stamp),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+        ]))
+        .unwrap();
         assert!(
             delay > secs(28) && delay <= secs(30),
             "{delay:?} from {stamp}"
         );
         assert_eq!(retry_delay(&headers(&[])), None);
+    }
+
+    fn response(status: u16, pairs: &[(&str, &str)]) -> http::Response<()> {
+        let mut response = http::Response::new(());
+        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        *response.headers_mut() = headers(pairs);
+        response
+    }
+
+    /// Header sets as OpenAI and Anthropic send them: their reset headers come with every
+    /// response, spent limit or not.
+    #[test]
+    fn resets_count_only_for_a_spent_limit_or_a_429() {
+        let secs = Duration::from_secs;
+        let openai = |remaining_requests: &'static str, remaining_tokens: &'static str| {
+            vec![
+                ("x-ratelimit-limit-requests", "10000"),
+                ("x-ratelimit-remaining-requests", remaining_requests),
+                ("x-ratelimit-reset-requests", "6m0s"),
+                ("x-ratelimit-limit-tokens", "2000000"),
+                ("x-ratelimit-remaining-tokens", remaining_tokens),
+                ("x-ratelimit-reset-tokens", "1m30s"),
+            ]
+        };
+        // A 500 or 503 while nothing is spent asks for no wait.
+        for status in [500, 503] {
+            assert_eq!(
+                response_delay(&response(status, &openai("9999", "1999970"))),
+                None
+            );
+        }
+        // The token limit is spent: its reset, not the longer one of requests.
+        assert_eq!(
+            response_delay(&response(429, &openai("9998", "0"))),
+            Some(secs(90))
+        );
+        assert_eq!(
+            response_delay(&response(503, &openai("9998", "0"))),
+            Some(secs(90))
+        );
+        // A 429 that names no spent limit: the longest reset.
+        let unnamed = [
+            ("x-ratelimit-reset-requests", "6m0s"),
+            ("x-ratelimit-reset-tokens", "1s"),
+        ];
+        assert_eq!(response_delay(&response(429, &unnamed)), Some(secs(360)));
+
+        let in_a_minute = format_rfc3339(SystemTime::now() + secs(60));
+        let anthropic = |remaining: &'static str| {
+            vec![
+                ("anthropic-ratelimit-requests-limit", "4000"),
+                ("anthropic-ratelimit-requests-remaining", remaining),
+                ("anthropic-ratelimit-requests-reset", in_a_minute.as_str()),
+            ]
+        };
+        let overloaded = response(529, &anthropic("3999"));
+        assert_eq!(response_delay(&overloaded), None);
+        assert_eq!(
+            crate::classify::HttpClassifier.classify(Ok(&overloaded)),
+            crate::classify::Outcome::RETRYABLE
+        );
+        for status in [429, 503] {
+            let delay = response_delay(&response(status, &anthropic("0"))).unwrap();
+            assert!(delay > secs(58) && delay <= secs(60), "{delay:?}");
+        }
     }
 
     #[test]

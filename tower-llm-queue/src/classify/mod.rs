@@ -23,7 +23,7 @@
 //!     Outcome::Failure { retryable: true, not_before: Some(Duration::from_secs(7)) },
 //! );
 //! let bad = http::Response::builder().status(400).body(()).unwrap();
-//! assert_eq!(HttpClassifier.classify(Ok(&bad)), Outcome::Failure { retryable: false, not_before: None });
+//! assert_eq!(HttpClassifier.classify(Ok(&bad)), Outcome::ClientError);
 //! ```
 
 mod headers;
@@ -32,20 +32,26 @@ use std::time::Duration;
 
 use crate::rejected::{Rejected, RejectionKind};
 
-pub use self::headers::{retry_delay, retry_delay_in_text};
+pub use self::headers::{response_delay, retry_delay, retry_delay_in_text};
 
 /// What a call's result means for retries and for the upstream's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The call succeeded.
     Success,
-    /// The call failed.
+    /// The call failed, and says something about the upstream: it is overloaded, down or
+    /// slow (a 429 or 5xx, a timeout, a transport error).
     Failure {
         /// Whether trying again may succeed.
         retryable: bool,
         /// The upstream asked not to be called again before this delay has passed.
         not_before: Option<Duration>,
     },
+    /// The request itself was at fault (a 4xx other than 429): a retry would fail the same
+    /// way, and the upstream, which answered, is healthy. Not retried, and not counted by the
+    /// circuit breaker unless it is told to
+    /// ([`count_client_errors`](crate::CircuitBreakerLayer::count_client_errors)).
+    ClientError,
 }
 
 impl Outcome {
@@ -61,9 +67,9 @@ impl Outcome {
         not_before: None,
     };
 
-    /// Whether this is a failure.
+    /// Whether this is a failure (of the upstream or of the request).
     pub fn is_failure(&self) -> bool {
-        matches!(self, Outcome::Failure { .. })
+        !matches!(self, Outcome::Success)
     }
 }
 
@@ -125,8 +131,9 @@ impl<Response> Classify<Response> for DefaultClassifier {
 /// | status | outcome |
 /// |---|---|
 /// | 1xx, 2xx, 3xx | success |
-/// | 429, 500, 502, 503, 504, 529 | retryable, not before the delay in the headers ([`retry_delay`]) |
-/// | any other 4xx or 5xx (400, 401, 403, 404, 409, 422, 501, ...) | not retryable |
+/// | 429, 500, 502, 503, 504, 529 | retryable, not before the delay the response asks for ([`response_delay`]) |
+/// | any other 5xx (501, 505, ...) | not retryable |
+/// | any other 4xx (400, 401, 403, 404, 409, 422, ...) | [`Outcome::ClientError`]: not retryable, not the upstream's fault |
 ///
 /// Errors (transport failures, timeouts, this crate's refusals) are classified as by
 /// [`DefaultClassifier`].
@@ -143,8 +150,9 @@ impl<B> Classify<http::Response<B>> for HttpClassifier {
             100..=399 => Outcome::Success,
             429 | 500 | 502 | 503 | 504 | 529 => Outcome::Failure {
                 retryable: true,
-                not_before: retry_delay(response.headers()),
+                not_before: response_delay(response),
             },
+            400..=499 => Outcome::ClientError,
             _ => Outcome::FATAL,
         }
     }
@@ -170,7 +178,14 @@ mod tests {
                 "{code}"
             );
         }
-        for code in [400, 401, 403, 404, 409, 422, 501] {
+        for code in [400, 401, 403, 404, 409, 422] {
+            assert_eq!(
+                HttpClassifier.classify(Ok(&status(code))),
+                Outcome::ClientError,
+                "{code}"
+            );
+        }
+        for code in [501, 505] {
             assert_eq!(
                 HttpClassifier.classify(Ok(&status(code))),
                 Outcome::FATAL,
