@@ -62,8 +62,11 @@
 mod admission;
 mod boxed;
 pub mod buffer;
+mod call;
 pub mod circuit_breaker;
 pub mod classify;
+mod clock;
+mod copies;
 pub mod dedup;
 pub mod hold;
 pub mod http;

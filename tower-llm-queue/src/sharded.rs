@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::key::Key;
@@ -20,10 +21,15 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The fewest new keys a shard takes in between two sweeps.
+pub(crate) const SWEEP_AT_LEAST: usize = 256;
+
 /// Per-key state in shards. Callers remove a key's entry as soon as it holds nothing, and call
 /// [`shrink`] afterwards so that memory returns to baseline once keys have gone.
 pub(crate) struct Sharded<V> {
     shards: Box<[Mutex<FastMap<Key, V>>]>,
+    /// New keys per shard since its last sweep (see [`Sharded::lock_sweeping`]).
+    grown: Box<[AtomicUsize]>,
     /// Picks the shard; seeded apart from the maps' own hashers, and read from the hash's middle
     /// bits, so that the keys of one shard still spread over its map's buckets.
     hasher: Hasher,
@@ -35,8 +41,32 @@ impl<V> Sharded<V> {
         let count = (cores * 4).next_power_of_two();
         Sharded {
             shards: (0..count).map(|_| Mutex::new(FastMap::default())).collect(),
+            grown: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             hasher: Hasher::default(),
         }
+    }
+
+    /// The locked shard that holds `key`, swept first of the entries for which `idle` is true
+    /// when `key` is new to it and the shard has taken in as many new keys as it kept at its
+    /// last sweep (and at least [`SWEEP_AT_LEAST`]). Each sweep is paid for by the insertions
+    /// before it, so the cost is amortized O(1), and a shard never holds much more than twice
+    /// its live keys. `idle` may update an entry that it keeps.
+    pub(crate) fn lock_sweeping(
+        &self,
+        key: &Key,
+        mut idle: impl FnMut(&mut V) -> bool,
+    ) -> MutexGuard<'_, FastMap<Key, V>> {
+        let (index, mut shard) = self.lock_indexed(key);
+        if !shard.contains_key(key) {
+            let grown = self.grown[index].fetch_add(1, Relaxed) + 1;
+            let kept = (shard.len() + 1).saturating_sub(grown);
+            if grown >= SWEEP_AT_LEAST.max(kept) {
+                shard.retain(|_, value| !idle(value));
+                shrink(&mut shard);
+                self.grown[index].store(0, Relaxed);
+            }
+        }
+        shard
     }
 
     /// The locked shard that holds `key`.
@@ -82,7 +112,6 @@ where
     }
 }
 
-#[cfg(test)]
 impl<V> Sharded<V> {
     /// The number of keys held.
     pub(crate) fn len(&self) -> usize {
@@ -90,7 +119,10 @@ impl<V> Sharded<V> {
         self.for_each_shard(|map| total += map.len());
         total
     }
+}
 
+#[cfg(test)]
+impl<V> Sharded<V> {
     /// The room all shards have allocated, in entries.
     pub(crate) fn capacity(&self) -> usize {
         let mut total = 0;

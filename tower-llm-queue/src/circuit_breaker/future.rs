@@ -5,39 +5,48 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
+use tower_service::Service;
 
+use crate::call::CallWhenReady;
 use crate::classify::{Classify, Outcome};
 use crate::rejected::Rejected;
 
 use super::state::{Pass, Shared};
 
 pin_project! {
-    /// The response future of [`CircuitBreaker`](super::CircuitBreaker): runs the call and
-    /// records how it ended. Dropped before the end, it records nothing (and gives a probe's
-    /// place back).
-    pub struct ResponseFuture<F, C> {
+    /// The response future of [`CircuitBreaker`](super::CircuitBreaker): waits for the inner
+    /// service, runs the call and records how it ended. Dropped before the end, it records
+    /// nothing (and gives a probe's place back).
+    ///
+    /// `F` is the inner service's future, named as a parameter as tower's futures do.
+    pub struct ResponseFuture<S, Req, F, C> {
         #[pin]
-        call: Option<F>,
+        call: CallWhenReady<S, Req, F>,
         pass: Option<Pass>,
         rejected: Option<Rejected>,
         shared: Arc<Shared>,
         classify: C,
     }
 
-    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+    impl<S, Req, F, C> PinnedDrop for ResponseFuture<S, Req, F, C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(pass) = this.pass.as_ref() {
+            if let Some(pass) = this.pass.as_mut() {
                 this.shared.abandon(pass);
             }
         }
     }
 }
 
-impl<F, C> ResponseFuture<F, C> {
-    pub(super) fn running(call: F, pass: Pass, shared: Arc<Shared>, classify: C) -> Self {
+impl<S, Req, F, C> ResponseFuture<S, Req, F, C> {
+    pub(super) fn running(
+        call: CallWhenReady<S, Req, F>,
+        pass: Pass,
+        shared: Arc<Shared>,
+        classify: C,
+    ) -> Self {
         ResponseFuture {
-            call: Some(call),
+            call,
             pass: Some(pass),
             rejected: None,
             shared,
@@ -47,7 +56,7 @@ impl<F, C> ResponseFuture<F, C> {
 
     pub(super) fn rejected(rejected: Rejected, shared: Arc<Shared>, classify: C) -> Self {
         ResponseFuture {
-            call: None,
+            call: CallWhenReady::none(),
             pass: None,
             rejected: Some(rejected),
             shared,
@@ -56,31 +65,28 @@ impl<F, C> ResponseFuture<F, C> {
     }
 }
 
-impl<F, C, R, E> Future for ResponseFuture<F, C>
+impl<S, Req, C> Future for ResponseFuture<S, Req, S::Future, C>
 where
-    F: Future<Output = Result<R, E>>,
-    E: Into<tower::BoxError>,
-    C: Classify<R>,
+    S: Service<Req>,
+    S::Error: Into<tower::BoxError>,
+    C: Classify<S::Response>,
 {
-    type Output = Result<R, tower::BoxError>;
+    type Output = Result<S::Response, tower::BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Some(rejected) = this.rejected.take() {
             return Poll::Ready(Err(rejected.into()));
         }
-        let Some(call) = this.call.as_mut().as_pin_mut() else {
-            return Poll::Ready(Err(
-                "CircuitBreaker response future polled after completion".into(),
-            ));
-        };
-        let result = ready!(call.poll(cx)).map_err(Into::into);
-        this.call.set(None);
+        let mut call = this.call;
+        let (poll, copy) = crate::copies::watch(|| call.as_mut().poll(cx));
+        let result = ready!(poll);
         if let Some(mut pass) = this.pass.take() {
-            // A refusal by another of this crate's layers says nothing about the upstream.
+            // A refusal by another of this crate's layers says nothing about the upstream, and
+            // a copy of a shared call was counted by the request that made it.
             let ours = matches!(&result, Err(err) if Rejected::find(&**err).is_some());
-            if ours {
-                this.shared.abandon(&pass);
+            if ours || copy {
+                this.shared.abandon(&mut pass);
             } else {
                 let outcome: Outcome = this.classify.classify(result.as_ref());
                 this.shared.record(&mut pass, outcome);
@@ -90,7 +96,7 @@ where
     }
 }
 
-impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+impl<S, Req, F, C> fmt::Debug for ResponseFuture<S, Req, F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("key", &self.pass.as_ref().map(|p| p.key()))

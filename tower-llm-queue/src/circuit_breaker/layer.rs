@@ -46,6 +46,7 @@ impl CircuitBreakerLayer {
                 max_open_for: Duration::from_secs(30),
                 half_open_calls: 3,
                 open_on_not_before: true,
+                count_client_errors: false,
             })),
             classify: DefaultClassifier,
             key: OneBreaker,
@@ -121,6 +122,15 @@ impl<C, E> CircuitBreakerLayer<C, E> {
     /// Whether an upstream's "not before T" opens the breaker until T (default `true`).
     pub fn open_on_not_before(self, enabled: bool) -> Self {
         self.shared.configure(|c| c.open_on_not_before = enabled);
+        self
+    }
+
+    /// Whether a client error ([`Outcome::ClientError`](crate::classify::Outcome::ClientError):
+    /// a 400, 401, 404, 422, ...) counts as a failure (default `false`). It says nothing about
+    /// the upstream's health — four bad requests should not shut the upstream off for
+    /// everybody — so by default it counts neither way.
+    pub fn count_client_errors(self, enabled: bool) -> Self {
+        self.shared.configure(|c| c.count_client_errors = enabled);
         self
     }
 

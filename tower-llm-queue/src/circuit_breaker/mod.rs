@@ -110,6 +110,8 @@ pub struct BreakerStats {
     pub opened: u64,
     /// Times a breaker closed again after probing.
     pub closed: u64,
+    /// Breakers in memory now (one per key seen recently; idle closed ones are evicted).
+    pub keys: usize,
 }
 
 /// Reads and controls the breakers of one [`CircuitBreakerLayer`].

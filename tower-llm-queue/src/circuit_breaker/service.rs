@@ -4,6 +4,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
+use crate::call::CallWhenReady;
 use crate::classify::Classify;
 use crate::key::ExtractKey;
 
@@ -13,6 +14,9 @@ use super::CircuitBreakerHandle;
 
 /// Fails fast while the upstream is unhealthy. Built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// `poll_ready` is always ready: the response future of an admitted call waits for the inner
+/// service's readiness, then calls it; a refused one is ready at once.
 #[derive(Clone)]
 pub struct CircuitBreaker<S, C, E> {
     pub(super) inner: S,
@@ -32,17 +36,19 @@ impl<S, C, E> CircuitBreaker<S, C, E> {
 
 impl<S, C, E, Req> Service<Req> for CircuitBreaker<S, C, E>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<tower::BoxError>,
     C: Classify<S::Response> + Clone,
     E: ExtractKey<Req>,
 {
     type Response = S::Response;
     type Error = tower::BoxError;
-    type Future = ResponseFuture<S::Future, C>;
+    type Future = ResponseFuture<S, Req, S::Future, C>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    /// Always ready: the decision is made in `call`, so that an open breaker refuses at once,
+    /// without waiting for the inner service; the response future waits for it.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
@@ -50,7 +56,7 @@ where
         let classify = self.classify.clone();
         match self.key.extract(&request).and_then(|key| shared.admit(key)) {
             Ok(pass) => {
-                let call = self.inner.call(request);
+                let call = CallWhenReady::new(self.inner.clone(), request);
                 ResponseFuture::running(call, pass, shared, classify)
             }
             Err(rejected) => ResponseFuture::rejected(rejected, shared, classify),

@@ -25,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) max_open_for: Duration,
     pub(crate) half_open_calls: u32,
     pub(crate) open_on_not_before: bool,
+    pub(crate) count_client_errors: bool,
 }
 
 impl Config {
@@ -53,6 +54,12 @@ struct Record {
 
 #[derive(Debug)]
 struct Breaker {
+    /// Tells this breaker from one evicted earlier under the same key.
+    instance: u64,
+    /// Calls let through and not yet recorded: a breaker with some is never evicted.
+    in_flight: u32,
+    /// Whether a call came since the last sweep of its shard.
+    touched: bool,
     state: State,
     /// Changes whenever the state does, so that calls admitted under an older state do not
     /// count in the new one.
@@ -66,8 +73,11 @@ struct Breaker {
 }
 
 impl Breaker {
-    fn new() -> Self {
+    fn new(instance: u64) -> Self {
         Breaker {
+            instance,
+            in_flight: 0,
+            touched: false,
             state: State::Closed,
             generation: 0,
             records: VecDeque::new(),
@@ -90,9 +100,22 @@ impl Breaker {
         let open_for = config.open_for(self.trips);
         self.trips = self.trips.saturating_add(1);
         self.set(State::Open {
-            until: now + open_for,
+            until: crate::clock::later(now, open_for),
         });
         open_for
+    }
+
+    /// Whether the breaker can be forgotten without changing any decision: closed, nothing in
+    /// flight, no failure or slow call remembered, and no call since the last sweep. Clears the
+    /// mark of that last call.
+    fn idle(&mut self) -> bool {
+        let idle = matches!(self.state, State::Closed)
+            && self.in_flight == 0
+            && self.failures == 0
+            && self.slows == 0
+            && !self.touched;
+        self.touched = false;
+        idle
     }
 
     fn push(&mut self, record: Record) {
@@ -108,6 +131,9 @@ impl Breaker {
         }
     }
 }
+
+/// The `retry_after` of a refusal while probes run: their outcome is due soon.
+const PROBING: Duration = Duration::from_secs(1);
 
 const NOT_FORCED: u8 = 0;
 const FORCED_OPEN: u8 = 1;
@@ -128,6 +154,7 @@ pub(crate) struct Shared {
     config: RwLock<Config>,
     forced: AtomicU8,
     breakers: Sharded<Breaker>,
+    next_instance: AtomicU64,
     counters: Counters,
 }
 
@@ -135,6 +162,7 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct Pass {
     key: Key,
+    instance: u64,
     generation: u64,
     probe: bool,
     /// When the call started; read only when slow calls are watched.
@@ -158,6 +186,7 @@ impl Shared {
             config: RwLock::new(config),
             forced: AtomicU8::new(NOT_FORCED),
             breakers: Sharded::new(),
+            next_instance: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -179,8 +208,11 @@ impl Shared {
         let mut clock = Clock(None);
         let forced = self.forced.load(Relaxed);
         let config = self.config();
-        let mut shard = self.breakers.lock(&key);
-        let breaker = shard.entry(key.clone()).or_insert_with(Breaker::new);
+        let mut shard = self.breakers.lock_sweeping(&key, Breaker::idle);
+        let breaker = shard
+            .entry(key.clone())
+            .or_insert_with(|| Breaker::new(self.next_instance.fetch_add(1, Relaxed)));
+        breaker.touched = true;
         let refuse = |retry_after: Option<Duration>| {
             let mut rejected = Rejected::new(RejectionKind::CircuitOpen);
             if let Some(after) = retry_after {
@@ -214,7 +246,7 @@ impl Shared {
                     if *admitted >= config.half_open_calls {
                         drop(shard);
                         self.count(|c| &c.rejected, 1);
-                        return Err(refuse(None));
+                        return Err(refuse(Some(config.open_for.min(PROBING))));
                     }
                     *admitted += 1;
                     probe = true;
@@ -222,10 +254,13 @@ impl Shared {
             }
         }
         let generation = breaker.generation;
+        let instance = breaker.instance;
+        breaker.in_flight += 1;
         drop(shard);
         self.count(|c| &c.calls, 1);
         Ok(Pass {
             key,
+            instance,
             generation,
             probe,
             started: config.slow_call.map(|_| clock.now()),
@@ -236,18 +271,20 @@ impl Shared {
 
     /// Records how a call that was let through ended.
     pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
+        let config = pass.config;
+        let (failed, not_before) = match outcome {
+            Outcome::Success => (false, None),
+            Outcome::Failure { not_before, .. } => (true, not_before),
+            Outcome::ClientError if config.count_client_errors => (true, None),
+            Outcome::ClientError => return self.abandon(pass),
+        };
         pass.recorded = true;
         let mut clock = Clock(None);
-        let config = pass.config;
         let slow = match (config.slow_call, pass.started) {
             (Some((limit, _)), Some(started)) => {
                 clock.now().saturating_duration_since(started) >= limit
             }
             _ => false,
-        };
-        let (failed, not_before) = match outcome {
-            Outcome::Success => (false, None),
-            Outcome::Failure { not_before, .. } => (true, not_before),
         };
         self.count(|c| &c.failures, u64::from(failed));
         self.count(|c| &c.slow, u64::from(slow));
@@ -255,8 +292,12 @@ impl Shared {
         let Some(breaker) = shard.get_mut(&pass.key) else {
             return;
         };
+        if breaker.instance != pass.instance {
+            return;
+        }
+        breaker.in_flight = breaker.in_flight.saturating_sub(1);
         if let (Some(delay), true) = (not_before, config.open_on_not_before) {
-            let until = clock.now() + delay;
+            let until = crate::clock::later(clock.now(), delay);
             let later = match breaker.state {
                 State::Open { until: current } => until > current,
                 _ => true,
@@ -316,10 +357,11 @@ impl Shared {
                     return;
                 }
                 let (failures, slows) = (breaker.failures, breaker.slows);
-                let failing = failures as f64 / total as f64 >= config.failure_rate;
-                let slowing = config
-                    .slow_call
-                    .is_some_and(|(_, rate)| slows as f64 / total as f64 >= rate);
+                let failing = failures > 0 && failures as f64 / total as f64 >= config.failure_rate;
+                let slowing = slows > 0
+                    && config
+                        .slow_call
+                        .is_some_and(|(_, rate)| slows as f64 / total as f64 >= rate);
                 if failing || slowing {
                     let open_for = breaker.trip(&config, clock.now());
                     drop(shard);
@@ -338,18 +380,25 @@ impl Shared {
         }
     }
 
-    /// A call let through ended without an outcome (its caller dropped it): a probe's place is
-    /// given back, so that probing goes on.
-    pub(crate) fn abandon(&self, pass: &Pass) {
-        if !pass.probe || pass.recorded {
+    /// A call let through ended without an outcome that says anything about the upstream (its
+    /// caller dropped it, another layer refused it, it was a client error or a copy of a call
+    /// counted elsewhere): a probe's place is given back, so that probing goes on.
+    pub(crate) fn abandon(&self, pass: &mut Pass) {
+        if pass.recorded {
             return;
         }
+        pass.recorded = true;
         let mut shard = self.breakers.lock(&pass.key);
-        if let Some(breaker) = shard.get_mut(&pass.key) {
-            if breaker.generation == pass.generation {
-                if let State::HalfOpen { admitted, .. } = &mut breaker.state {
-                    *admitted = admitted.saturating_sub(1);
-                }
+        let Some(breaker) = shard.get_mut(&pass.key) else {
+            return;
+        };
+        if breaker.instance != pass.instance {
+            return;
+        }
+        breaker.in_flight = breaker.in_flight.saturating_sub(1);
+        if pass.probe && breaker.generation == pass.generation {
+            if let State::HalfOpen { admitted, .. } = &mut breaker.state {
+                *admitted = admitted.saturating_sub(1);
             }
         }
     }
@@ -392,6 +441,7 @@ impl Shared {
             rejected: c.rejected.load(Relaxed),
             opened: c.opened.load(Relaxed),
             closed: c.closed.load(Relaxed),
+            keys: self.breakers.len(),
         }
     }
 }

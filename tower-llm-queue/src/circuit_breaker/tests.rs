@@ -300,3 +300,233 @@ async fn refusals_of_other_layers_are_not_counted() {
     assert_eq!(handle.state(), BreakerState::Closed);
     assert_eq!(handle.stats().failures, 0);
 }
+
+/// An HTTP upstream that answers every call with `status`.
+fn answering(
+    status: Arc<AtomicUsize>,
+) -> impl Service<u64, Response = http::Response<()>, Error = BoxError, Future = impl Send>
+       + Clone
+       + Send
+       + 'static {
+    service_fn(move |_: u64| {
+        let code = status.load(Ordering::SeqCst) as u16;
+        async move { Ok::<_, BoxError>(http::Response::builder().status(code).body(()).unwrap()) }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_errors_say_nothing_about_the_upstream() {
+    for code in [400, 401, 404, 422] {
+        let status = Arc::new(AtomicUsize::new(code));
+        let layer = breaker().classify(HttpClassifier);
+        let handle = layer.handle();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(answering(status.clone()));
+        for _ in 0..10 {
+            assert_eq!(svc.clone().oneshot(0).await.unwrap().status(), code as u16);
+        }
+        status.store(200, Ordering::SeqCst);
+        assert_eq!(
+            svc.clone().oneshot(0).await.unwrap().status(),
+            200,
+            "{code}"
+        );
+        assert_eq!(handle.state(), BreakerState::Closed);
+        assert_eq!(handle.stats().failures, 0);
+    }
+
+    // Counted when asked to.
+    let status = Arc::new(AtomicUsize::new(400));
+    let layer = breaker().classify(HttpClassifier).count_client_errors(true);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(answering(status));
+    for _ in 0..4 {
+        svc.clone().oneshot(0).await.unwrap();
+    }
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+
+    // What does say something still counts: 429 and 5xx.
+    for code in [429, 500, 503] {
+        let status = Arc::new(AtomicUsize::new(code));
+        let layer = breaker().classify(HttpClassifier);
+        let handle = layer.handle();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(answering(status));
+        for _ in 0..4 {
+            svc.clone().oneshot(0).await.unwrap();
+        }
+        assert!(
+            matches!(handle.state(), BreakerState::Open { .. }),
+            "{code}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_refuses_without_waiting_for_the_inner_service() {
+    let up = Upstream::default();
+    let layer = breaker();
+    let handle = layer.handle();
+    // One slot, taken for an hour: the inner service is not ready.
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .concurrency_limit(1)
+        .service(up.service());
+    let busy = tokio::spawn(svc.clone().oneshot(3600));
+    tokio::task::yield_now().await;
+    handle.force_open();
+    let started = tokio::time::Instant::now();
+    let refused = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(0)).await;
+    let err = refused
+        .expect("refused at once, not after the inner service")
+        .unwrap_err();
+    assert_eq!(kind(&err), Some(RejectionKind::CircuitOpen));
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    busy.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_keyed_breakers_are_evicted() {
+    let layer = breaker().keyed_by(|n: &u64| *n);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    for n in 0..100_000u64 {
+        svc.ready().await.unwrap().call(n + 1_000).await.unwrap();
+    }
+    let keys = handle.stats().keys;
+    assert!(
+        keys < 10_000,
+        "{keys} breakers kept for 100,000 keys seen once"
+    );
+
+    // A breaker that is open, or remembers failures, is not evicted.
+    let up = Upstream::default();
+    let layer = breaker().keyed_by(|n: &u64| *n);
+    let handle = layer.handle();
+    // The request is the key; every call takes no time.
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .map_request(|_: u64| 0u64)
+        .service(up.service());
+    up.set_down(true);
+    for _ in 0..4 {
+        svc.ready().await.unwrap().call(0).await.ok();
+    }
+    svc.ready().await.unwrap().call(1).await.ok();
+    up.set_down(false);
+    for n in 2..100_000u64 {
+        svc.ready().await.unwrap().call(n).await.ok();
+    }
+    assert!(matches!(
+        handle.state_of(&Key::from(0u64)),
+        BreakerState::Open { .. }
+    ));
+    up.set_down(true);
+    for _ in 0..3 {
+        svc.ready().await.unwrap().call(1).await.ok();
+    }
+    assert!(
+        matches!(handle.state_of(&Key::from(1u64)), BreakerState::Open { .. }),
+        "key 1 remembered its first failure"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_shared_upstream_call_counts_once() {
+    // Outside the dedup layer: 20 callers share one failed call, which counts once — below the
+    // 4 calls the breaker needs to decide, so it stays closed.
+    let up = Upstream::default();
+    let layer = breaker().window(Window::Calls(100));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(crate::DedupLayer::new(|_: &u64| Some(())))
+        .service(up.service());
+    let together = |svc: &_| {
+        let svc: &tower::util::BoxCloneService<u64, u64, BoxError> = svc;
+        (0..20)
+            .map(|_| tokio::spawn(svc.clone().oneshot(1)))
+            .collect::<Vec<_>>()
+    };
+    let svc = tower::util::BoxCloneService::new(svc);
+    up.set_down(true);
+    for call in together(&svc) {
+        assert!(call.await.unwrap().is_err());
+    }
+    assert_eq!(up.calls(), 1);
+    assert_eq!(handle.stats().failures, 1);
+    assert_eq!(handle.state(), BreakerState::Closed);
+
+    // Successes too: one shared success, then three failures, is 75% failed.
+    handle.reset();
+    up.set_down(false);
+    for call in together(&svc) {
+        call.await.unwrap().unwrap();
+    }
+    up.set_down(true);
+    for _ in 0..3 {
+        assert!(svc.clone().oneshot(0).await.is_err());
+    }
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+
+    // Inside the dedup layer, the shared call passes the breaker once.
+    let layer = breaker().window(Window::Calls(100));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(crate::DedupLayer::new(|_: &u64| Some(())))
+        .layer(layer)
+        .service(up.service());
+    let svc = tower::util::BoxCloneService::new(svc);
+    for call in together(&svc) {
+        assert!(call.await.unwrap().is_err());
+    }
+    assert_eq!(handle.stats().failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn extreme_settings() {
+    // Open "forever" does not overflow.
+    let up = Upstream::default();
+    let layer = breaker().open_for(Duration::MAX);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    trip(&up, &svc).await;
+    let err = svc.clone().oneshot(0).await.unwrap_err();
+    assert_eq!(kind(&err), Some(RejectionKind::CircuitOpen));
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+
+    // A failure rate of 0 opens on the first failure, never on successes alone.
+    let up = Upstream::default();
+    let layer = breaker().failure_rate(0.0);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    for _ in 0..10 {
+        svc.clone().oneshot(0).await.unwrap();
+    }
+    assert_eq!(handle.state(), BreakerState::Closed);
+    up.set_down(true);
+    let _ = svc.clone().oneshot(0).await;
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+
+    // A refusal while probes run says when to come back.
+    let up = Upstream::default();
+    let svc = ServiceBuilder::new()
+        .layer(breaker().half_open_calls(1))
+        .service(up.service());
+    trip(&up, &svc).await;
+    up.set_down(false);
+    sleep(Duration::from_secs(10)).await;
+    let probe = tokio::spawn(svc.clone().oneshot(5));
+    tokio::task::yield_now().await;
+    let err = svc.clone().oneshot(0).await.unwrap_err();
+    let rejected = Rejected::find(&*err).unwrap();
+    assert_eq!(rejected.kind(), RejectionKind::CircuitOpen);
+    assert!(rejected.retry_after().is_some());
+    probe.await.unwrap().unwrap();
+}

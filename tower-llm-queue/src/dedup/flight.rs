@@ -18,6 +18,40 @@ use super::DedupStats;
 /// What one waiter receives.
 pub(super) type Outcome<R> = Result<R, tower::BoxError>;
 
+/// What one waiter receives, and whether it is the first to receive that call's result — the
+/// others get copies (see [`crate::copies`]).
+pub(super) type Delivery<R> = (Outcome<R>, bool);
+
+/// The waiters of one flight, by waiter id, for the response type `R` of the service that
+/// started the call; type-erased so that one map holds flights of every response type.
+trait Waiters: Send {
+    fn remove(&mut self, waiter: u64);
+    fn len(&self) -> usize;
+    fn as_any(&mut self) -> &mut dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+type Senders<R> = FastMap<u64, oneshot::Sender<Delivery<R>>>;
+
+impl<R: Send + 'static> Waiters for Senders<R> {
+    fn remove(&mut self, waiter: u64) {
+        FastMap::remove(self, &waiter);
+        crate::sharded::shrink(self);
+    }
+
+    fn len(&self) -> usize {
+        FastMap::len(self)
+    }
+
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
 /// How the inner call ended.
 pub(super) enum Ended<R> {
     Ok(R),
@@ -25,13 +59,12 @@ pub(super) enum Ended<R> {
     Panicked(CallFailed),
 }
 
-/// One call in flight and everybody waiting for it.
+/// One call in flight and everybody waiting for it. A waiter that leaves is removed at once,
+/// so that a long call joined and left by many holds only its current waiters.
 struct Flight {
     id: u64,
-    /// `Vec<oneshot::Sender<Outcome<R>>>` for the response type `R` of the service that started
-    /// the call.
-    senders: Box<dyn Any + Send>,
-    waiting: usize,
+    waiters: Box<dyn Waiters>,
+    next_waiter: u64,
     abort: Option<AbortHandle>,
 }
 
@@ -64,14 +97,21 @@ pub(super) struct Shared<K> {
     counters: Counters,
 }
 
+/// A request's place among the waiters of a flight.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Seat {
+    pub(super) flight: u64,
+    pub(super) waiter: u64,
+}
+
 /// How a request joined the layer's state.
 pub(super) enum Joined<R> {
     /// A fresh result from the cache.
     Hit(Outcome<R>),
-    /// Waiting for a call in flight, as waiter of flight `id`.
-    Waiting(u64, oneshot::Receiver<Outcome<R>>),
-    /// Nobody runs this call: the caller must start it as flight `id`.
-    Lead(u64, oneshot::Receiver<Outcome<R>>),
+    /// Waiting for a call in flight.
+    Waiting(Seat, oneshot::Receiver<Delivery<R>>),
+    /// Nobody runs this call: the caller must start it, as flight `seat.flight`.
+    Lead(Seat, oneshot::Receiver<Delivery<R>>),
     /// The key is in use by a service of another response type: call without sharing.
     Alone,
 }
@@ -152,31 +192,40 @@ where
         let mut flights = lock(&self.flights);
         let (tx, rx) = oneshot::channel();
         if let Some(flight) = flights.get_mut(key) {
-            let Some(senders) = flight
-                .senders
-                .downcast_mut::<Vec<oneshot::Sender<Outcome<R>>>>()
-            else {
+            let Some(senders) = flight.waiters.as_any().downcast_mut::<Senders<R>>() else {
                 return Joined::Alone;
             };
-            senders.push(tx);
-            flight.waiting += 1;
+            let seat = Seat {
+                flight: flight.id,
+                waiter: flight.next_waiter,
+            };
+            flight.next_waiter += 1;
+            senders.insert(seat.waiter, tx);
             self.counters.coalesced.fetch_add(1, Relaxed);
-            tracing::trace!(waiting = flight.waiting, "dedup: joined a call in flight");
-            return Joined::Waiting(flight.id, rx);
+            tracing::trace!(waiting = senders.len(), "dedup: joined a call in flight");
+            return Joined::Waiting(seat, rx);
         }
         let id = self.next_id.fetch_add(1, Relaxed);
+        let mut senders = Senders::<R>::default();
+        senders.insert(0, tx);
         flights.insert(
             key.clone(),
             Flight {
                 id,
-                senders: Box::new(vec![tx]),
-                waiting: 1,
+                waiters: Box::new(senders),
+                next_waiter: 1,
                 abort: None,
             },
         );
         self.counters.misses.fetch_add(1, Relaxed);
         tracing::trace!("dedup: starting a shared call");
-        Joined::Lead(id, rx)
+        Joined::Lead(
+            Seat {
+                flight: id,
+                waiter: 0,
+            },
+            rx,
+        )
     }
 
     /// Records the task that runs flight `id`, unless every waiter has already gone, in which
@@ -189,17 +238,17 @@ where
         }
     }
 
-    /// A waiter of flight `id` gives up; the last one to go stops the call.
-    pub(super) fn leave(&self, key: &K, id: u64) {
+    /// A waiter gives up its seat; the last one to go stops the call.
+    pub(super) fn leave(&self, key: &K, seat: Seat) {
         let mut flights = lock(&self.flights);
         let Some(flight) = flights.get_mut(key) else {
             return;
         };
-        if flight.id != id {
+        if flight.id != seat.flight {
             return;
         }
-        flight.waiting -= 1;
-        if flight.waiting == 0 {
+        flight.waiters.remove(seat.waiter);
+        if flight.waiters.len() == 0 {
             if let Some(flight) = flights.remove(key) {
                 if let Some(abort) = flight.abort {
                     abort.abort();
@@ -211,6 +260,7 @@ where
 
     /// Flight `id` is over: caches its result when asked to and hands it to every waiter. A
     /// failure seen by one waiter alone reaches it untouched; several share a [`CallFailed`].
+    /// The first waiter served gets the result; the others get copies.
     pub(super) fn finish<R>(&self, key: &K, id: u64, ended: Ended<R>)
     where
         R: Clone + Send + Sync + 'static,
@@ -224,10 +274,7 @@ where
             let Some(flight) = flights.remove(key) else {
                 return;
             };
-            let Ok(senders) = flight
-                .senders
-                .downcast::<Vec<oneshot::Sender<Outcome<R>>>>()
-            else {
+            let Ok(senders) = flight.waiters.into_any().downcast::<Senders<R>>() else {
                 return;
             };
             let negative_ttl = millis(self.negative_ttl_ms.load(Relaxed));
@@ -236,8 +283,8 @@ where
                 Ended::Err(err) if senders.len() == 1 && negative_ttl.is_none() => {
                     self.counters.failed.fetch_add(1, Relaxed);
                     drop(flights);
-                    if let Some(only) = senders.into_iter().next() {
-                        let _ = only.send(Err(err));
+                    if let Some((_, only)) = senders.into_iter().next() {
+                        let _ = only.send((Err(err), true));
                     }
                     return;
                 }
@@ -262,8 +309,11 @@ where
             }
             (*senders, result)
         };
-        for tx in senders {
-            let _ = tx.send(result.clone().map_err(Into::into));
+        let mut first = true;
+        for (_, tx) in senders {
+            if tx.send((result.clone().map_err(Into::into), first)).is_ok() {
+                first = false;
+            }
         }
     }
 
@@ -279,6 +329,12 @@ where
             in_flight: lock(&self.flights).len(),
             entries: self.cache.get().map_or(0, |c| c.len()),
         }
+    }
+
+    /// The requests waiting for the call in flight for `key`.
+    #[cfg(test)]
+    pub(super) fn waiters(&self, key: &K) -> usize {
+        lock(&self.flights).get(key).map_or(0, |f| f.waiters.len())
     }
 
     pub(super) fn max_entries(&self) -> usize {

@@ -8,9 +8,10 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::error::CallFailed;
-use super::flight::{Ended, Joined, Outcome, Shared};
+use super::flight::{Delivery, Ended, Joined, Outcome, Seat, Shared};
 use super::DedupHandle;
 use super::ResponseFuture;
 
@@ -77,16 +78,19 @@ where
         return inner.oneshot(request).await.map_err(Into::into);
     };
     match shared.join::<S::Response>(&key) {
-        Joined::Hit(outcome) => outcome,
+        Joined::Hit(outcome) => {
+            crate::copies::mark();
+            outcome
+        }
         Joined::Alone => {
             shared.count_bypass();
             inner.oneshot(request).await.map_err(Into::into)
         }
-        Joined::Waiting(id, answer) => wait(shared, key, id, answer).await,
-        Joined::Lead(id, answer) => {
+        Joined::Waiting(seat, answer) => wait(shared, key, seat, answer).await,
+        Joined::Lead(seat, answer) => {
             let task_shared = shared.clone();
             let task_key = key.clone();
-            let task = runtime.spawn(async move {
+            let call = async move {
                 let ended = match AssertUnwindSafe(inner.oneshot(request))
                     .catch_unwind()
                     .await
@@ -95,41 +99,49 @@ where
                     Ok(Err(err)) => Ended::Err(err.into()),
                     Err(payload) => Ended::Panicked(CallFailed::panicked(&*payload)),
                 };
-                task_shared.finish(&task_key, id, ended);
-            });
-            shared.started(&key, id, task.abort_handle());
-            wait(shared, key, id, answer).await
+                task_shared.finish(&task_key, seat.flight, ended);
+            };
+            // The shared call runs in the span of the request that started it.
+            let task = runtime.spawn(call.instrument(tracing::Span::current()));
+            shared.started(&key, seat.flight, task.abort_handle());
+            wait(shared, key, seat, answer).await
         }
     }
 }
 
-/// Leaves flight `id` when dropped: whoever drops out — leader or follower — only stops the
-/// shared call if nobody else waits for it.
+/// Gives up a seat when dropped: whoever drops out — leader or follower — only stops the shared
+/// call if nobody else waits for it.
 struct Leave<K: Hash + Eq + Clone + Send + Sync + 'static> {
     shared: Arc<Shared<K>>,
     key: K,
-    id: u64,
+    seat: Seat,
 }
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Leave<K> {
     fn drop(&mut self) {
-        self.shared.leave(&self.key, self.id);
+        self.shared.leave(&self.key, self.seat);
     }
 }
 
 async fn wait<R, K>(
     shared: Arc<Shared<K>>,
     key: K,
-    id: u64,
-    answer: oneshot::Receiver<Outcome<R>>,
+    seat: Seat,
+    answer: oneshot::Receiver<Delivery<R>>,
 ) -> Outcome<R>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    let _leave = Leave { shared, key, id };
-    answer
-        .await
-        .unwrap_or_else(|_| Err("the shared call ended without an answer".into()))
+    let _leave = Leave { shared, key, seat };
+    match answer.await {
+        Ok((outcome, first)) => {
+            if !first {
+                crate::copies::mark();
+            }
+            outcome
+        }
+        Err(_) => Err("the shared call ended without an answer".into()),
+    }
 }
 
 impl<S: fmt::Debug, F, K> fmt::Debug for Dedup<S, F, K> {

@@ -2,6 +2,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+
 use tokio::time::sleep;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 
@@ -248,7 +250,9 @@ async fn the_cache_stays_within_max_entries() {
     let shared = &handle.shared;
     for key in 0..1_000_000u64 {
         match shared.join::<u64>(&key) {
-            flight::Joined::Lead(id, _answer) => shared.finish(&key, id, flight::Ended::Ok(key)),
+            flight::Joined::Lead(seat, _answer) => {
+                shared.finish(&key, seat.flight, flight::Ended::Ok(key))
+            }
             _ => panic!("every key is new"),
         }
     }
@@ -311,4 +315,45 @@ async fn buffered_http_responses_can_be_shared() {
         }));
     let err = small.oneshot(()).await.unwrap_err();
     assert!(err.is::<crate::buffer::BodyTooLarge>(), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_that_leave_are_forgotten_at_once() {
+    let up = Upstream::default();
+    let layer = DedupLayer::new(by_key);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    let leader = tokio::spawn(svc.clone().oneshot((1, 3600)));
+    tokio::task::yield_now().await;
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    for _ in 0..100_000 {
+        let mut follower = Box::pin(svc.clone().oneshot((1, 3600)));
+        assert!(follower.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(handle.shared.waiters(&1), 1, "only the leader still waits");
+    assert_eq!(up.calls(), 1);
+    leader.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_shared_call_runs_in_the_span_of_its_leader() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(DedupLayer::new(|_: &u64| Some(())))
+        .service(service_fn(move |_: u64| {
+            let name = tracing::Span::current().metadata().map(|m| m.name());
+            record.lock().unwrap().push(name);
+            async move { Ok::<_, BoxError>(()) }
+        }));
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_subscriber::layer::Identity::new());
+    let _default = tracing::subscriber::set_default(subscriber);
+    let span = tracing::info_span!("chat_request");
+    tracing::Instrument::instrument(svc.oneshot(1), span)
+        .await
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), [Some("chat_request")]);
 }

@@ -103,6 +103,7 @@ where
                 retryable,
                 not_before,
             } => (retryable, not_before),
+            Outcome::ClientError => (false, None),
         };
         // A refusal of this crate's own layers (a user's window, a full queue) concerns this
         // request, or its key, only: it delays this request, never the others.

@@ -20,9 +20,6 @@ struct Counters {
     cooled_down: AtomicU64,
 }
 
-/// The longest cool-down kept, whatever the upstream asks: a year.
-const MAX_COOLDOWN: Duration = Duration::from_secs(365 * 24 * 3600);
-
 /// What every service of one retry layer shares: the budget, the cool-down and the counters.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -81,9 +78,7 @@ impl Shared {
     /// The upstream asked not to be called before `delay` from now: every request through the
     /// layer waits until then.
     pub(super) fn cool_down(&self, delay: Duration) {
-        let Some(until) = Instant::now().checked_add(delay.min(MAX_COOLDOWN)) else {
-            return;
-        };
+        let until = crate::clock::later(Instant::now(), delay);
         let mut current = lock(&self.cooldown_until);
         if current.is_none_or(|c| c < until) {
             *current = Some(until);
