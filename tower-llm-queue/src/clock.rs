@@ -1,5 +1,7 @@
-//! Instants far ahead, computed without overflow.
+//! Instants far ahead, computed without overflow, and durations every clone of a layer reads
+//! without a lock.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -13,9 +15,46 @@ pub(crate) fn later(base: Instant, delay: Duration) -> Instant {
     base.checked_add(delay.min(FAR)).unwrap_or(base)
 }
 
+/// An optional duration in an atomic, to the nanosecond; durations beyond [`FAR`] are cut to it.
+#[derive(Debug)]
+pub(crate) struct AtomicDuration(AtomicU64);
+
+const UNSET: u64 = u64::MAX;
+
+impl AtomicDuration {
+    pub(crate) fn new(duration: Option<Duration>) -> Self {
+        AtomicDuration(AtomicU64::new(Self::encode(duration)))
+    }
+
+    fn encode(duration: Option<Duration>) -> u64 {
+        duration.map_or(UNSET, |d| d.min(FAR).as_nanos() as u64)
+    }
+
+    pub(crate) fn set(&self, duration: Option<Duration>) {
+        self.0.store(Self::encode(duration), Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> Option<Duration> {
+        match self.0.load(Relaxed) {
+            UNSET => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn atomic_durations_keep_nanoseconds_and_saturate() {
+        let d = AtomicDuration::new(None);
+        assert_eq!(d.get(), None);
+        d.set(Some(Duration::from_micros(900)));
+        assert_eq!(d.get(), Some(Duration::from_micros(900)));
+        d.set(Some(Duration::MAX));
+        assert_eq!(d.get(), Some(FAR));
+    }
 
     #[test]
     fn huge_delays_saturate() {

@@ -53,11 +53,12 @@ fn client_closed_request() -> StatusCode {
     StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
-/// `Retry-After` in whole seconds, rounded up (a delay of 1 ms is sent as 1).
+/// `Retry-After` in whole seconds, rounded up (a delay of 1 ms is sent as 1); the longest
+/// delay is `u64::MAX` seconds.
 pub fn retry_after_seconds(delay: Duration) -> u64 {
     let secs = delay.as_secs();
     if delay.subsec_nanos() > 0 {
-        secs + 1
+        secs.saturating_add(1)
     } else {
         secs
     }
@@ -69,7 +70,9 @@ fn describe(err: &(dyn Error + 'static)) -> (StatusCode, Option<Duration>, serde
         let body = serde_json::json!({
             "error": rejected.kind().as_str(),
             "message": rejected.message(),
-            "retry_after_ms": rejected.retry_after().map(|d| d.as_millis() as u64),
+            "retry_after_ms": rejected
+                .retry_after()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         });
         return (status_for(rejected.kind()), rejected.retry_after(), body);
     }
@@ -219,5 +222,16 @@ mod tests {
         assert_eq!(retry_after_seconds(Duration::from_secs(2)), 2);
         assert_eq!(retry_after_seconds(Duration::from_millis(2001)), 3);
         assert_eq!(retry_after_seconds(Duration::ZERO), 0);
+        assert_eq!(retry_after_seconds(Duration::MAX), u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn the_longest_delay_is_sent_whole() {
+        let err: tower::BoxError = Rejected::new(RejectionKind::CircuitOpen)
+            .with_retry_after(Duration::MAX)
+            .into();
+        let (_, retry_after, body) = parts(err).await;
+        assert_eq!(retry_after.as_deref(), Some("18446744073709551615"));
+        assert_eq!(body["retry_after_ms"], u64::MAX);
     }
 }

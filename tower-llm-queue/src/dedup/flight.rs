@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::clock::AtomicDuration;
 use crate::sharded::{lock, FastMap};
 
 use super::error::CallFailed;
@@ -85,14 +86,12 @@ struct Counters {
     panicked: AtomicU64,
 }
 
-const NONE: u64 = u64::MAX;
-
 pub(super) struct Shared<K> {
     flights: Mutex<FastMap<K, Flight>>,
     cache: OnceLock<quick_cache::sync::Cache<K, Cached>>,
     max_entries: AtomicUsize,
-    ttl_ms: AtomicU64,
-    negative_ttl_ms: AtomicU64,
+    ttl: AtomicDuration,
+    negative_ttl: AtomicDuration,
     next_id: AtomicU64,
     counters: Counters,
 }
@@ -116,14 +115,6 @@ pub(super) enum Joined<R> {
     Alone,
 }
 
-fn millis(ms: u64) -> Option<Duration> {
-    (ms != NONE).then(|| Duration::from_millis(ms))
-}
-
-fn to_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(NONE - 1)
-}
-
 impl<K> Shared<K>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -133,19 +124,19 @@ where
             flights: Mutex::new(FastMap::default()),
             cache: OnceLock::new(),
             max_entries: AtomicUsize::new(10_000),
-            ttl_ms: AtomicU64::new(NONE),
-            negative_ttl_ms: AtomicU64::new(NONE),
+            ttl: AtomicDuration::new(None),
+            negative_ttl: AtomicDuration::new(None),
             next_id: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
 
     pub(super) fn set_ttl(&self, ttl: Duration) {
-        self.ttl_ms.store(to_ms(ttl), Relaxed);
+        self.ttl.set(Some(ttl));
     }
 
     pub(super) fn set_negative_ttl(&self, ttl: Duration) {
-        self.negative_ttl_ms.store(to_ms(ttl), Relaxed);
+        self.negative_ttl.set(Some(ttl));
     }
 
     pub(super) fn set_max_entries(&self, n: usize) {
@@ -162,7 +153,7 @@ where
     }
 
     fn caching(&self) -> bool {
-        self.ttl_ms.load(Relaxed) != NONE || self.negative_ttl_ms.load(Relaxed) != NONE
+        self.ttl.get().is_some() || self.negative_ttl.get().is_some()
     }
 
     fn cached<R: Clone + 'static>(&self, key: &K) -> Option<Outcome<R>> {
@@ -277,9 +268,9 @@ where
             let Ok(senders) = flight.waiters.into_any().downcast::<Senders<R>>() else {
                 return;
             };
-            let negative_ttl = millis(self.negative_ttl_ms.load(Relaxed));
+            let negative_ttl = self.negative_ttl.get();
             let (result, ttl) = match ended {
-                Ended::Ok(response) => (Ok(response), millis(self.ttl_ms.load(Relaxed))),
+                Ended::Ok(response) => (Ok(response), self.ttl.get()),
                 Ended::Err(err) if senders.len() == 1 && negative_ttl.is_none() => {
                     self.counters.failed.fetch_add(1, Relaxed);
                     drop(flights);
@@ -303,7 +294,7 @@ where
                     key.clone(),
                     Cached {
                         result: Arc::new(result.clone()),
-                        expires: Instant::now() + ttl,
+                        expires: crate::clock::later(Instant::now(), ttl),
                     },
                 );
             }
@@ -342,7 +333,7 @@ where
     }
 
     pub(super) fn ttl(&self) -> Option<Duration> {
-        millis(self.ttl_ms.load(Relaxed))
+        self.ttl.get()
     }
 }
 

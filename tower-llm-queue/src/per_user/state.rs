@@ -7,6 +7,7 @@ use std::task::Context;
 use std::time::Duration;
 
 use crate::admission::{Finish, Slot};
+use crate::clock::AtomicDuration;
 use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
@@ -14,8 +15,6 @@ use crate::sharded::{shrink, Sharded};
 use crate::waiter::Waiter;
 
 use super::stats::PerUserStats;
-
-const NO_TIMEOUT: u64 = u64::MAX;
 
 #[derive(Debug, Default)]
 struct User {
@@ -38,7 +37,7 @@ struct Counters {
 pub(crate) struct Shared {
     max_per_user: AtomicUsize,
     max_waiting: AtomicUsize,
-    timeout_ms: AtomicU64,
+    timeout: AtomicDuration,
     users: Sharded<User>,
     counters: Counters,
 }
@@ -66,7 +65,7 @@ impl Shared {
         Shared {
             max_per_user: AtomicUsize::new(max_per_user),
             max_waiting: AtomicUsize::new(0),
-            timeout_ms: AtomicU64::new(NO_TIMEOUT),
+            timeout: AtomicDuration::new(None),
             users: Sharded::new(),
             counters: Counters::default(),
         }
@@ -74,13 +73,12 @@ impl Shared {
 
     pub(crate) fn set_wait(&self, max_waiting: usize, timeout: Duration) {
         self.max_waiting.store(max_waiting, Relaxed);
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(NO_TIMEOUT - 1);
-        self.timeout_ms.store(ms, Relaxed);
+        self.timeout.set(Some(timeout));
     }
 
     pub(crate) fn set_reject(&self) {
         self.max_waiting.store(0, Relaxed);
-        self.timeout_ms.store(NO_TIMEOUT, Relaxed);
+        self.timeout.set(None);
     }
 
     pub(crate) fn max_per_user(&self) -> usize {
@@ -109,10 +107,7 @@ impl Shared {
             drop(shard);
             self.counters.waited.fetch_add(1, Relaxed);
             tracing::debug!(user = %key, "waiting for one of the user's slots");
-            let timeout = match self.timeout_ms.load(Relaxed) {
-                NO_TIMEOUT => None,
-                ms => Some(Duration::from_millis(ms)),
-            };
+            let timeout = self.timeout.get();
             return Ok(Acquired::Waiting(self.slot(key, Some(waiter)), timeout));
         }
         if user.in_flight == 0 && user.waiters.is_empty() {

@@ -155,3 +155,20 @@ async fn memory_returns_to_baseline_after_a_million_users() {
     assert!(peak >= 10_000, "the batches were really concurrent");
     assert!(capacity <= shards * 64, "{capacity} entries of room left");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_shorter_than_a_millisecond_is_kept() {
+    let layer = PerUserConcurrencyLayer::new(1, by_user).wait(1, Duration::from_micros(900));
+    let mut svc = ServiceBuilder::new().layer(layer).service(upstream());
+    let _running = tokio::spawn(svc.call((1, 10)));
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let err = svc.call((1, 1)).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::UserLimit);
+    // tokio's timers tick in milliseconds: the wait ends at the first tick after 900 µs.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_micros(900) && waited <= Duration::from_millis(1),
+        "{waited:?}"
+    );
+}

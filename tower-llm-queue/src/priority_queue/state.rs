@@ -312,10 +312,13 @@ impl State {
         }
     }
 
+    /// When a waiting place is likely to free: the next time a running request ends, which with
+    /// `concurrency` requests running takes a service time divided by `concurrency` (one second
+    /// of service time while none has been measured).
     fn estimate_wait(&self) -> Duration {
         let per_request = self.service_time.unwrap_or(Duration::from_secs(1));
-        let rounds = (self.schedule.len() / self.config.concurrency.max(1)) as u32 + 1;
-        per_request.saturating_mul(rounds)
+        let running = u32::try_from(self.running.max(1)).unwrap_or(u32::MAX);
+        (per_request / running).max(Duration::from_millis(1))
     }
 
     fn observe_service_time(&mut self, took: Duration) {

@@ -184,8 +184,9 @@ async fn full_queue_refuses_at_once_with_an_estimate() {
     assert_eq!(before.elapsed(), Duration::ZERO);
     assert_eq!(kind(&err), RejectionKind::QueueFull);
     let rejected = Rejected::find(&*err).unwrap();
-    // Nothing finished yet: the estimate falls back to one second per round.
-    assert_eq!(rejected.retry_after(), Some(Duration::from_secs(3)));
+    // Nothing finished yet: the estimate falls back to one second of service time, and a place
+    // frees when the running request ends.
+    assert_eq!(rejected.retry_after(), Some(Duration::from_secs(1)));
     assert_eq!(handle.stats().rejected, 1);
     first.await.unwrap().unwrap();
     for q in queued {
@@ -202,7 +203,59 @@ async fn full_queue_refuses_at_once_with_an_estimate() {
     tokio::task::yield_now().await;
     let err = svc.call(job("x", "u", 5)).await.unwrap_err();
     let rejected = Rejected::find(&*err).unwrap();
-    assert_eq!(rejected.retry_after(), Some(Duration::from_secs(6)));
+    assert_eq!(rejected.retry_after(), Some(Duration::from_secs(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_says_when_a_place_frees_not_when_it_drains() {
+    // One running, a hundred waiting, each taking a second: a place frees every second.
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1).capacity(100);
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let _running: Vec<_> = (0..101)
+        .map(|n| tokio::spawn(svc.call(job(&n.to_string(), "u", 5))))
+        .collect();
+    tokio::task::yield_now().await;
+    let err = svc.call(job("x", "u", 5)).await.unwrap_err();
+    let retry_after = Rejected::find(&*err).unwrap().retry_after().unwrap();
+    assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}");
+    sleep(retry_after).await;
+    tokio::task::yield_now().await;
+    let admitted = tokio::spawn(svc.call(job("y", "u", 5)));
+    tokio::task::yield_now().await;
+    assert!(!admitted.is_finished(), "queued, not refused");
+    // With concurrency 4, four requests end per service time.
+    let layer = PriorityQueueLayer::new(4).capacity(8);
+    let mut svc = ServiceBuilder::new().layer(layer).service(upstream(log));
+    let _running: Vec<_> = (0..12)
+        .map(|n| tokio::spawn(svc.call(job(&n.to_string(), "u", 5))))
+        .collect();
+    tokio::task::yield_now().await;
+    let err = svc.call(job("x", "u", 5)).await.unwrap_err();
+    let retry_after = Rejected::find(&*err).unwrap().retry_after().unwrap();
+    assert_eq!(retry_after, Duration::from_millis(250));
+}
+
+#[test]
+fn a_request_can_be_queued_outside_a_runtime() {
+    let layer = PriorityQueueLayer::new(1).queue_timeout(Duration::from_secs(5));
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+    // Built without a runtime: the second waits, and its timer starts only when polled.
+    let first = svc.call(1);
+    let second = svc.call(2);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        assert_eq!(first.await.unwrap(), 1);
+        assert_eq!(second.await.unwrap(), 2);
+    });
 }
 
 #[tokio::test(start_paused = true)]
