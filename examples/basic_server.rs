@@ -5,7 +5,7 @@
 //! ```text
 //! curl -N -H 'x-user-id: ada' -H 'x-priority: 1' localhost:3000/ask?prompt=hello
 //! curl localhost:3000/queue/health
-//! curl -X DELETE localhost:3000/requests/7
+//! curl -X DELETE -H 'x-user-id: ada' localhost:3000/requests/7
 //! ```
 //!
 //! At most 3 replies stream at once (each holds its slot until its last token), at most 2 per
@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use tower::ServiceBuilder;
+use tower_llm_queue::key::ExtractKey;
 use tower_llm_queue::key::HeaderKey;
 use tower_llm_queue::priority_queue::{HeaderPriority, RequestIdExtension};
 use tower_llm_queue::{
@@ -68,8 +69,16 @@ async fn health(State(h): State<Handles>) -> impl IntoResponse {
     }))
 }
 
-async fn cancel(State(h): State<Handles>, Path(id): Path<u64>) -> StatusCode {
-    match h.queue.cancel(RequestId::from_u64(id)) {
+/// Cancels one of the caller's own requests: ids are easy to guess, so the owner is checked.
+async fn cancel(
+    State(h): State<Handles>,
+    Path(id): Path<u64>,
+    request: axum::extract::Request,
+) -> StatusCode {
+    let Ok(owner) = HeaderKey::new("x-user-id").extract(&request) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    match h.queue.cancel_owned(RequestId::from_u64(id), &owner) {
         true => StatusCode::NO_CONTENT,
         false => StatusCode::NOT_FOUND,
     }

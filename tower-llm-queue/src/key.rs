@@ -47,7 +47,8 @@ pub const MAX_KEY_LEN: usize = 256;
 
 /// Identifies a user, a tenant, an API key or any other group of requests that share a limit.
 ///
-/// Cheap to clone and hash. Build one from a string, an integer or an IP address; the
+/// Cheap to clone and hash. Build one from a string, any integer (the same number is the same
+/// key whatever its type), sixteen bytes such as a UUID, or an IP address; the
 /// [`Key::anonymous`] key stands for every request that carried no key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(Repr);
@@ -55,7 +56,13 @@ pub struct Key(Repr);
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Repr {
     Anonymous,
+    /// Every integer from `i64::MIN` to `u64::MAX`: a number is one key, whatever its type.
     Int(u64),
+    Negative(i64),
+    /// Integers above `u64::MAX`, as high and low halves (8-byte aligned, unlike `u128`).
+    Wide(u64, u64),
+    /// Sixteen bytes, such as a UUID.
+    Bytes([u8; 16]),
     Text(Arc<str>),
 }
 
@@ -76,10 +83,21 @@ impl Key {
     pub(crate) fn storage_name(&self) -> String {
         match &self.0 {
             Repr::Anonymous => "a".to_string(),
-            Repr::Int(n) => format!("i:{n}"),
+            Repr::Int(_) | Repr::Negative(_) | Repr::Wide(..) => format!("i:{self}"),
+            Repr::Bytes(_) => format!("b:{self}"),
             Repr::Text(s) => format!("s:{s}"),
         }
     }
+}
+
+fn write_uuid(f: &mut fmt::Formatter<'_>, bytes: &[u8; 16]) -> fmt::Result {
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            f.write_str("-")?;
+        }
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
 }
 
 impl fmt::Display for Key {
@@ -87,6 +105,9 @@ impl fmt::Display for Key {
         match &self.0 {
             Repr::Anonymous => f.write_str("anonymous"),
             Repr::Int(n) => write!(f, "{n}"),
+            Repr::Negative(n) => write!(f, "{n}"),
+            Repr::Wide(high, low) => write!(f, "{}", (u128::from(*high) << 64) | u128::from(*low)),
+            Repr::Bytes(bytes) => write_uuid(f, bytes),
             Repr::Text(s) => f.write_str(s),
         }
     }
@@ -96,8 +117,8 @@ impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Repr::Anonymous => f.write_str("Key(anonymous)"),
-            Repr::Int(n) => write!(f, "Key({n})"),
             Repr::Text(s) => write!(f, "Key({s:?})"),
+            _ => write!(f, "Key({self})"),
         }
     }
 }
@@ -143,6 +164,46 @@ macro_rules! key_from_unsigned {
 }
 key_from_unsigned!(u8, u16, u32, u64, usize);
 
+macro_rules! key_from_signed {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Key {
+            fn from(n: $t) -> Self {
+                match u64::try_from(n) {
+                    Ok(n) => Key(Repr::Int(n)),
+                    Err(_) => Key(Repr::Negative(n as i64)),
+                }
+            }
+        }
+    )*};
+}
+key_from_signed!(i8, i16, i32, i64, isize);
+
+impl From<u128> for Key {
+    fn from(n: u128) -> Self {
+        match u64::try_from(n) {
+            Ok(n) => Key(Repr::Int(n)),
+            Err(_) => Key(Repr::Wide((n >> 64) as u64, n as u64)),
+        }
+    }
+}
+
+impl From<i128> for Key {
+    fn from(n: i128) -> Self {
+        match (u128::try_from(n), i64::try_from(n)) {
+            (Ok(n), _) => Key::from(n),
+            (Err(_), Ok(n)) => Key::from(n),
+            (Err(_), Err(_)) => Key::from(n.to_string()),
+        }
+    }
+}
+
+/// Sixteen bytes — a UUID's (`Uuid::into_bytes()`), a hash — shown as a hyphenated UUID.
+impl From<[u8; 16]> for Key {
+    fn from(bytes: [u8; 16]) -> Self {
+        Key(Repr::Bytes(bytes))
+    }
+}
+
 impl From<IpAddr> for Key {
     fn from(ip: IpAddr) -> Self {
         Key::from(ip.to_string())
@@ -159,6 +220,12 @@ impl From<()> for Key {
 ///
 /// Implemented by every `Fn(&Req) -> K` where `K: Into<Key>`, and by the ready-made extractors
 /// of this module. Implement it yourself to refuse some requests with a [`Rejected`].
+///
+/// The key is returned owned, not borrowed from the request, because it outlives the request:
+/// the layer keeps it in its shared state (a user's slots, a fair-queuing turn, a rate window)
+/// while the request itself has moved on to the inner service. That costs little: integers,
+/// UUIDs and [`Key::anonymous`] are stored inline, and text is one shared `Arc<str>` — return
+/// an `Arc<str>` you already hold, and cloning it is a reference count.
 pub trait ExtractKey<Req> {
     /// The request's key, or the reason it has none and must be refused.
     fn extract(&self, req: &Req) -> Result<Key, Rejected>;
@@ -428,6 +495,35 @@ mod tests {
             ClientIp::new().extract(&Request::new(())).unwrap(),
             Key::anonymous()
         );
+    }
+
+    #[test]
+    fn numbers_are_one_key_whatever_their_type() {
+        assert_eq!(Key::from(5i32), Key::from(5u8));
+        assert_eq!(Key::from(5u128), Key::from(5u64));
+        assert_eq!(Key::from(-5i64), Key::from(-5i8));
+        assert_ne!(Key::from(-1i64), Key::from(u64::MAX));
+        assert_eq!(Key::from(-1i64).to_string(), "-1");
+        assert_eq!(Key::from(u128::MAX).to_string(), u128::MAX.to_string());
+        assert_ne!(Key::from(u128::MAX), Key::from(u64::MAX));
+        assert_eq!(Key::from(i128::MIN).to_string(), i128::MIN.to_string());
+        let uuid = [
+            0x67, 0xe5, 0x50, 0x44, 0x10, 0xb1, 0x42, 0x6f, 0x92, 0x47, 0xbb, 0x68, 0x0e, 0x5f,
+            0xe0, 0xc8,
+        ];
+        assert_eq!(
+            Key::from(uuid).to_string(),
+            "67e55044-10b1-426f-9247-bb680e5fe0c8"
+        );
+        assert_ne!(
+            Key::from(uuid).storage_name(),
+            Key::from(uuid.map(|_| 0)).storage_name()
+        );
+        assert_ne!(
+            Key::from(-5i64).storage_name(),
+            Key::from("-5").storage_name()
+        );
+        assert!(std::mem::size_of::<Key>() <= 24);
     }
 
     #[test]

@@ -69,6 +69,8 @@ mod stats;
 
 use std::sync::Arc;
 
+use crate::key::Key;
+
 pub use self::future::ResponseFuture;
 pub use self::layer::PriorityQueueLayer;
 pub use self::priority::{
@@ -103,8 +105,38 @@ impl PriorityQueueHandle {
     /// Cancels a waiting or running request: its caller gets
     /// [`RejectionKind::Cancelled`](crate::RejectionKind::Cancelled). False if the queue holds
     /// no such request.
+    ///
+    /// Request ids are not secrets: they are sequential and easy to guess. Where a client names
+    /// the request to cancel, use [`cancel_owned`](Self::cancel_owned).
     pub fn cancel(&self, id: RequestId) -> bool {
-        self.shared.cancel(id)
+        self.shared.cancel(id, None)
+    }
+
+    /// Cancels a waiting or running request only if it belongs to `owner`, the user that
+    /// [`fair_by`](PriorityQueueLayer::fair_by) found for it: what a server's cancel endpoint
+    /// needs, so that nobody cancels another user's request by guessing its id. False if the
+    /// queue holds no such request of that user (a queue without `fair_by` knows no owners).
+    ///
+    /// ```
+    /// use tower::{service_fn, Service, ServiceBuilder};
+    /// use tower_llm_queue::{Key, PriorityQueueLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = PriorityQueueLayer::new(1).fair_by(|(user, _): &(String, u32)| user.clone());
+    /// let handle = layer.handle();
+    /// let mut svc = ServiceBuilder::new()
+    ///     .layer(layer)
+    ///     .service(service_fn(|_: (String, u32)| std::future::pending::<Result<(), tower::BoxError>>()));
+    /// let call = svc.call(("ada".to_string(), 1));
+    /// let id = call.request_id();
+    /// assert!(!handle.cancel_owned(id, &Key::from("bob")));
+    /// assert!(handle.cancel_owned(id, &Key::from("ada")));
+    /// assert!(call.await.is_err());
+    /// # }
+    /// ```
+    pub fn cancel_owned(&self, id: RequestId, owner: &Key) -> bool {
+        self.shared.cancel(id, Some(owner))
     }
 }
 

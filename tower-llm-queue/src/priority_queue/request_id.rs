@@ -8,6 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 ///
 /// [`RequestId::next`] hands out ids unique within the process. An id parses from and prints as
 /// a decimal number, so it can travel in a header or a URL.
+///
+/// Ids are sequential, hence easy to guess: they name a request, they do not prove that the
+/// caller may act on it. A cancel endpoint should use
+/// [`PriorityQueueHandle::cancel_owned`](super::PriorityQueueHandle::cancel_owned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]
 pub struct RequestId(u64);

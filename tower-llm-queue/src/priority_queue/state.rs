@@ -205,12 +205,16 @@ impl Shared {
         }
     }
 
-    /// Cancels a queued or running request. False if no such request is in the queue.
-    pub(crate) fn cancel(&self, id: RequestId) -> bool {
+    /// Cancels a queued or running request — with `owner`, only one of that user. False if no
+    /// such request is in the queue.
+    pub(crate) fn cancel(&self, id: RequestId, owner: Option<&Key>) -> bool {
         let mut state = lock(&self.state);
         let Some(entry) = state.entries.get(&id) else {
             return false;
         };
+        if owner.is_some_and(|owner| entry.user.as_ref() != Some(owner)) {
+            return false;
+        }
         if !entry.waiter.cancel() {
             return false;
         }

@@ -434,3 +434,32 @@ async fn inner_errors_pass_through_untouched() {
     assert!(err.is::<Upstream>());
     assert_eq!(handle.stats().failed, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_the_owner_cancels_by_id() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1).fair_by(|j: &Job| j.user.clone());
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let running = svc.call(job("r", "ada", 5));
+    let queued = svc.call(job("q", "ada", 5));
+    let bob = crate::Key::from("bob");
+    let ada = crate::Key::from("ada");
+    assert!(!handle.cancel_owned(running.request_id(), &bob));
+    assert!(!handle.cancel_owned(queued.request_id(), &bob));
+    assert_eq!(handle.entries().len(), 2);
+    assert!(handle.cancel_owned(queued.request_id(), &ada));
+    assert_eq!(kind(&queued.await.unwrap_err()), RejectionKind::Cancelled);
+    assert!(handle.cancel_owned(running.request_id(), &ada));
+    assert_eq!(kind(&running.await.unwrap_err()), RejectionKind::Cancelled);
+
+    // A queue that knows no users knows no owners.
+    let layer = PriorityQueueLayer::new(1);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new().layer(layer).service(upstream(log));
+    let call = svc.call(job("x", "ada", 5));
+    assert!(!handle.cancel_owned(call.request_id(), &ada));
+    assert!(handle.cancel(call.request_id()));
+}
