@@ -15,6 +15,15 @@
 //! | [`DedupLayer`] | whether an identical request is running or cached | joins it, or gets the cached result |
 //! | [`CircuitBreakerLayer`] | whether the upstream is healthy enough to call | [`RejectionKind::CircuitOpen`] at once until probes succeed |
 //!
+//! # Settings and state
+//!
+//! A layer is a handle to one shared state, made by its `new`. Its *settings* — limits,
+//! capacities, timeouts, modes, budgets — live in that state: a setting changed through any
+//! clone of a layer applies to all its clones and to the services already built from them.
+//! Configure a layer before you share it, and make two layers for two configurations. What a
+//! builder method changes the *type* of — a key extractor, a priority, a cost, a classifier, the
+//! hold policy — belongs to the layer value it returns: a type cannot be shared.
+//!
 //! [`classify`] decides what a result means for retries and the breaker; [`buffer`] makes HTTP
 //! bodies cloneable for them; [`key`] finds who a request belongs to; [`hold`] keeps a slot while
 //! a streamed reply is read.

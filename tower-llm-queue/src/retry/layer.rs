@@ -16,7 +16,6 @@ use super::{Backoff, Config, RetryBackoff, RetryBudget, RetryHandle};
 #[derive(Clone)]
 pub struct RetryBackoffLayer<C = DefaultClassifier> {
     shared: Arc<Shared>,
-    config: Config,
     classify: C,
 }
 
@@ -26,13 +25,12 @@ impl RetryBackoffLayer {
     /// cool-down, and upstream delays of up to 60 seconds honoured.
     pub fn new(max_retries: u32) -> Self {
         RetryBackoffLayer {
-            shared: Arc::new(Shared::new()),
-            config: Config {
+            shared: Arc::new(Shared::new(Config {
                 max_retries,
                 backoff: Backoff::default(),
                 max_retry_after: Duration::from_secs(60),
                 cooldown: true,
-            },
+            })),
             classify: DefaultClassifier,
         }
     }
@@ -40,8 +38,8 @@ impl RetryBackoffLayer {
 
 impl<C> RetryBackoffLayer<C> {
     /// How the delay grows between attempts.
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.config.backoff = backoff;
+    pub fn backoff(self, backoff: Backoff) -> Self {
+        self.shared.configure(|c| c.backoff = backoff);
         self
     }
 
@@ -50,15 +48,14 @@ impl<C> RetryBackoffLayer<C> {
     pub fn classify<C2>(self, classify: C2) -> RetryBackoffLayer<C2> {
         RetryBackoffLayer {
             shared: self.shared,
-            config: self.config,
             classify,
         }
     }
 
     /// When the upstream asks to wait longer than `limit`, give up at once and return its answer
     /// instead of sleeping (default 60 s).
-    pub fn max_retry_after(mut self, limit: Duration) -> Self {
-        self.config.max_retry_after = limit;
+    pub fn max_retry_after(self, limit: Duration) -> Self {
+        self.shared.configure(|c| c.max_retry_after = limit);
         self
     }
 
@@ -71,8 +68,8 @@ impl<C> RetryBackoffLayer<C> {
     /// Whether a "not before" from the upstream makes every request through this layer — first
     /// attempts included — wait until then (default `true`). This is what ends a retry storm:
     /// nobody hits a throttled upstream again before it said to.
-    pub fn cooldown(mut self, enabled: bool) -> Self {
-        self.config.cooldown = enabled;
+    pub fn cooldown(self, enabled: bool) -> Self {
+        self.shared.configure(|c| c.cooldown = enabled);
         self
     }
 
@@ -91,7 +88,6 @@ impl<S, C: Clone> Layer<S> for RetryBackoffLayer<C> {
         RetryBackoff {
             inner,
             shared: self.shared.clone(),
-            config: self.config,
             classify: self.classify.clone(),
         }
     }
@@ -100,7 +96,7 @@ impl<S, C: Clone> Layer<S> for RetryBackoffLayer<C> {
 impl<C> fmt::Debug for RetryBackoffLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryBackoffLayer")
-            .field("config", &self.config)
+            .field("config", &self.shared.config())
             .finish_non_exhaustive()
     }
 }

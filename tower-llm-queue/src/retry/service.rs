@@ -10,7 +10,7 @@ use crate::rejected::Rejected;
 
 use super::state::{Ending, Shared};
 use super::ResponseFuture;
-use super::{Config, RetryHandle};
+use super::RetryHandle;
 
 /// Retries failed calls with backoff, honouring the upstream's retry delays, a retry budget and
 /// a shared cool-down. Built by [`RetryBackoffLayer`](super::RetryBackoffLayer).
@@ -18,7 +18,6 @@ use super::{Config, RetryHandle};
 pub struct RetryBackoff<S, C> {
     pub(super) inner: S,
     pub(super) shared: Arc<Shared>,
-    pub(super) config: Config,
     pub(super) classify: C,
 }
 
@@ -53,7 +52,6 @@ where
             self.inner.clone(),
             request,
             self.shared.clone(),
-            self.config,
             self.classify.clone(),
         ))
     }
@@ -63,7 +61,6 @@ async fn attempts<S, C, Req>(
     template: S,
     request: Req,
     shared: Arc<Shared>,
-    config: Config,
     classify: C,
 ) -> Result<S::Response, tower::BoxError>
 where
@@ -72,7 +69,7 @@ where
     C: Classify<S::Response>,
     Req: Clone,
 {
-    shared.first_attempt();
+    let config = shared.first_attempt();
     let mut inner = template.clone();
     let mut retries = 0u32;
     let mut previous = config.backoff.initial();
@@ -148,7 +145,7 @@ impl<S: fmt::Debug, C> fmt::Debug for RetryBackoff<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryBackoff")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("config", &self.shared.config())
             .finish_non_exhaustive()
     }
 }

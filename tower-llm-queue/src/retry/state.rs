@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use crate::sharded::lock;
 
 use super::budget::{BudgetLedger, RetryBudget};
-use super::RetryStats;
+use super::{Config, RetryStats};
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -20,10 +20,18 @@ struct Counters {
     cooled_down: AtomicU64,
 }
 
-/// What every service of one retry layer shares: the budget, the cool-down and the counters.
+/// The settings and the budget's ledger, read together under one lock when a call starts.
+#[derive(Debug)]
+struct Book {
+    config: Config,
+    ledger: BudgetLedger,
+}
+
+/// What every service of one retry layer shares: the settings, the budget, the cool-down and the
+/// counters.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    ledger: Mutex<BudgetLedger>,
+    book: Mutex<Book>,
     cooldown_until: Mutex<Option<Instant>>,
     counters: Counters,
 }
@@ -39,25 +47,39 @@ pub(super) enum Ending {
 }
 
 impl Shared {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(config: Config) -> Self {
         Shared {
-            ledger: Mutex::new(BudgetLedger::new(RetryBudget::default())),
+            book: Mutex::new(Book {
+                config,
+                ledger: BudgetLedger::new(RetryBudget::default()),
+            }),
             cooldown_until: Mutex::new(None),
             counters: Counters::default(),
         }
     }
 
     pub(super) fn set_budget(&self, budget: RetryBudget) {
-        lock(&self.ledger).set(budget);
+        lock(&self.book).ledger.set(budget);
     }
 
-    pub(super) fn first_attempt(&self) {
+    pub(super) fn configure(&self, f: impl FnOnce(&mut Config)) {
+        f(&mut lock(&self.book).config);
+    }
+
+    pub(super) fn config(&self) -> Config {
+        lock(&self.book).config
+    }
+
+    /// Counts a call's first attempt, and gives the settings it runs with.
+    pub(super) fn first_attempt(&self) -> Config {
         self.counters.calls.fetch_add(1, Relaxed);
-        lock(&self.ledger).first_attempt(Instant::now());
+        let mut book = lock(&self.book);
+        book.ledger.first_attempt(Instant::now());
+        book.config
     }
 
     pub(super) fn try_retry(&self) -> bool {
-        let granted = lock(&self.ledger).try_retry(Instant::now());
+        let granted = lock(&self.book).ledger.try_retry(Instant::now());
         if granted {
             self.counters.retries.fetch_add(1, Relaxed);
         }

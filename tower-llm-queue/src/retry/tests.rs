@@ -354,3 +354,21 @@ async fn huge_delays_and_budgets_do_not_overflow() {
         assert_eq!(svc.oneshot(()).await.unwrap().status(), 200, "{ratio}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn settings_apply_to_every_clone_and_service() {
+    let layer = seed_000();
+    let up = Scripted::new(vec![(429, vec![("retry-after", "30")]), (200, vec![])]);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(up.service());
+    // Changed through a clone after the service was built: the service follows.
+    let _ = layer.max_retry_after(Duration::from_secs(10));
+    let started = Instant::now();
+    assert_eq!(svc.oneshot(()).await.unwrap().status(), 429);
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "30 s is beyond the new cap"
+    );
+}
