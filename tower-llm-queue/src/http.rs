@@ -15,8 +15,11 @@
 //! "stop" through a cancel endpoint): the server is healthy and retrying makes no sense, which a
 //! 503 would suggest.
 //!
-//! A known retry delay is sent as `Retry-After` in whole seconds, rounded up, and in the JSON body
-//! in milliseconds: `{"error": "rate_limited", "message": "...", "retry_after_ms": 1500}`.
+//! A known retry delay is sent as `Retry-After` in whole seconds, rounded up, as `retry-after-ms`,
+//! and in the JSON body in milliseconds:
+//! `{"error": "rate_limited", "message": "...", "retry_after_ms": 1500}`. For an
+//! OpenAI-compatible gateway, [`handle_error_openai`] answers the same statuses and headers with
+//! OpenAI's error body ([`ErrorFormat::OpenAi`]).
 //!
 //! ```
 //! use axum::{error_handling::HandleErrorLayer, routing::get, Router};
@@ -64,56 +67,89 @@ pub fn retry_after_seconds(delay: Duration) -> u64 {
     }
 }
 
-/// The parts of the response for an error: status, retry delay and JSON body.
-fn describe(err: &(dyn Error + 'static)) -> (StatusCode, Option<Duration>, serde_json::Value) {
+/// What a response says about an error.
+struct Described {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    /// A short `snake_case` name: a [`RejectionKind`]'s, or `timeout`, `internal`, ...
+    code: &'static str,
+    message: String,
+}
+
+fn described(status: StatusCode, code: &'static str, message: impl Into<String>) -> Described {
+    Described {
+        status,
+        retry_after: None,
+        code,
+        message: message.into(),
+    }
+}
+
+fn describe(err: &(dyn Error + 'static)) -> Described {
     if let Some(rejected) = Rejected::find(err) {
-        let body = serde_json::json!({
-            "error": rejected.kind().as_str(),
-            "message": rejected.message(),
-            "retry_after_ms": rejected
-                .retry_after()
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        });
-        return (status_for(rejected.kind()), rejected.retry_after(), body);
+        return Described {
+            status: status_for(rejected.kind()),
+            retry_after: rejected.retry_after(),
+            code: rejected.kind().as_str(),
+            message: rejected.message().to_string(),
+        };
     }
     let mut current = Some(err);
     while let Some(e) = current {
         if e.is::<tower::timeout::error::Elapsed>() {
-            let body = serde_json::json!({
-                "error": "timeout",
-                "message": "the upstream did not answer in time",
-                "retry_after_ms": null,
-            });
-            return (StatusCode::GATEWAY_TIMEOUT, None, body);
+            let message = "the upstream did not answer in time";
+            return described(StatusCode::GATEWAY_TIMEOUT, "timeout", message);
         }
         if let Some(too_large) = e.downcast_ref::<crate::buffer::BodyTooLarge>() {
-            let (status, error) = match too_large.is_request() {
-                true => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-                false => (StatusCode::BAD_GATEWAY, "response_too_large"),
+            return match too_large.is_request() {
+                true => described(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    too_large.to_string(),
+                ),
+                false => described(
+                    StatusCode::BAD_GATEWAY,
+                    "response_too_large",
+                    too_large.to_string(),
+                ),
             };
-            let body = serde_json::json!({
-                "error": error,
-                "message": too_large.to_string(),
-                "retry_after_ms": null,
-            });
-            return (status, None, body);
         }
         if e.is::<tower::load_shed::error::Overloaded>() {
-            let body = serde_json::json!({
-                "error": "overloaded",
-                "message": "the service is overloaded",
-                "retry_after_ms": null,
-            });
-            return (StatusCode::SERVICE_UNAVAILABLE, None, body);
+            let message = "the service is overloaded";
+            return described(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
         }
         current = e.source();
     }
-    let body = serde_json::json!({
-        "error": "internal",
-        "message": "internal server error",
-        "retry_after_ms": null,
-    });
-    (StatusCode::INTERNAL_SERVER_ERROR, None, body)
+    let message = "internal server error";
+    described(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+}
+
+fn millis(delay: Duration) -> u64 {
+    u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The shape of an error body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ErrorFormat {
+    /// This crate's own: `{"error": "rate_limited", "message": "...", "retry_after_ms": 1500}`.
+    #[default]
+    Plain,
+    /// OpenAI's, for gateways that OpenAI clients call:
+    /// `{"error": {"message": "...", "type": "rate_limit_error", "param": null, "code":
+    /// "rate_limited"}}`, with an `x-should-retry` header that the official SDKs obey (false for
+    /// what a retry cannot fix: a cancellation, a bad request, a body too large).
+    OpenAi,
+}
+
+fn openai_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        429 => "rate_limit_error",
+        413 | 400..=498 => "invalid_request_error",
+        499 => "cancelled",
+        504 => "timeout",
+        _ => "server_error",
+    }
 }
 
 /// Builds the response for an error, with any body type that can be made from bytes.
@@ -123,22 +159,53 @@ pub fn error_response<B>(err: &(dyn Error + 'static)) -> http::Response<B>
 where
     B: From<bytes::Bytes>,
 {
-    let (status, retry_after, body) = describe(err);
-    if status.is_server_error() {
-        tracing::warn!(status = status.as_u16(), error = %err, "request failed");
+    error_response_as(err, ErrorFormat::Plain)
+}
+
+/// Builds the response for an error with a body of the given format. Both formats send a known
+/// delay as `Retry-After` (whole seconds, rounded up) and `retry-after-ms`.
+pub fn error_response_as<B>(err: &(dyn Error + 'static), format: ErrorFormat) -> http::Response<B>
+where
+    B: From<bytes::Bytes>,
+{
+    let d = describe(err);
+    if d.status.is_server_error() {
+        tracing::warn!(status = d.status.as_u16(), error = %err, "request failed");
     }
-    let bytes = bytes::Bytes::from(body.to_string());
-    let mut response = http::Response::new(B::from(bytes));
-    *response.status_mut() = status;
+    let body = match format {
+        ErrorFormat::Plain => serde_json::json!({
+            "error": d.code,
+            "message": d.message,
+            "retry_after_ms": d.retry_after.map(millis),
+        }),
+        ErrorFormat::OpenAi => serde_json::json!({
+            "error": {
+                "message": d.message,
+                "type": openai_type(d.status),
+                "param": null,
+                "code": d.code,
+            }
+        }),
+    };
+    let mut response = http::Response::new(B::from(bytes::Bytes::from(body.to_string())));
+    *response.status_mut() = d.status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(delay) = retry_after {
+    if let Some(delay) = d.retry_after {
         headers.insert(
             header::RETRY_AFTER,
             HeaderValue::from(retry_after_seconds(delay)),
+        );
+        headers.insert("retry-after-ms", HeaderValue::from(millis(delay)));
+    }
+    if format == ErrorFormat::OpenAi {
+        let retry = matches!(d.status.as_u16(), 429 | 500..=599);
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if retry { "true" } else { "false" }),
         );
     }
     response
@@ -150,6 +217,14 @@ where
 #[cfg(feature = "axum")]
 pub async fn handle_error(err: tower::BoxError) -> axum::response::Response {
     error_response::<axum::body::Body>(&*err)
+}
+
+/// [`handle_error`] with OpenAI-style error bodies ([`ErrorFormat::OpenAi`]), for an
+/// OpenAI-compatible gateway: the official SDKs read the status, `retry-after-ms`,
+/// `Retry-After` and `x-should-retry`, and back off as told.
+#[cfg(feature = "axum")]
+pub async fn handle_error_openai(err: tower::BoxError) -> axum::response::Response {
+    error_response_as::<axum::body::Body>(&*err, ErrorFormat::OpenAi)
 }
 
 #[cfg(all(test, feature = "axum"))]
@@ -233,5 +308,28 @@ mod tests {
         let (_, retry_after, body) = parts(err).await;
         assert_eq!(retry_after.as_deref(), Some("18446744073709551615"));
         assert_eq!(body["retry_after_ms"], u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn openai_format() {
+        let err: tower::BoxError = Rejected::new(RejectionKind::RateLimited)
+            .with_retry_after(Duration::from_millis(1500))
+            .into();
+        let response = handle_error_openai(err).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let headers = response.headers();
+        assert_eq!(headers[header::RETRY_AFTER], "2");
+        assert_eq!(headers["retry-after-ms"], "1500");
+        assert_eq!(headers["x-should-retry"], "true");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert_eq!(body["error"]["code"], "rate_limited");
+        assert_eq!(body["error"]["message"], "rate limit exceeded");
+
+        let cancelled: tower::BoxError = Rejected::new(RejectionKind::Cancelled).into();
+        let response = handle_error_openai(cancelled).await;
+        assert_eq!(response.status().as_u16(), 499);
+        assert_eq!(response.headers()["x-should-retry"], "false");
     }
 }

@@ -102,6 +102,13 @@ impl PriorityQueueHandle {
         self.shared.entries()
     }
 
+    /// The place of a waiting request in the queue — 0 is admitted next — for a status
+    /// indicator; `None` once it runs, or if the queue holds no such request. O(n) in the
+    /// requests waiting at its level.
+    pub fn position(&self, id: RequestId) -> Option<usize> {
+        self.shared.position(id)
+    }
+
     /// Cancels a waiting or running request: its caller gets
     /// [`RejectionKind::Cancelled`](crate::RejectionKind::Cancelled). False if the queue holds
     /// no such request.

@@ -141,6 +141,18 @@ impl Schedule {
         Some(id)
     }
 
+    /// Waiting requests in the order they would be admitted (level, then turn, then arrival),
+    /// not counting the turns of the longest-waiting request.
+    pub(crate) fn order(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.levels.iter().flat_map(|level| level.values().copied())
+    }
+
+    /// How many waiting requests would be admitted before the one at `pos`.
+    pub(crate) fn rank(&self, pos: Position) -> usize {
+        let above: usize = self.levels[..pos.level].iter().map(BTreeMap::len).sum();
+        above + self.levels[pos.level].range(..(pos.tag, pos.seq)).count()
+    }
+
     /// Takes a waiting request out (cancelled, timed out or dropped).
     pub(crate) fn remove(&mut self, pos: Position, user: Option<&Key>) -> bool {
         let removed = self.levels[pos.level].remove(&(pos.tag, pos.seq)).is_some();

@@ -257,9 +257,24 @@ impl Shared {
         }
     }
 
+    /// The place of a waiting request in the queue (0: admitted next).
+    pub(crate) fn position(&self, id: RequestId) -> Option<usize> {
+        let state = lock(&self.state);
+        match state.entries.get(&id)?.phase {
+            Phase::Queued { position, .. } => Some(state.schedule.rank(position)),
+            Phase::Running { .. } => None,
+        }
+    }
+
     pub(crate) fn entries(&self) -> Vec<QueueEntry> {
         let now = Instant::now();
         let state = lock(&self.state);
+        let places: FastMap<RequestId, usize> = state
+            .schedule
+            .order()
+            .enumerate()
+            .map(|(place, id)| (id, place))
+            .collect();
         let mut entries: Vec<QueueEntry> = state
             .entries
             .iter()
@@ -277,6 +292,7 @@ impl Shared {
                     level: e.level as u8 + 1,
                     state,
                     waited,
+                    position: places.get(id).copied(),
                 }
             })
             .collect();

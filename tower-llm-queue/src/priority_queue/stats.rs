@@ -76,6 +76,9 @@ pub struct QueueEntry {
     /// How long it has waited (queued) or waited before admission (running).
     #[serde(rename = "waited_ms", serialize_with = "millis")]
     pub waited: Duration,
+    /// Its place in the queue while it waits: 0 is admitted next. Every tenth admission going to
+    /// the longest-waiting request may overtake this order.
+    pub position: Option<usize>,
 }
 
 const RECENT: usize = 1024;

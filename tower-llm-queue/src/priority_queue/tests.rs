@@ -463,3 +463,36 @@ async fn only_the_owner_cancels_by_id() {
     assert!(!handle.cancel_owned(call.request_id(), &ada));
     assert!(handle.cancel(call.request_id()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiting_requests_know_their_place() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(1)
+        .priority(|j: &Job| j.level)
+        .fair_by(|j: &Job| j.user.clone())
+        .longest_waiting_every(0);
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let running = svc.call(job("r", "ada", 3));
+    let a1 = svc.call(job("a1", "ada", 3));
+    let a2 = svc.call(job("a2", "ada", 3));
+    let b1 = svc.call(job("b1", "bob", 3));
+    let urgent = svc.call(job("u", "cy", 1));
+    let place = |f: &ResponseFuture<_, _, _, _>| handle.position(f.request_id());
+    assert_eq!(place(&running), None);
+    // Level 1 first; then bob, whose turn comes before ada's second (one of hers runs).
+    assert_eq!(place(&urgent), Some(0));
+    assert_eq!(place(&b1), Some(1));
+    assert_eq!(place(&a1), Some(2));
+    assert_eq!(place(&a2), Some(3));
+    let entries = handle.entries();
+    let of = |id: RequestId| entries.iter().find(|e| e.id == id).unwrap().position;
+    assert_eq!(of(a2.request_id()), Some(3));
+    assert_eq!(of(running.request_id()), None);
+    drop(urgent);
+    assert_eq!(place(&a2), Some(2));
+    assert_eq!(handle.position(RequestId::from_u64(u64::MAX)), None);
+    drop((running, a1, a2, b1));
+}
