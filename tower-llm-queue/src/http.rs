@@ -145,7 +145,7 @@ pub enum ErrorFormat {
 fn openai_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         429 => "rate_limit_error",
-        413 | 400..=498 => "invalid_request_error",
+        400..=498 => "invalid_request_error",
         499 => "cancelled",
         504 => "timeout",
         _ => "server_error",
