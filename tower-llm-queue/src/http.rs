@@ -172,29 +172,45 @@ where
     if d.status.is_server_error() {
         tracing::warn!(status = d.status.as_u16(), error = %err, "request failed");
     }
+    json_error(format, d.status, d.code, &d.message, d.retry_after)
+}
+
+/// An error response of the server's own — a malformed request, an unknown id — in the shape
+/// and with the headers of the layers' refusals: `code` is the short name (`bad_request`), and
+/// `retry_after`, when known, is sent as `Retry-After` and `retry-after-ms`.
+pub fn json_error<B>(
+    format: ErrorFormat,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    retry_after: Option<Duration>,
+) -> http::Response<B>
+where
+    B: From<bytes::Bytes>,
+{
     let body = match format {
         ErrorFormat::Plain => serde_json::json!({
-            "error": d.code,
-            "message": d.message,
-            "retry_after_ms": d.retry_after.map(millis),
+            "error": code,
+            "message": message,
+            "retry_after_ms": retry_after.map(millis),
         }),
         ErrorFormat::OpenAi => serde_json::json!({
             "error": {
-                "message": d.message,
-                "type": openai_type(d.status),
+                "message": message,
+                "type": openai_type(status),
                 "param": null,
-                "code": d.code,
+                "code": code,
             }
         }),
     };
     let mut response = http::Response::new(B::from(bytes::Bytes::from(body.to_string())));
-    *response.status_mut() = d.status;
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(delay) = d.retry_after {
+    if let Some(delay) = retry_after {
         headers.insert(
             header::RETRY_AFTER,
             HeaderValue::from(retry_after_seconds(delay)),
@@ -202,7 +218,7 @@ where
         headers.insert("retry-after-ms", HeaderValue::from(millis(delay)));
     }
     if format == ErrorFormat::OpenAi {
-        let retry = matches!(d.status.as_u16(), 429 | 500..=599);
+        let retry = matches!(status.as_u16(), 429 | 500..=599);
         headers.insert(
             "x-should-retry",
             HeaderValue::from_static(if retry { "true" } else { "false" }),

@@ -76,14 +76,21 @@ pub enum Window {
     Time(Duration),
 }
 
-/// Where a breaker stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// Where a breaker stands. Serializes as `{"state": "open", "remaining_ms": 1500.0}`,
+/// `{"state": "closed"}`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum BreakerState {
     /// Calls go through.
     Closed,
     /// Calls are refused for this long still.
     Open {
         /// Time left before probing.
+        #[serde(rename = "remaining_ms", serialize_with = "millis")]
         remaining: Duration,
     },
     /// Probes go through; the rest is refused.
