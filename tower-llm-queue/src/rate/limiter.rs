@@ -54,6 +54,10 @@ impl State {
 #[derive(Debug)]
 struct Slot {
     state: State,
+    /// The latest instant a decision for this key has used. Decisions never go back before it,
+    /// so that a caller whose clock reading is older than the last admission (it read the clock,
+    /// then waited for the lock) is not mistaken for one arriving behind a reservation.
+    seen: Instant,
 }
 
 /// Per-key state in shards. A shard is swept of idle keys once it has taken in as many new keys
@@ -95,8 +99,31 @@ impl MemoryLimiter {
     /// Admits `cost` for `key` now, or — with `max_wait` — reserves the earliest instant it
     /// fits, in arrival order.
     pub(crate) fn decide(&self, key: &Key, cost: u64, max_wait: Option<Duration>) -> Decision {
-        let now = Instant::now();
+        self.decide_with(key, cost, max_wait, Instant::now)
+    }
+
+    /// [`decide`](Self::decide) at a given instant of the caller's clock.
+    #[cfg(test)]
+    pub(crate) fn decide_at(
+        &self,
+        key: &Key,
+        cost: u64,
+        max_wait: Option<Duration>,
+        now: Instant,
+    ) -> Decision {
+        self.decide_with(key, cost, max_wait, || now)
+    }
+
+    fn decide_with(
+        &self,
+        key: &Key,
+        cost: u64,
+        max_wait: Option<Duration>,
+        clock: impl FnOnce() -> Instant,
+    ) -> Decision {
         let (index, mut shard) = self.keys.lock_indexed(key);
+        // Read under the lock: decisions for one key then see the clock in their own order.
+        let now = clock();
         if !shard.contains_key(key) {
             let grown = self.grown[index].fetch_add(1, Relaxed) + 1;
             let kept = (shard.len() + 1).saturating_sub(grown);
@@ -112,7 +139,10 @@ impl MemoryLimiter {
                 Limit::Window { .. } => State::Log(VecDeque::new(), 0),
                 Limit::Bucket { .. } => State::Tat(now),
             },
+            seen: now,
         });
+        let now = now.max(slot.seen);
+        slot.seen = now;
         match (&mut slot.state, self.limit) {
             (State::Log(log, total), Limit::Window { limit, window }) => {
                 if cost > limit {

@@ -236,3 +236,55 @@ async fn a_missing_key_is_refused_when_asked() {
     let err = svc.oneshot(http::Request::new(())).await.unwrap_err();
     assert_eq!(rejection(&err).kind(), RejectionKind::MissingKey);
 }
+
+#[test]
+fn a_clock_read_before_a_later_admission_still_admits_below_the_limit() {
+    paused().block_on(async {
+        // Two callers read the clock, then take the lock in the other order: the second to
+        // decide holds the earlier instant. Far below the limit, both are admitted at once.
+        let limiter = MemoryLimiter::new(Limit::Window {
+            limit: 1_000,
+            window: Duration::from_secs(60),
+        });
+        let key = Key::anonymous();
+        let early = Instant::now();
+        let late = early + Duration::from_nanos(40);
+        assert!(matches!(
+            limiter.decide_at(&key, 1, None, late),
+            Decision::Now(_)
+        ));
+        match limiter.decide_at(&key, 1, None, early) {
+            Decision::Now(_) => {}
+            other => panic!("refused far below the limit: {other:?}"),
+        }
+        assert_eq!(limiter.usage(&key), 0, "both start 40 ns from now");
+        advance(Duration::from_nanos(40)).await;
+        assert_eq!(limiter.usage(&key), 2);
+    });
+}
+
+#[test]
+fn contention_never_refuses_far_below_the_limit() {
+    // Four threads on the real clock, 80,000 decisions in all against a limit of 10 million.
+    let limiter = Arc::new(MemoryLimiter::new(Limit::Window {
+        limit: 10_000_000,
+        window: Duration::from_secs(3_600),
+    }));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let limiter = limiter.clone();
+            std::thread::spawn(move || {
+                (0..20_000)
+                    .filter(|_| {
+                        !matches!(limiter.decide(&Key::anonymous(), 1, None), Decision::Now(_))
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let refused: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(
+        refused, 0,
+        "{refused} of 80,000 refused at 0.8 % of the limit"
+    );
+}
