@@ -19,7 +19,6 @@ macro_rules! rate_layer_builders {
                     key,
                     cost: self.cost,
                     reconcile: self.reconcile,
-                    max_wait: self.max_wait,
                 }
             }
 
@@ -31,7 +30,6 @@ macro_rules! rate_layer_builders {
                     key: self.key,
                     cost,
                     reconcile: self.reconcile,
-                    max_wait: self.max_wait,
                 }
             }
 
@@ -44,23 +42,28 @@ macro_rules! rate_layer_builders {
                     key: self.key,
                     cost: self.cost,
                     reconcile,
-                    max_wait: self.max_wait,
                 }
             }
 
             /// Refuses a request over the limit at once with
             /// [`RejectionKind::RateLimited`](crate::RejectionKind::RateLimited) and the exact
             /// time until it would fit as `retry_after` (the default).
-            pub fn reject(mut self) -> Self {
-                self.max_wait = None;
+            ///
+            /// This is a setting of the shared state: it applies to every clone of this layer
+            /// and to every service built from any of them, including services built before.
+            pub fn reject(self) -> Self {
+                self.shared.set_max_wait(None);
                 self
             }
 
             /// Lets a request over the limit wait for its turn — in arrival order per key, each
             /// woken at the instant it fits — when that comes within `max_wait`; otherwise it is
             /// refused at once.
-            pub fn wait(mut self, max_wait: Duration) -> Self {
-                self.max_wait = Some(max_wait);
+            ///
+            /// This is a setting of the shared state: it applies to every clone of this layer
+            /// and to every service built from any of them, including services built before.
+            pub fn wait(self, max_wait: Duration) -> Self {
+                self.shared.set_max_wait(Some(max_wait));
                 self
             }
 
@@ -97,7 +100,6 @@ macro_rules! rate_layer_builders {
                     key: self.key.clone(),
                     cost: self.cost.clone(),
                     reconcile: self.reconcile.clone(),
-                    max_wait: self.max_wait,
                 }
             }
         }
@@ -106,7 +108,7 @@ macro_rules! rate_layer_builders {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_struct(stringify!($layer))
                     .field("limit", &self.shared.limiter.limit())
-                    .field("max_wait", &self.max_wait)
+                    .field("max_wait", &self.shared.max_wait())
                     .finish_non_exhaustive()
             }
         }
@@ -121,7 +123,6 @@ pub struct SlidingWindowLayer<E = Global, C = Unit, R = NoReconcile> {
     key: E,
     cost: C,
     reconcile: R,
-    max_wait: Option<Duration>,
 }
 
 impl SlidingWindowLayer {
@@ -136,7 +137,6 @@ impl SlidingWindowLayer {
             key: Global,
             cost: Unit,
             reconcile: NoReconcile,
-            max_wait: None,
         }
     }
 }
@@ -151,7 +151,6 @@ pub struct TokenBucketLayer<E = Global, C = Unit, R = NoReconcile> {
     key: E,
     cost: C,
     reconcile: R,
-    max_wait: Option<Duration>,
 }
 
 impl TokenBucketLayer {
@@ -167,7 +166,6 @@ impl TokenBucketLayer {
             key: Global,
             cost: Unit,
             reconcile: NoReconcile,
-            max_wait: None,
         }
     }
 }

@@ -16,6 +16,8 @@
 //! instant it fits — in arrival order per key, each waiter woken by its own timer, never by
 //! polling — if that comes within `max_wait`. A waiter that goes away gives its reservation
 //! back. A request that costs more than the whole limit is refused at once: it could never fit.
+//! A layer is a handle to one shared state, and its settings (`wait` or `reject`) live there:
+//! changed on any clone of the layer, they apply to every service built from it, even before.
 //! Keys that have been idle for a window are swept out, so memory stays bounded however many
 //! distinct keys pass.
 //!

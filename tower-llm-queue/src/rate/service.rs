@@ -52,7 +52,12 @@ pub(crate) struct Shared {
     #[cfg(feature = "redis")]
     remote: std::sync::OnceLock<Remote>,
     counters: Counters,
+    /// How long a request over the limit may wait, in nanoseconds; [`REJECT`] refuses it.
+    max_wait: AtomicU64,
 }
+
+/// The value of [`Shared::max_wait`] that refuses at once.
+const REJECT: u64 = u64::MAX;
 
 impl Shared {
     pub(crate) fn new(limit: Limit) -> Self {
@@ -61,6 +66,23 @@ impl Shared {
             #[cfg(feature = "redis")]
             remote: std::sync::OnceLock::new(),
             counters: Counters::default(),
+            max_wait: AtomicU64::new(REJECT),
+        }
+    }
+
+    /// Sets how long a request over the limit may wait (`None`: refuse it at once).
+    pub(crate) fn set_max_wait(&self, max_wait: Option<Duration>) {
+        let nanos = max_wait.map_or(REJECT, |wait| {
+            u64::try_from(wait.as_nanos()).map_or(REJECT - 1, |n| n.min(REJECT - 1))
+        });
+        self.max_wait.store(nanos, Relaxed);
+    }
+
+    /// How long a request over the limit may wait (`None`: it is refused at once).
+    pub(crate) fn max_wait(&self) -> Option<Duration> {
+        match self.max_wait.load(Relaxed) {
+            REJECT => None,
+            nanos => Some(Duration::from_nanos(nanos)),
         }
     }
 
@@ -199,7 +221,6 @@ pub struct RateLimit<S, E, C, R> {
     pub(crate) key: E,
     pub(crate) cost: C,
     pub(crate) reconcile: R,
-    pub(crate) max_wait: Option<Duration>,
 }
 
 impl<S, E, C, R> RateLimit<S, E, C, R> {
@@ -268,11 +289,10 @@ where
         };
         let cost = self.cost.cost(&request);
         let shared = self.shared.clone();
-        let max_wait = self.max_wait;
         let inner = self.inner.clone();
         let reconcile = self.reconcile.clone();
         ResponseFuture::new(async move {
-            let admitted = shared.admit(&key, cost, max_wait).await?;
+            let admitted = shared.admit(&key, cost, shared.max_wait()).await?;
             let mut reservation = Reservation {
                 shared,
                 key,
@@ -299,7 +319,7 @@ impl<S: fmt::Debug, E, C, R> fmt::Debug for RateLimit<S, E, C, R> {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
             .field("limit", &self.shared.limiter.limit())
-            .field("max_wait", &self.max_wait)
+            .field("max_wait", &self.shared.max_wait())
             .finish_non_exhaustive()
     }
 }

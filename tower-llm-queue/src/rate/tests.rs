@@ -288,3 +288,23 @@ fn contention_never_refuses_far_below_the_limit() {
         "{refused} of 80,000 refused at 0.8 % of the limit"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn wait_and_reject_on_any_clone_apply_to_services_built_before() {
+    let layer = SlidingWindowLayer::new(1, Duration::from_secs(10));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    svc.clone().oneshot(0).await.unwrap();
+    let err = svc.clone().oneshot(1).await.unwrap_err();
+    assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited);
+
+    let _ = layer.clone().wait(Duration::from_secs(30));
+    let started = Instant::now();
+    svc.clone().oneshot(2).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+    let _ = layer.clone().reject();
+    let err = svc.oneshot(3).await.unwrap_err();
+    assert_eq!(rejection(&err).retry_after(), Some(Duration::from_secs(10)));
+}
