@@ -328,3 +328,112 @@ fn two_processes_share_one_limit() {
         "both processes got a share"
     );
 }
+
+fn redis_connection(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+        .expect("a connection to Redis")
+}
+
+/// The Redis key of the unkeyed limit under `prefix`.
+fn global_key(prefix: &str) -> String {
+    format!("{prefix}:a")
+}
+
+#[tokio::test]
+async fn a_cost_of_zero_leaves_no_record_in_redis() {
+    let Some(url) = redis_url() else { return };
+    let prefix = fresh_prefix("zero");
+    let store = RedisStore::new(&url, prefix.clone())
+        .unwrap()
+        .on_failure(OnRedisFailure::Refuse);
+    let (calls, upstream) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(
+            SlidingWindowLayer::new(10, Duration::from_secs(60))
+                .cost(|n: &u64| if *n < 1_000 { 0 } else { 1 })
+                .store(store),
+        )
+        .service(upstream);
+    for n in 0..200u64 {
+        svc.clone().oneshot(n).await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 200);
+    let mut redis = redis_connection(&url);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(global_key(&prefix))
+        .query(&mut redis)
+        .unwrap();
+    assert!(!exists, "cost-0 requests left records in Redis");
+    // A request that costs something is still counted there.
+    svc.clone().oneshot(1_000).await.unwrap();
+    let records: u64 = redis::cmd("ZCARD")
+        .arg(global_key(&prefix))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(records, 1);
+}
+
+#[tokio::test]
+async fn a_cost_of_zero_is_counted_in_redis_when_the_response_reports_usage() {
+    let Some(url) = redis_url() else { return };
+    for bucket in [false, true] {
+        let prefix = fresh_prefix("zero-reconcile");
+        let store = || {
+            RedisStore::new(&url, prefix.clone())
+                .unwrap()
+                .on_failure(OnRedisFailure::Refuse)
+        };
+        let (_, upstream) = counting();
+        // The same limit twice: estimated at 0 and reconciled, or costing 1 each.
+        let (reconciled, counted) = if bucket {
+            let limit = || TokenBucketLayer::new(Rate::per_minute(1), 100);
+            (
+                ServiceBuilder::new()
+                    .layer(
+                        limit()
+                            .cost(|_: &u64| 0)
+                            .reconcile(|used: &u64| Some(*used))
+                            .store(store()),
+                    )
+                    .service(upstream.clone())
+                    .boxed_clone(),
+                ServiceBuilder::new()
+                    .layer(limit().store(store()))
+                    .service(upstream)
+                    .boxed_clone(),
+            )
+        } else {
+            let limit = || SlidingWindowLayer::new(100, Duration::from_secs(60));
+            (
+                ServiceBuilder::new()
+                    .layer(
+                        limit()
+                            .cost(|_: &u64| 0)
+                            .reconcile(|used: &u64| Some(*used))
+                            .store(store()),
+                    )
+                    .service(upstream.clone())
+                    .boxed_clone(),
+                ServiceBuilder::new()
+                    .layer(limit().store(store()))
+                    .service(upstream)
+                    .boxed_clone(),
+            )
+        };
+        reconciled.clone().oneshot(60).await.unwrap();
+        counted.clone().oneshot(0).await.unwrap();
+        reconciled.clone().oneshot(39).await.unwrap();
+        // 60 + 1 + 39: the limit of 100 is used up.
+        let err = counted.clone().oneshot(0).await.unwrap_err();
+        assert_eq!(
+            kind(&err),
+            Some(RejectionKind::RateLimited),
+            "bucket: {bucket}"
+        );
+        assert!(
+            !err.to_string().contains("cannot be checked"),
+            "refused by the limit, not by a failure: {err}"
+        );
+    }
+}

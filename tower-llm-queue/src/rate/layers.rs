@@ -24,6 +24,10 @@ macro_rules! rate_layer_builders {
 
             /// What a request costs: a closure `Fn(&Req) -> u64`, such as its estimated tokens.
             /// Default 1: the limit counts requests.
+            ///
+            /// A cost of 0 is admitted at once and leaves no record (in memory or in Redis);
+            /// with [`reconcile`](Self::reconcile), the cost the response reports is recorded
+            /// when the response arrives.
             pub fn cost<C2>(self, cost: C2) -> $layer<E, C2, R> {
                 $layer {
                     shared: self.shared,

@@ -121,6 +121,10 @@ impl MemoryLimiter {
         max_wait: Option<Duration>,
         clock: impl FnOnce() -> Instant,
     ) -> Decision {
+        if cost == 0 {
+            // Nothing to count: admitted without a record.
+            return Decision::Now(self.next_id.fetch_add(1, Relaxed));
+        }
         let (index, mut shard) = self.keys.lock_indexed(key);
         // Read under the lock: decisions for one key then see the clock in their own order.
         let now = clock();
@@ -205,8 +209,39 @@ impl MemoryLimiter {
     }
 
     /// Replaces the cost recorded for admission `id` by what the upstream reports it used.
+    /// An admission estimated at 0 left no record: its actual cost is recorded now.
     pub(crate) fn reconcile(&self, key: &Key, id: u64, estimated: u64, actual: u64) {
         let mut shard = self.keys.lock(key);
+        if estimated == 0 {
+            if actual == 0 {
+                return;
+            }
+            let now = Instant::now();
+            let slot = shard.entry(key.clone()).or_insert_with(|| Slot {
+                state: match self.limit {
+                    Limit::Window { .. } => State::Log(VecDeque::new(), 0),
+                    Limit::Bucket { .. } => State::Tat(now),
+                },
+                seen: now,
+            });
+            let now = now.max(slot.seen);
+            match (&mut slot.state, self.limit) {
+                (State::Log(log, total), _) => {
+                    let at = log
+                        .iter()
+                        .rposition(|(at, _, _)| *at <= now)
+                        .map_or(0, |i| i + 1);
+                    log.insert(at, (now, actual, id));
+                    *total += actual;
+                }
+                (State::Tat(tat), Limit::Bucket { interval, .. }) => {
+                    let units = interval.saturating_mul(actual.min(u32::MAX as u64) as u32);
+                    *tat = (*tat).max(now) + units;
+                }
+                _ => {}
+            }
+            return;
+        }
         let Some(slot) = shard.get_mut(key) else {
             return;
         };
@@ -267,6 +302,16 @@ impl MemoryLimiter {
                 ahead.ceil() as u64
             }
             _ => 0,
+        }
+    }
+
+    /// The records kept for `key`: window entries, or 1 for a bucket's instant.
+    #[cfg(test)]
+    pub(crate) fn records(&self, key: &Key) -> usize {
+        match self.keys.lock(key).get(key).map(|s| &s.state) {
+            Some(State::Log(log, _)) => log.len(),
+            Some(State::Tat(_)) => 1,
+            None => 0,
         }
     }
 

@@ -77,6 +77,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit, window, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_wait = tonumber(ARGV[4])
 if cost > limit then return {3, 0} end
+if cost <= 0 then return {0, 0} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local total = 0
@@ -105,6 +106,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_wait = tonumber(ARGV[4])
 if cost > burst then return {3, 0} end
+if cost <= 0 then return {0, 0} end
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 local nxt = math.max(tat, now) + cost * interval
 local start = math.max(nxt - burst * interval, now)
@@ -116,7 +118,24 @@ return {0, 0}
 "#;
 
 const ADJUST: &str = r#"
--- Corrects an admission: KEYS[1], ARGV: kind ("w" or "b"), id, old cost, new cost, interval µs.
+-- Corrects an admission: KEYS[1], ARGV: kind ("w" or "b"), id, old cost, new cost, interval µs,
+-- window µs. An admission of cost 0 left no record: its new cost is recorded now.
+if tonumber(ARGV[3]) == 0 then
+  local cost = tonumber(ARGV[4])
+  if cost <= 0 then return 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if ARGV[1] == 'w' then
+    redis.call('ZADD', KEYS[1], now, ARGV[2] .. ':' .. ARGV[4])
+    local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    local latest = math.max(now, tonumber(last[2]))
+    redis.call('PEXPIRE', KEYS[1], math.ceil((latest - now + tonumber(ARGV[6])) / 1000) + 1)
+    return 1
+  end
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + cost * tonumber(ARGV[5])
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  return 1
+end
 if ARGV[1] == 'w' then
   local old = ARGV[2] .. ':' .. ARGV[3]
   local score = redis.call('ZSCORE', KEYS[1], old)
@@ -290,9 +309,9 @@ impl RedisStore {
 
     /// Corrects admission `id` from `old` to `new` cost (0 gives it back).
     pub(crate) async fn adjust(&self, limit: Limit, key: &Key, id: u64, old: u64, new: u64) {
-        let (kind, interval) = match limit {
-            Limit::Window { .. } => ("w", 0),
-            Limit::Bucket { interval, .. } => ("b", micros(interval)),
+        let (kind, interval, window) = match limit {
+            Limit::Window { window, .. } => ("w", 0, micros(window)),
+            Limit::Bucket { interval, .. } => ("b", micros(interval).max(1), 0),
         };
         let args = [
             kind.to_string(),
@@ -300,6 +319,7 @@ impl RedisStore {
             old.to_string(),
             new.to_string(),
             interval.to_string(),
+            window.to_string(),
         ];
         if let Err(err) = self.run(&Script::new(ADJUST), key, &args).await {
             tracing::warn!(key = %key, error = %err, "rate: could not correct an admission in Redis");

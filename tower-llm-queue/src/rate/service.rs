@@ -110,6 +110,11 @@ impl Shared {
         #[cfg(feature = "redis")]
         if let Some(remote) = self.remote.get() {
             let id = fastrand::u64(..);
+            if cost == 0 {
+                // Admitted without a record (the memory limiter does the same); a
+                // reconciliation records the actual cost in Redis.
+                return Ok((Decision::Now(id), Backend::Redis));
+            }
             let limit = self.limiter.limit();
             match remote.store.decide(limit, key, id, cost, max_wait).await {
                 Ok(decision) => return Ok((decision, Backend::Redis)),

@@ -308,3 +308,55 @@ async fn wait_and_reject_on_any_clone_apply_to_services_built_before() {
     let err = svc.oneshot(3).await.unwrap_err();
     assert_eq!(rejection(&err).retry_after(), Some(Duration::from_secs(10)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_of_zero_is_admitted_without_a_record() {
+    let layer = SlidingWindowLayer::new(10, Duration::from_secs(60)).cost(|_: &u64| 0);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }));
+    for n in 0..20_000 {
+        svc.clone().oneshot(n).await.unwrap();
+    }
+    assert_eq!(handle.shared.limiter.records(&Key::anonymous()), 0);
+    assert_eq!(handle.usage(&Key::anonymous()), 0);
+    assert_eq!(handle.stats().admitted, 20_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_of_zero_is_counted_when_the_response_reports_usage() {
+    for bucket in [false, true] {
+        let (svc, handle) = if bucket {
+            let layer = TokenBucketLayer::new(Rate::per_second(1), 100)
+                .cost(|_: &u64| 0)
+                .reconcile(|used: &u64| Some(*used));
+            let handle = layer.handle();
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }))
+                .boxed_clone();
+            (svc, handle)
+        } else {
+            let layer = SlidingWindowLayer::new(100, Duration::from_secs(60))
+                .cost(|_: &u64| 0)
+                .reconcile(|used: &u64| Some(*used));
+            let handle = layer.handle();
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(service_fn(|n: u64| async move { Ok::<_, BoxError>(n) }))
+                .boxed_clone();
+            (svc, handle)
+        };
+        svc.clone().oneshot(60).await.unwrap();
+        svc.clone().oneshot(40).await.unwrap();
+        assert_eq!(handle.usage(&Key::anonymous()), 100, "bucket: {bucket}");
+        svc.clone().oneshot(0).await.unwrap();
+        let err = svc.clone().oneshot(1).await;
+        assert!(
+            err.is_ok(),
+            "cost 0 is admitted even when the limit is used up"
+        );
+        assert_eq!(handle.usage(&Key::anonymous()), 101, "bucket: {bucket}");
+    }
+}
