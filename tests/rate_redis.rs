@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_llm_queue::rate::{OnRedisFailure, Rate, RedisStore};
+use tower_llm_queue::rate::{OnRedisFailure, Rate, RedisStore, MAX_PERIOD};
 use tower_llm_queue::{Rejected, RejectionKind, SlidingWindowLayer, TokenBucketLayer};
 
 fn redis_url() -> Option<String> {
@@ -436,4 +436,85 @@ async fn a_cost_of_zero_is_counted_in_redis_when_the_response_reports_usage() {
             "refused by the limit, not by a failure: {err}"
         );
     }
+}
+
+/// A refusal by the limit itself, not by a failure to reach Redis; its `retry_after`.
+fn limited(err: &BoxError) -> Duration {
+    assert_eq!(kind(err), Some(RejectionKind::RateLimited), "{err}");
+    assert!(!err.to_string().contains("cannot be checked"), "{err}");
+    Rejected::find(&**err).unwrap().retry_after().unwrap()
+}
+
+#[tokio::test]
+async fn the_largest_numbers_neither_fail_nor_wrap_in_redis() {
+    let Some(url) = redis_url() else { return };
+    let store = |name: &str| {
+        RedisStore::new(&url, fresh_prefix(name))
+            .unwrap()
+            .on_failure(OnRedisFailure::Refuse)
+    };
+    let close_to = |d: Duration, to: Duration| {
+        assert!(
+            d <= to && d + Duration::from_secs(5) > to,
+            "{d:?} for {to:?}"
+        );
+    };
+    let (_, upstream) = counting();
+
+    // A window of Duration::MAX counts as MAX_PERIOD; costs and limits above MAX_COST as
+    // MAX_COST.
+    let window = SlidingWindowLayer::new(u64::MAX, Duration::MAX)
+        .cost(|n: &u64| *n)
+        .store(store("max-window"));
+    let svc = ServiceBuilder::new()
+        .layer(window)
+        .service(upstream.clone());
+    svc.clone().oneshot(u64::MAX).await.unwrap();
+    close_to(
+        limited(&svc.clone().oneshot(1).await.unwrap_err()),
+        MAX_PERIOD,
+    );
+
+    // A reconciled u64::MAX counts as MAX_COST.
+    let window = SlidingWindowLayer::new(10, Duration::from_secs(60))
+        .reconcile(|_: &u64| Some(u64::MAX))
+        .store(store("max-reconcile"));
+    let svc = ServiceBuilder::new()
+        .layer(window)
+        .service(upstream.clone());
+    svc.clone().oneshot(0).await.unwrap();
+    close_to(
+        limited(&svc.clone().oneshot(1).await.unwrap_err()),
+        Duration::from_secs(60),
+    );
+
+    // One every Duration::MAX counts as one every MAX_PERIOD, with a burst of 1 (a burst spans
+    // at most MAX_PERIOD), here and after a reconciliation to u64::MAX.
+    for reconciled in [None, Some(u64::MAX)] {
+        let bucket = TokenBucketLayer::new(Rate::one_every(Duration::MAX), u64::MAX)
+            .reconcile(move |_: &u64| reconciled)
+            .store(store("max-bucket"));
+        let svc = ServiceBuilder::new()
+            .layer(bucket)
+            .service(upstream.clone());
+        svc.clone().oneshot(0).await.unwrap();
+        let after = limited(&svc.clone().oneshot(1).await.unwrap_err());
+        if reconciled.is_none() {
+            close_to(after, MAX_PERIOD);
+        } else {
+            assert!(after > MAX_PERIOD, "{after:?}");
+        }
+    }
+    let bucket = TokenBucketLayer::new(Rate::one_every(Duration::MAX), 1)
+        .store(store("max-interval"))
+        .wait(Duration::MAX);
+    let svc = ServiceBuilder::new()
+        .layer(bucket.clone())
+        .service(upstream.clone());
+    svc.clone().oneshot(0).await.unwrap();
+    let _ = bucket.reject();
+    close_to(
+        limited(&svc.clone().oneshot(1).await.unwrap_err()),
+        MAX_PERIOD,
+    );
 }

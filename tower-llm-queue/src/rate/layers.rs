@@ -27,7 +27,8 @@ macro_rules! rate_layer_builders {
             ///
             /// A cost of 0 is admitted at once and leaves no record (in memory or in Redis);
             /// with [`reconcile`](Self::reconcile), the cost the response reports is recorded
-            /// when the response arrives.
+            /// when the response arrives. A cost above [`MAX_COST`](super::MAX_COST) (2^53 − 1)
+            /// counts as `MAX_COST`, in memory as in Redis.
             pub fn cost<C2>(self, cost: C2) -> $layer<E, C2, R> {
                 $layer {
                     shared: self.shared,
@@ -40,6 +41,10 @@ macro_rules! rate_layer_builders {
             /// Replaces the estimated cost by what the upstream reports it used, once the
             /// response is known: a closure `Fn(&Response) -> Option<u64>`, such as
             /// `usage.total_tokens`.
+            ///
+            /// A reported cost above [`MAX_COST`](super::MAX_COST) counts as `MAX_COST`. A
+            /// correction raises or lowers what the window holds, or moves the bucket's schedule,
+            /// after the fact: admissions decided in between are not revisited.
             pub fn reconcile<R2>(self, reconcile: R2) -> $layer<E, C, R2> {
                 $layer {
                     shared: self.shared,
@@ -62,7 +67,8 @@ macro_rules! rate_layer_builders {
 
             /// Lets a request over the limit wait for its turn — in arrival order per key, each
             /// woken at the instant it fits — when that comes within `max_wait`; otherwise it is
-            /// refused at once.
+            /// refused at once. A `max_wait` above [`MAX_PERIOD`](super::MAX_PERIOD) (100 years)
+            /// counts as `MAX_PERIOD`.
             ///
             /// This is a setting of the shared state: it applies to every clone of this layer
             /// and to every service built from any of them, including services built before.
@@ -132,12 +138,13 @@ pub struct SlidingWindowLayer<E = Global, C = Unit, R = NoReconcile> {
 impl SlidingWindowLayer {
     /// At most `limit` requests (or cost units, with [`cost`](Self::cost)) in any interval of
     /// length `window`. A `limit` of 0 refuses everything.
+    ///
+    /// `limit` is at most [`MAX_COST`](super::MAX_COST) (2^53 − 1) and `window` between 1 ns
+    /// and [`MAX_PERIOD`](super::MAX_PERIOD) (100 years); values beyond count as the nearest
+    /// bound. A Redis store counts the window in whole microseconds (at least 1 µs).
     pub fn new(limit: u64, window: Duration) -> Self {
         SlidingWindowLayer {
-            shared: Arc::new(Shared::new(Limit::Window {
-                limit,
-                window: window.max(Duration::from_nanos(1)),
-            })),
+            shared: Arc::new(Shared::new(Limit::window(limit, window))),
             key: Global,
             cost: Unit,
             reconcile: NoReconcile,
@@ -160,13 +167,14 @@ pub struct TokenBucketLayer<E = Global, C = Unit, R = NoReconcile> {
 impl TokenBucketLayer {
     /// A steady `rate` with a burst of `burst` requests (or cost units) at once. Seed 004's
     /// "100 per second, bursts of 200" is `TokenBucketLayer::new(Rate::per_second(100), 200)`.
-    /// A `burst` of 0 counts as 1.
+    ///
+    /// `burst` is at least 1 and at most [`MAX_COST`](super::MAX_COST) (2^53 − 1), and a whole
+    /// burst spans at most [`MAX_PERIOD`](super::MAX_PERIOD): `burst × interval` is capped at
+    /// 100 years (a `burst` of 0 counts as 1; a larger one as the largest that fits). The
+    /// interval is [`Rate`]'s, between 1 ns and `MAX_PERIOD`.
     pub fn new(rate: Rate, burst: u64) -> Self {
         TokenBucketLayer {
-            shared: Arc::new(Shared::new(Limit::Bucket {
-                interval: rate.interval(),
-                burst: burst.max(1),
-            })),
+            shared: Arc::new(Shared::new(Limit::bucket(rate.interval(), burst))),
             key: Global,
             cost: Unit,
             reconcile: NoReconcile,

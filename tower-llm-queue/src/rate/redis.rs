@@ -69,6 +69,10 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// The longest wait a script reports, in microseconds: 2^53 − 1, so that every wait is an exact
+/// integer in Lua.
+const MAX_WAIT_MICROS: i64 = (1 << 53) - 1;
+
 const WINDOW: &str = r#"
 -- KEYS[1]: sorted set of "id:cost" by start (µs). ARGV: limit, window µs, cost, max wait µs
 -- (-1: refuse), id. Returns {0, 0} now, {1, wait} reserved, {2, wait} refused, {3, 0} too large.
@@ -91,9 +95,9 @@ for i = 1, #entries, 2 do
   start = math.max(start, tonumber(entries[i + 1]) + window)
 end
 local wait = start - now
-if wait > 0 and (max_wait < 0 or wait > max_wait) then return {2, wait} end
+if wait > 0 and (max_wait < 0 or wait > max_wait) then return {2, math.min(wait, 9007199254740991)} end
 redis.call('ZADD', KEYS[1], start, ARGV[5] .. ':' .. ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.ceil((wait + window) / 1000) + 1)
+redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((wait + window) / 1000) + 1, 9007199254740))
 if wait > 0 then return {1, wait} end
 return {0, 0}
 "#;
@@ -111,8 +115,8 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 local nxt = math.max(tat, now) + cost * interval
 local start = math.max(nxt - burst * interval, now)
 local wait = start - now
-if wait > 0 and (max_wait < 0 or wait > max_wait) then return {2, wait} end
-redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
+if wait > 0 and (max_wait < 0 or wait > max_wait) then return {2, math.min(wait, 9007199254740991)} end
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.min(math.ceil((nxt - now) / 1000) + 1, 9007199254740))
 if wait > 0 then return {1, wait} end
 return {0, 0}
 "#;
@@ -129,11 +133,11 @@ if tonumber(ARGV[3]) == 0 then
     redis.call('ZADD', KEYS[1], now, ARGV[2] .. ':' .. ARGV[4])
     local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
     local latest = math.max(now, tonumber(last[2]))
-    redis.call('PEXPIRE', KEYS[1], math.ceil((latest - now + tonumber(ARGV[6])) / 1000) + 1)
+    redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((latest - now + tonumber(ARGV[6])) / 1000) + 1, 9007199254740))
     return 1
   end
   local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) + cost * tonumber(ARGV[5])
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.min(math.ceil((tat - now) / 1000) + 1, 9007199254740))
   return 1
 end
 if ARGV[1] == 'w' then
@@ -146,13 +150,21 @@ if ARGV[1] == 'w' then
 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if not tat then return 0 end
-local delta = (tonumber(ARGV[4]) - tonumber(ARGV[3])) * tonumber(ARGV[5])
-redis.call('SET', KEYS[1], string.format('%.0f', tat + delta), 'KEEPTTL')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+tat = tat + (tonumber(ARGV[4]) - tonumber(ARGV[3])) * tonumber(ARGV[5])
+if tat <= now then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.min(math.ceil((tat - now) / 1000) + 1, 9007199254740))
 return 1
 "#;
 
+/// A duration in whole microseconds, at most [`MAX_PERIOD`](super::MAX_PERIOD)'s: exact in
+/// the doubles of Lua.
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2)
+    u64::try_from(d.min(super::MAX_PERIOD).as_micros()).unwrap_or(0)
 }
 
 impl RedisStore {
@@ -218,14 +230,14 @@ impl RedisStore {
     pub(crate) fn local_share(&self, limit: Limit) -> Limit {
         let n = u64::from(self.inner.instances);
         match limit {
-            Limit::Window { limit, window } => Limit::Window {
-                limit: (limit / n).max(1),
-                window,
-            },
-            Limit::Bucket { interval, burst } => Limit::Bucket {
-                interval: interval.saturating_mul(self.inner.instances),
-                burst: (burst / n).max(1),
-            },
+            // A limit of 0 refuses everything, here too.
+            Limit::Window { limit, window } => {
+                Limit::window(if limit == 0 { 0 } else { (limit / n).max(1) }, window)
+            }
+            Limit::Bucket { interval, burst } => Limit::bucket(
+                interval.saturating_mul(self.inner.instances),
+                (burst / n).max(1),
+            ),
         }
     }
 
@@ -273,13 +285,13 @@ impl RedisStore {
         cost: u64,
         max_wait: Option<Duration>,
     ) -> Result<Decision, String> {
-        let max_wait = max_wait.map_or(-1, |w| micros(w) as i64).to_string();
+        let max_wait = max_wait.map_or_else(|| "-1".to_string(), |w| micros(w).to_string());
         let answer = match limit {
             Limit::Window { limit, window } => {
                 let script = Script::new(WINDOW);
                 let args = [
                     limit.to_string(),
-                    micros(window).to_string(),
+                    micros(window).max(1).to_string(),
                     cost.to_string(),
                     max_wait,
                     id.to_string(),
@@ -297,10 +309,19 @@ impl RedisStore {
                 self.run(&script, key, &args).await?
             }
         };
-        let wait = Duration::from_micros(answer.get(1).copied().unwrap_or(0).max(0) as u64);
+        let wait = answer
+            .get(1)
+            .copied()
+            .unwrap_or(0)
+            .clamp(0, MAX_WAIT_MICROS);
+        let wait = Duration::from_micros(u64::try_from(wait).unwrap_or(0));
         Ok(match answer.first() {
             Some(0) => Decision::Now(id),
-            Some(1) => Decision::At(tokio::time::Instant::now() + wait, id),
+            Some(1) => {
+                let now = tokio::time::Instant::now();
+                let at = now.checked_add(wait.min(super::MAX_PERIOD)).unwrap_or(now);
+                Decision::At(at, id)
+            }
             Some(2) => Decision::Denied(wait),
             Some(3) => Decision::TooLarge,
             other => return Err(format!("unexpected answer from the rate script: {other:?}")),

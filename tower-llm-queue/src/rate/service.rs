@@ -72,8 +72,9 @@ impl Shared {
 
     /// Sets how long a request over the limit may wait (`None`: refuse it at once).
     pub(crate) fn set_max_wait(&self, max_wait: Option<Duration>) {
+        // MAX_PERIOD in nanoseconds is far below the REJECT sentinel.
         let nanos = max_wait.map_or(REJECT, |wait| {
-            u64::try_from(wait.as_nanos()).map_or(REJECT - 1, |n| n.min(REJECT - 1))
+            u64::try_from(wait.min(super::MAX_PERIOD).as_nanos()).unwrap_or(REJECT - 1)
         });
         self.max_wait.store(nanos, Relaxed);
     }
@@ -158,9 +159,7 @@ impl Shared {
             Decision::At(at, id) => {
                 counters.admitted.fetch_add(1, Relaxed);
                 counters.waited.fetch_add(1, Relaxed);
-                let wait_ms = at
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .as_millis() as u64;
+                let wait_ms = millis(at.saturating_duration_since(tokio::time::Instant::now()));
                 tracing::debug!(key = %key, cost, wait_ms, "rate: waiting for a reserved start");
                 Ok(Admitted {
                     id,
@@ -170,7 +169,7 @@ impl Shared {
             }
             Decision::Denied(retry_after) => {
                 counters.rejected.fetch_add(1, Relaxed);
-                tracing::debug!(key = %key, cost, retry_after_ms = retry_after.as_millis() as u64, "rejected: rate limited");
+                tracing::debug!(key = %key, cost, retry_after_ms = millis(retry_after), "rejected: rate limited");
                 Err(Rejected::new(RejectionKind::RateLimited).with_retry_after(retry_after))
             }
             Decision::TooLarge => {
@@ -214,6 +213,11 @@ impl Shared {
             keys: self.limiter.keys(),
         }
     }
+}
+
+/// A duration in whole milliseconds, for events.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Starts at most a limited cost per window of time, per key. Built by
@@ -292,7 +296,7 @@ where
             Ok(key) => key,
             Err(rejected) => return ResponseFuture::new(async move { Err(rejected.into()) }),
         };
-        let cost = self.cost.cost(&request);
+        let cost = self.cost.cost(&request).min(super::MAX_COST);
         let shared = self.shared.clone();
         let inner = self.inner.clone();
         let reconcile = self.reconcile.clone();
@@ -311,6 +315,7 @@ where
             }
             let response = inner.oneshot(request).await.map_err(Into::into)?;
             if let Some(actual) = reconcile.actual_cost(&response) {
+                let actual = actual.min(super::MAX_COST);
                 let r = &reservation;
                 r.shared.adjust(&r.key, r.admitted, cost, actual).await;
             }

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use tokio::time::{advance, sleep, Instant};
 use tower::{service_fn, BoxError, ServiceBuilder, ServiceExt};
 
-use super::limiter::{Decision, Limit, MemoryLimiter};
+use super::limiter::{Decision, Limit, MemoryLimiter, MAX_RETRY_AFTER};
 use super::*;
 use crate::{Rejected, RejectionKind};
 
@@ -358,5 +358,183 @@ async fn a_cost_of_zero_is_counted_when_the_response_reports_usage() {
             "cost 0 is admitted even when the limit is used up"
         );
         assert_eq!(handle.usage(&Key::anonymous()), 101, "bucket: {bucket}");
+    }
+}
+
+fn echo() -> impl tower::Service<u64, Response = u64, Error = BoxError, Future = impl Send> + Clone
+{
+    service_fn(|n: u64| async move { Ok::<_, BoxError>(n) })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_longest_interval_and_window_neither_panic_nor_wrap() {
+    // One every Duration::MAX: counted as one every MAX_PERIOD.
+    let bucket = TokenBucketLayer::new(Rate::one_every(Duration::MAX), 1);
+    let svc = ServiceBuilder::new().layer(bucket.clone()).service(echo());
+    svc.clone().oneshot(0).await.unwrap();
+    let err = svc.clone().oneshot(1).await.unwrap_err();
+    assert_eq!(rejection(&err).retry_after(), Some(MAX_PERIOD));
+    // Waiting as long as one can reserves the place a period ahead.
+    let _ = bucket.wait(Duration::MAX);
+    let waiter = tokio::spawn(svc.clone().oneshot(2));
+    advance(MAX_PERIOD - Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished());
+    waiter.abort();
+
+    let window = SlidingWindowLayer::new(10, Duration::MAX);
+    let svc = ServiceBuilder::new().layer(window.clone()).service(echo());
+    for n in 0..10 {
+        svc.clone().oneshot(n).await.unwrap();
+    }
+    let err = svc.clone().oneshot(10).await.unwrap_err();
+    assert_eq!(rejection(&err).retry_after(), Some(MAX_PERIOD));
+    let _ = window.wait(Duration::MAX);
+    let waiter = tokio::spawn(svc.clone().oneshot(11));
+    advance(Duration::from_secs(3_600)).await;
+    assert!(!waiter.is_finished());
+    waiter.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_largest_costs_and_bursts_neither_panic_nor_wrap() {
+    // Costs and bursts above MAX_COST count as MAX_COST: a cost of u64::MAX fits a limit of
+    // u64::MAX, as it does in Redis.
+    for wait in [false, true] {
+        let window = SlidingWindowLayer::new(u64::MAX, Duration::from_secs(60))
+            .cost(|n: &u64| *n)
+            .reconcile(|n: &u64| Some(n.wrapping_mul(3)));
+        let bucket = TokenBucketLayer::new(Rate::per_second(u32::MAX), u64::MAX)
+            .cost(|n: &u64| *n)
+            .reconcile(|n: &u64| Some(n.wrapping_mul(3)));
+        let (window, bucket) = if wait {
+            (window.wait(Duration::MAX), bucket.wait(Duration::MAX))
+        } else {
+            (window, bucket)
+        };
+        let (wh, bh) = (window.handle(), bucket.handle());
+        let svcs = [
+            ServiceBuilder::new()
+                .layer(window)
+                .service(echo())
+                .boxed_clone(),
+            ServiceBuilder::new()
+                .layer(bucket)
+                .service(echo())
+                .boxed_clone(),
+        ];
+        for svc in &svcs {
+            svc.clone().oneshot(u64::MAX).await.unwrap();
+            // Reconciled to u64::MAX - 2 (wrapped by the closure), counted as MAX_COST.
+            let next = tokio::spawn(svc.clone().oneshot(u64::MAX));
+            advance(Duration::from_secs(1)).await;
+            if !wait {
+                let err = next.await.unwrap().unwrap_err();
+                assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited);
+            } else {
+                next.abort();
+            }
+            svc.clone().oneshot(0).await.unwrap();
+        }
+        assert_eq!(wh.usage(&Key::anonymous()), MAX_COST);
+        assert!(bh.usage(&Key::anonymous()) > MAX_COST / 2);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconciled_u64_max_neither_panics_nor_wraps() {
+    let window =
+        SlidingWindowLayer::new(10, Duration::from_secs(60)).reconcile(|_: &u64| Some(u64::MAX));
+    let bucket = TokenBucketLayer::new(Rate::one_every(Duration::MAX), 10)
+        .reconcile(|_: &u64| Some(u64::MAX));
+    let (wh, bh) = (window.handle(), bucket.handle());
+    for layer in [
+        ServiceBuilder::new()
+            .layer(window)
+            .service(echo())
+            .boxed_clone(),
+        ServiceBuilder::new()
+            .layer(bucket)
+            .service(echo())
+            .boxed_clone(),
+    ] {
+        layer.clone().oneshot(0).await.unwrap();
+        layer.clone().oneshot(1).await.unwrap_err();
+    }
+    assert_eq!(wh.usage(&Key::anonymous()), MAX_COST);
+    assert_eq!(bh.usage(&Key::anonymous()), MAX_COST);
+    // The window forgets it after one window.
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(wh.usage(&Key::anonymous()), 0);
+}
+
+/// Durations and numbers at the edges of their types, and some ordinary ones.
+fn edge_duration() -> impl Strategy<Value = Duration> {
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::from_nanos(1)),
+        Just(Duration::MAX),
+        Just(MAX_PERIOD),
+        (0u64..=u64::MAX).prop_map(Duration::from_nanos),
+        (0u64..=u64::MAX).prop_map(Duration::from_secs),
+        (1u64..5_000).prop_map(Duration::from_millis),
+    ]
+}
+
+fn edge_number() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(0),
+        Just(1),
+        Just(u64::MAX),
+        Just(u64::MAX - 1),
+        Just(MAX_COST),
+        Just(MAX_COST + 1),
+        Just(u64::from(u32::MAX)),
+        0u64..=u64::MAX,
+        1u64..20,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// No input makes a limiter panic or wrap: every decision, correction and release at the
+    /// edges of the types returns, and a refusal's wait is within its documented bound.
+    #[test]
+    fn no_input_panics(
+        bucket in any::<bool>(),
+        number in edge_number(),
+        period in edge_duration(),
+        steps in proptest::collection::vec(
+            (edge_duration(), edge_number(), proptest::option::of(edge_duration()), edge_number(), 0u8..3),
+            1..40,
+        ),
+    ) {
+        paused().block_on(async {
+            let limit = if bucket {
+                Limit::bucket(Rate::one_every(period).interval(), number)
+            } else {
+                Limit::window(number, period)
+            };
+            let limiter = MemoryLimiter::new(limit);
+            let key = Key::anonymous();
+            let mut admitted = Vec::new();
+            for (gap, cost, max_wait, actual, op) in steps {
+                advance(gap.min(Duration::from_secs(1 << 40))).await;
+                match limiter.decide(&key, cost, max_wait) {
+                    Decision::Now(id) | Decision::At(_, id) => admitted.push((id, cost)),
+                    Decision::Denied(wait) => prop_assert!(wait <= MAX_RETRY_AFTER),
+                    Decision::TooLarge => {}
+                }
+                if let Some((id, cost)) = admitted.last().copied() {
+                    match op {
+                        0 => limiter.reconcile(&key, id, cost, actual),
+                        1 => limiter.release(&key, id, cost),
+                        _ => {}
+                    }
+                }
+                let _ = limiter.usage(&key);
+            }
+            Ok(())
+        })?;
     }
 }
