@@ -518,3 +518,56 @@ async fn the_largest_numbers_neither_fail_nor_wrap_in_redis() {
         MAX_PERIOD,
     );
 }
+
+#[tokio::test]
+async fn a_released_reservation_in_redis_frees_its_own_slot_not_the_last_one() {
+    let Some(url) = redis_url() else { return };
+    // One store for both layers: one connection, on which Redis runs commands in order.
+    let store = RedisStore::new(&url, fresh_prefix("bucket-release"))
+        .unwrap()
+        .on_failure(OnRedisFailure::Refuse);
+    let (_, upstream) = counting();
+    let waiting = ServiceBuilder::new()
+        .layer(
+            TokenBucketLayer::new(Rate::per_second(1), 1)
+                .wait(Duration::from_secs(10))
+                .store(store.clone()),
+        )
+        .service(upstream.clone());
+    let refusing = ServiceBuilder::new()
+        .layer(TokenBucketLayer::new(Rate::per_second(1), 1).store(store))
+        .service(upstream);
+    // When the next request would start, counted from `started`.
+    let next = |started: Instant| {
+        let refusing = refusing.clone();
+        async move { limited(&refusing.oneshot(9).await.unwrap_err()) + started.elapsed() }
+    };
+    let started = Instant::now();
+    waiting.clone().oneshot(0).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    // B reserves the slot at 1 s, C the one at 2 s.
+    let b = tokio::spawn(waiting.clone().oneshot(1));
+    while next(started).await < Duration::from_millis(1_500) {
+        assert!(Instant::now() < deadline, "B never reserved its slot");
+        tokio::task::yield_now().await;
+    }
+    let c = tokio::spawn(waiting.clone().oneshot(2));
+    while next(started).await < Duration::from_millis(2_500) {
+        assert!(Instant::now() < deadline, "C never reserved its slot");
+        tokio::task::yield_now().await;
+    }
+    b.abort();
+    let _ = b.await;
+    // Let B's release go out on the connection before the next request.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // B's slot at 1 s is free, but C keeps 2 s: the next start is at 3 s, never beside C's.
+    let next = next(started).await;
+    assert!(
+        next > Duration::from_millis(2_900) && next <= Duration::from_millis(3_100),
+        "the next start after C (at 2 s) would come at {next:?}"
+    );
+    c.abort();
+}

@@ -44,7 +44,11 @@ macro_rules! rate_layer_builders {
             ///
             /// A reported cost above [`MAX_COST`](super::MAX_COST) counts as `MAX_COST`. A
             /// correction raises or lowers what the window holds, or moves the bucket's schedule,
-            /// after the fact: admissions decided in between are not revisited.
+            /// after the fact: admissions decided in between are not revisited. In a token
+            /// bucket, the correction of a reservation still waiting or of the latest admission
+            /// to have started is exact; that of an older one moves the schedule by the
+            /// difference as if no idle time had passed since it (idle gaps are not kept), and
+            /// never past the latest start's own spacing.
             pub fn reconcile<R2>(self, reconcile: R2) -> $layer<E, C, R2> {
                 $layer {
                     shared: self.shared,

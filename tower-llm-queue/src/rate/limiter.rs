@@ -92,19 +92,100 @@ struct Entry {
     id: u64,
 }
 
+/// The latest admission folded into [`Gcra::settled`], kept so that it can be corrected or
+/// given back exactly.
+#[derive(Debug, Clone, Copy)]
+struct Last {
+    /// `settled` before it was folded in.
+    before: u128,
+    start: u64,
+    cost: u64,
+    id: u64,
+}
+
+/// GCRA as a schedule: the theoretical arrival time (TAT) is the fold, in start order, of
+/// `tat = max(tat, start) + cost × interval` over the admissions. Those that have started are
+/// folded into `settled`; reservations that have not are kept apart, so that one given back is
+/// taken out of the fold exactly, and the schedule of the others stays as the GCRA allows.
+#[derive(Debug, Default)]
+struct Gcra {
+    /// The TAT after every admission that has started.
+    settled: u128,
+    last: Option<Last>,
+    /// Reservations not started yet, in start order (which is arrival order).
+    pending: VecDeque<Entry>,
+}
+
+impl Gcra {
+    fn fold(&mut self, entry: Entry, interval: u64) {
+        self.last = Some(Last {
+            before: self.settled,
+            start: entry.start,
+            cost: entry.cost,
+            id: entry.id,
+        });
+        self.settled = self
+            .settled
+            .max(u128::from(entry.start))
+            .saturating_add(units(entry.cost, interval));
+    }
+
+    /// Folds in the reservations that have started by `now`.
+    fn settle(&mut self, now: u64, interval: u64) {
+        while let Some(entry) = self.pending.front().copied() {
+            if entry.start > now {
+                break;
+            }
+            self.pending.pop_front();
+            self.fold(entry, interval);
+        }
+    }
+
+    /// The TAT after every admission, started or reserved.
+    fn tat(&self, interval: u64) -> u128 {
+        self.pending.iter().fold(self.settled, |tat, e| {
+            tat.max(u128::from(e.start))
+                .saturating_add(units(e.cost, interval))
+        })
+    }
+
+    /// Moves the cost of a folded admission other than the latest by `delta` units, up or
+    /// down. The exact effect depends on idle gaps since that admission, which are not kept:
+    /// the delta is applied in full before the latest admission, whose own spacing stays.
+    fn shift(&mut self, up: bool, delta: u128) {
+        let shift = |t: u128| {
+            if up {
+                t.saturating_add(delta)
+            } else {
+                t.saturating_sub(delta)
+            }
+        };
+        match &mut self.last {
+            Some(last) => {
+                let cost = self
+                    .settled
+                    .saturating_sub(last.before.max(u128::from(last.start)));
+                last.before = shift(last.before);
+                self.settled = last.before.max(u128::from(last.start)).saturating_add(cost);
+            }
+            None => self.settled = shift(self.settled),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum State {
     /// Admissions in start order (which is arrival order), and the sum of their costs.
     Log(VecDeque<Entry>, u128),
-    /// The theoretical arrival time of the next unit.
-    Tat(u128),
+    /// A token bucket's schedule.
+    Gcra(Gcra),
 }
 
 impl State {
     fn new(limit: &Limit) -> State {
         match limit {
             Limit::Window { .. } => State::Log(VecDeque::new(), 0),
-            Limit::Bucket { .. } => State::Tat(0),
+            Limit::Bucket { .. } => State::Gcra(Gcra::default()),
         }
     }
 
@@ -113,7 +194,7 @@ impl State {
             (State::Log(log, _), Limit::Window { window, .. }) => log
                 .back()
                 .is_none_or(|e| e.start.saturating_add(nanos(*window)) <= now),
-            (State::Tat(tat), _) => *tat <= u128::from(now),
+            (State::Gcra(gcra), _) => gcra.pending.is_empty() && gcra.settled <= u128::from(now),
             _ => true,
         }
     }
@@ -290,23 +371,40 @@ impl MemoryLimiter {
                     _ => Decision::Denied(retry_after(u128::from(wait))),
                 }
             }
-            (State::Tat(tat), Limit::Bucket { interval, burst }) => {
+            (State::Gcra(gcra), Limit::Bucket { interval, burst }) => {
                 if cost > burst {
                     return Decision::TooLarge;
                 }
                 let interval = nanos(interval);
+                gcra.settle(now, interval);
                 let now_wide = u128::from(now);
-                let next = (*tat).max(now_wide).saturating_add(units(cost, interval));
-                let start = next.saturating_sub(units(burst, interval)).max(now_wide);
+                let next = gcra
+                    .tat(interval)
+                    .max(now_wide)
+                    .saturating_add(units(cost, interval));
+                // Never before a reservation made earlier: arrival order.
+                let after = gcra.pending.back().map_or(now, |e| e.start);
+                let start = next
+                    .saturating_sub(units(burst, interval))
+                    .max(u128::from(after))
+                    .max(now_wide);
                 if start <= now_wide {
-                    *tat = next;
+                    // Nothing is pending (a reservation would start after `now`).
+                    gcra.fold(
+                        Entry {
+                            start: now,
+                            cost,
+                            id,
+                        },
+                        interval,
+                    );
                     return Decision::Now(id);
                 }
                 let wait = start - now_wide;
                 match max_wait {
                     Some(max) if wait <= u128::from(max) => {
-                        *tat = next;
                         let start = now.saturating_add(u64::try_from(wait).unwrap_or(max));
+                        gcra.pending.push_back(Entry { start, cost, id });
                         Decision::At(self.instant(start), id)
                     }
                     _ => Decision::Denied(retry_after(wait)),
@@ -341,9 +439,15 @@ impl MemoryLimiter {
                     log.insert(at, entry);
                     *total += u128::from(actual);
                 }
-                (State::Tat(tat), Limit::Bucket { interval, .. }) => {
-                    let added = units(actual, nanos(interval));
-                    *tat = (*tat).max(u128::from(now)).saturating_add(added);
+                (State::Gcra(gcra), Limit::Bucket { interval, .. }) => {
+                    let interval = nanos(interval);
+                    gcra.settle(now, interval);
+                    let entry = Entry {
+                        start: now,
+                        cost: actual,
+                        id,
+                    };
+                    gcra.fold(entry, interval);
                 }
                 _ => {}
             }
@@ -352,32 +456,51 @@ impl MemoryLimiter {
         let Some(slot) = shard.get_mut(key) else {
             return;
         };
+        let now = now.max(slot.seen);
         match (&mut slot.state, self.limit) {
             (State::Log(log, total), _) => {
-                if let Some(entry) = log.iter_mut().rev().find(|e| e.id == id) {
+                if let Some(at) = log.iter().rposition(|e| e.id == id) {
+                    let entry = &mut log[at];
                     *total = total.saturating_sub(u128::from(entry.cost)) + u128::from(actual);
                     entry.cost = actual;
+                    if actual == 0 {
+                        log.remove(at);
+                    }
                 }
             }
-            (State::Tat(tat), Limit::Bucket { interval, .. }) => {
+            (State::Gcra(gcra), Limit::Bucket { interval, .. }) => {
                 let interval = nanos(interval);
-                if actual >= estimated {
-                    *tat = tat.saturating_add(units(actual - estimated, interval));
+                gcra.settle(now, interval);
+                if let Some(at) = gcra.pending.iter().position(|e| e.id == id) {
+                    gcra.pending[at].cost = actual;
+                    if actual == 0 {
+                        gcra.pending.remove(at);
+                    }
+                } else if let Some(last) = gcra.last.as_mut().filter(|l| l.id == id) {
+                    last.cost = actual;
+                    gcra.settled = last
+                        .before
+                        .max(u128::from(last.start))
+                        .saturating_add(units(actual, interval));
+                } else if actual >= estimated {
+                    gcra.shift(true, units(actual - estimated, interval));
                 } else {
-                    *tat = tat.saturating_sub(units(estimated - actual, interval));
+                    gcra.shift(false, units(estimated - actual, interval));
                 }
             }
             _ => {}
         }
     }
 
-    /// Gives back a reservation whose request left before its start.
-    pub(crate) fn release(&self, key: &Key, id: u64, cost: u64) {
-        let cost = cost.min(MAX_COST);
+    /// Gives back admission `id`, whose request left before its start. In a token bucket, an
+    /// admission is given back exactly while it is reserved or the latest to have started;
+    /// otherwise (it is unknown, or later ones started after it) nothing changes.
+    pub(crate) fn release(&self, key: &Key, id: u64) {
         let mut shard = self.keys.lock(key);
         let Some(slot) = shard.get_mut(key) else {
             return;
         };
+        let now = self.ticks(Instant::now()).max(slot.seen);
         match (&mut slot.state, self.limit) {
             (State::Log(log, total), _) => {
                 if let Some(at) = log.iter().rposition(|e| e.id == id) {
@@ -386,8 +509,14 @@ impl MemoryLimiter {
                     }
                 }
             }
-            (State::Tat(tat), Limit::Bucket { interval, .. }) => {
-                *tat = tat.saturating_sub(units(cost, nanos(interval)));
+            (State::Gcra(gcra), Limit::Bucket { interval, .. }) => {
+                gcra.settle(now, nanos(interval));
+                if let Some(at) = gcra.pending.iter().position(|e| e.id == id) {
+                    gcra.pending.remove(at);
+                } else if let Some(last) = gcra.last.filter(|l| l.id == id) {
+                    gcra.settled = last.before;
+                    gcra.last = None;
+                }
             }
             _ => {}
         }
@@ -406,21 +535,22 @@ impl MemoryLimiter {
                     .map(|e| u128::from(e.cost))
                     .sum()
             }
-            (Some(State::Tat(tat)), Limit::Bucket { interval, .. }) => {
-                let ahead = tat.saturating_sub(u128::from(now));
-                ahead.div_ceil(u128::from(nanos(interval).max(1)))
+            (Some(State::Gcra(gcra)), Limit::Bucket { interval, .. }) => {
+                let interval = nanos(interval);
+                let ahead = gcra.tat(interval).saturating_sub(u128::from(now));
+                ahead.div_ceil(u128::from(interval.max(1)))
             }
             _ => 0,
         };
         u64::try_from(used).unwrap_or(u64::MAX)
     }
 
-    /// The records kept for `key`: window entries, or 1 for a bucket's instant.
+    /// The records kept for `key`: window entries, or a bucket's instant and its reservations.
     #[cfg(test)]
     pub(crate) fn records(&self, key: &Key) -> usize {
         match self.keys.lock(key).get(key).map(|s| &s.state) {
             Some(State::Log(log, _)) => log.len(),
-            Some(State::Tat(_)) => 1,
+            Some(State::Gcra(gcra)) => 1 + gcra.pending.len(),
             None => 0,
         }
     }

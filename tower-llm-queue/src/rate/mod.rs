@@ -6,8 +6,10 @@
 //!   so memory per key grows with the requests of one window (24 bytes each): the price of
 //!   exactness, and the right one for upstream quotas such as "30 requests in any 60 seconds"
 //!   (seed 002).
-//! * [`TokenBucketLayer`] — a steady [`Rate`] with a burst (GCRA): one instant per key, O(1).
-//!   Seed 004's "100 per second, bursts of 200" is
+//! * [`TokenBucketLayer`] — a steady [`Rate`] with a burst (GCRA): per key, one instant for the
+//!   admissions that have started, plus the reservations still waiting (wait mode), so that a
+//!   reservation given back leaves the schedule exactly as if it had never been made: no two
+//!   starts ever come closer than the GCRA allows. Seed 004's "100 per second, bursts of 200" is
 //!   `TokenBucketLayer::new(Rate::per_second(100), 200)`.
 //!
 //! Over the limit, a request is refused at once with

@@ -190,17 +190,13 @@ impl Shared {
             Backend::Redis => {
                 if let Some(remote) = self.remote.get() {
                     let limit = self.limiter.limit();
-                    remote.store.adjust(limit, key, admitted.id, old, new).await;
+                    remote
+                        .store
+                        .correct(limit, key, admitted.id, old, new)
+                        .await;
                 }
             }
-            backend => {
-                let limiter = self.limiter(backend);
-                if new == 0 {
-                    limiter.release(key, admitted.id, old);
-                } else {
-                    limiter.reconcile(key, admitted.id, old, new);
-                }
-            }
+            backend => self.limiter(backend).reconcile(key, admitted.id, old, new),
         }
     }
 
@@ -246,6 +242,8 @@ struct Reservation {
     shared: Arc<Shared>,
     key: Key,
     admitted: Admitted,
+    /// Read by the Redis release only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     cost: u64,
     started: bool,
 }
@@ -261,13 +259,18 @@ impl Drop for Reservation {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     let (shared, key) = (self.shared.clone(), self.key.clone());
                     let (admitted, cost) = (self.admitted, self.cost);
-                    runtime.spawn(async move { shared.adjust(&key, admitted, cost, 0).await });
+                    runtime.spawn(async move {
+                        if let Some(remote) = shared.remote.get() {
+                            let limit = shared.limiter.limit();
+                            remote.store.release(limit, &key, admitted.id, cost).await;
+                        }
+                    });
                 }
             }
             backend => self
                 .shared
                 .limiter(backend)
-                .release(&self.key, self.admitted.id, self.cost),
+                .release(&self.key, self.admitted.id),
         }
     }
 }

@@ -528,7 +528,7 @@ proptest! {
                 if let Some((id, cost)) = admitted.last().copied() {
                     match op {
                         0 => limiter.reconcile(&key, id, cost, actual),
-                        1 => limiter.release(&key, id, cost),
+                        1 => limiter.release(&key, id),
                         _ => {}
                     }
                 }
@@ -536,5 +536,96 @@ proptest! {
             }
             Ok(())
         })?;
+    }
+}
+
+#[test]
+fn a_released_reservation_frees_its_own_slot_not_the_last_one() {
+    paused().block_on(async {
+        let limiter = MemoryLimiter::new(Limit::bucket(Duration::from_secs(1), 1));
+        let key = Key::anonymous();
+        let wait = Some(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(matches!(limiter.decide(&key, 1, wait), Decision::Now(_)));
+        let Decision::At(b, b_id) = limiter.decide(&key, 1, wait) else {
+            panic!("a reservation")
+        };
+        let Decision::At(c, _) = limiter.decide(&key, 1, wait) else {
+            panic!("a reservation")
+        };
+        assert_eq!(
+            (b - t0, c - t0),
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
+        limiter.release(&key, b_id);
+        // The slot at 1 s is free, but C keeps 2 s: the next one starts a whole interval after
+        // C, never beside it.
+        let Decision::At(d, _) = limiter.decide(&key, 1, wait) else {
+            panic!("a reservation")
+        };
+        assert_eq!(d - t0, Duration::from_secs(3));
+    });
+}
+
+/// Checks admitted `(start, cost)` against GCRA: in start order, each start is at least the
+/// theoretical arrival time of its units less the burst's tolerance.
+fn assert_gcra(admitted: &[(Instant, u64)], interval: Duration, burst: u64) {
+    let mut starts = admitted.to_vec();
+    starts.sort_by_key(|(at, _)| *at);
+    let Some(&(first, _)) = starts.first() else {
+        return;
+    };
+    let tolerance = interval * burst as u32;
+    let mut tat = first;
+    for (at, cost) in starts {
+        let next = tat.max(at) + interval * cost as u32;
+        assert!(
+            next <= at + tolerance,
+            "a start at {:?} comes {:?} too early ({admitted:?})",
+            at - first,
+            next - (at + tolerance),
+        );
+        tat = next;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// After any mix of decisions, waits and releases, the starts that remain keep the GCRA
+    /// spacing.
+    #[test]
+    fn releases_never_let_starts_closer_than_the_bucket_allows(
+        burst in 1u64..4,
+        interval_ms in 1u64..1_000,
+        ops in proptest::collection::vec((0u64..1_500, 1u64..4, any::<bool>(), 0usize..8), 1..80),
+    ) {
+        paused().block_on(async {
+            let interval = Duration::from_millis(interval_ms);
+            let limiter = MemoryLimiter::new(Limit::bucket(interval, burst));
+            let key = Key::anonymous();
+            // Admitted (id, start, cost); released ones are taken out.
+            let mut admitted: Vec<(u64, Instant, u64)> = Vec::new();
+            for (gap_ms, cost, wait, release) in ops {
+                advance(Duration::from_millis(gap_ms)).await;
+                let cost = cost.min(burst);
+                let max_wait = wait.then_some(Duration::from_secs(5));
+                match limiter.decide(&key, cost, max_wait) {
+                    Decision::Now(id) => admitted.push((id, Instant::now(), cost)),
+                    Decision::At(at, id) => admitted.push((id, at, cost)),
+                    Decision::Denied(_) | Decision::TooLarge => {}
+                }
+                // Gives back one reservation that has not started yet, as a waiter that leaves.
+                let pending: Vec<usize> = (0..admitted.len())
+                    .filter(|i| admitted[*i].1 > Instant::now())
+                    .collect();
+                if !pending.is_empty() && release < 4 {
+                    let (id, _, _) = admitted.remove(pending[release % pending.len()]);
+                    limiter.release(&key, id);
+                }
+            }
+            let starts: Vec<(Instant, u64)> = admitted.iter().map(|(_, at, c)| (*at, *c)).collect();
+            assert_gcra(&starts, interval, burst);
+        });
     }
 }
