@@ -571,3 +571,127 @@ async fn a_released_reservation_in_redis_frees_its_own_slot_not_the_last_one() {
     );
     c.abort();
 }
+
+/// Pauses every client of `server` for `pause`: commands sent meanwhile wait, then run in the
+/// order they came.
+fn pause(connection: &mut redis::Connection, pause: Duration) {
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause.as_millis() as u64)
+        .arg("ALL")
+        .query::<()>(connection)
+        .expect("CLIENT PAUSE");
+}
+
+/// Waits (in a blocking task, the server may be paused) until `key` holds no record, for at
+/// most two seconds after the server answers; false if it still holds one then.
+async fn records_go(url: String, key: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let mut redis = redis_connection(&url);
+        let exists = |redis: &mut redis::Connection| -> bool {
+            redis::cmd("EXISTS").arg(&key).query(redis).unwrap()
+        };
+        exists(&mut redis);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if !exists(&mut redis) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    })
+    .await
+    .unwrap()
+}
+
+/// A window or a bucket with a limit of 10 per key (`u64`), over a store of its own.
+fn keyed_limit(
+    bucket: bool,
+    store: RedisStore,
+) -> (
+    tower_llm_queue::rate::RateHandle,
+    Arc<AtomicU64>,
+    tower::util::BoxCloneService<u64, u64, BoxError>,
+) {
+    let (calls, upstream) = counting();
+    if bucket {
+        let layer = TokenBucketLayer::new(Rate::per_minute(10), 10)
+            .keyed_by(|n: &u64| *n)
+            .store(store);
+        let handle = layer.handle();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(upstream)
+            .boxed_clone();
+        (handle, calls, svc)
+    } else {
+        let layer = SlidingWindowLayer::new(10, Duration::from_secs(60))
+            .keyed_by(|n: &u64| *n)
+            .store(store);
+        let handle = layer.handle();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(upstream)
+            .boxed_clone();
+        (handle, calls, svc)
+    }
+}
+
+#[tokio::test]
+async fn a_caller_that_leaves_during_the_round_trip_gives_its_place_back() {
+    if redis_url().is_none() {
+        return;
+    }
+    let Some(server) = OwnRedis::start() else {
+        panic!("redis-server could not be started for the test");
+    };
+    for bucket in [false, true] {
+        let prefix = fresh_prefix("leave");
+        let store = RedisStore::new(&server.url, prefix.clone())
+            .unwrap()
+            .timeout(Duration::from_secs(5));
+        let (_, calls, svc) = keyed_limit(bucket, store);
+        // Connected before the pause.
+        svc.clone().oneshot(0).await.unwrap();
+        let mut admin = redis_connection(&server.url);
+        pause(&mut admin, Duration::from_millis(500));
+        // The caller gives up while its decision is on its way.
+        let left = tokio::time::timeout(Duration::from_millis(100), svc.clone().oneshot(1)).await;
+        assert!(left.is_err(), "the decision came during the pause");
+        assert!(
+            records_go(server.url.clone(), format!("{prefix}:i:1")).await,
+            "the place of a caller that left stays taken in Redis (bucket: {bucket})"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_decision_that_times_out_is_counted_once() {
+    if redis_url().is_none() {
+        return;
+    }
+    let Some(server) = OwnRedis::start() else {
+        panic!("redis-server could not be started for the test");
+    };
+    for bucket in [false, true] {
+        let prefix = fresh_prefix("late");
+        let store = RedisStore::new(&server.url, prefix.clone())
+            .unwrap()
+            .timeout(Duration::from_millis(100));
+        let (handle, calls, svc) = keyed_limit(bucket, store);
+        svc.clone().oneshot(0).await.unwrap();
+        let mut admin = redis_connection(&server.url);
+        pause(&mut admin, Duration::from_millis(500));
+        // Redis does not answer in time: the local share decides...
+        svc.clone().oneshot(1).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(handle.stats().admitted, 2);
+        // ...and the script that runs late in Redis is undone.
+        assert!(
+            records_go(server.url.clone(), format!("{prefix}:i:1")).await,
+            "a request decided by the fallback is also counted in Redis (bucket: {bucket})"
+        );
+    }
+}

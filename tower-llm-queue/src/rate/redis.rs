@@ -32,6 +32,42 @@ pub enum OnRedisFailure {
 /// reconnects by itself. Every call has a timeout (default 200 ms); while Redis fails, the layer
 /// falls back as [`OnRedisFailure`] says, and goes back to Redis as soon as it answers again.
 ///
+/// Redis counts time in whole microseconds: a window or interval is rounded down to one (at
+/// least 1 µs). Numbers stay within [`MAX_PERIOD`](super::MAX_PERIOD) and
+/// [`MAX_COST`](super::MAX_COST), where the scripts' doubles are exact.
+///
+/// # Giving admissions back
+///
+/// Each decision carries an admission id, drawn before the call, and the request holds a
+/// reservation for it from before the round trip. Whenever that admission is not to count, the
+/// layer sends Redis a release for the id, from a task of the current Tokio runtime:
+///
+/// * the caller leaves (its response future is dropped) during the round trip, or while it
+///   waits for a reserved start;
+/// * the decision fails or times out, since the script may have run, or may still run, in
+///   Redis. The fallback then decides (or the request is refused), so the request counts once:
+///   in this process's local share, not also in Redis.
+///
+/// A release for an id Redis never recorded changes nothing, and so does a repeated one; a
+/// release is tried up to 5 times, one timeout apart. Redis runs the commands of one
+/// connection in order, and the release follows the decision on the same connection, so a
+/// late-running script is undone. This is exact, except where it cannot be, and then always on
+/// the side of the limit (an admission stays counted that should not, never the reverse):
+///
+/// * a release that does not reach Redis (it is down for all 5 attempts; or the response future
+///   was dropped outside a Tokio runtime, where nothing can be sent): the admission counts until
+///   it leaves the window, or the bucket's schedule passes it;
+/// * a connection re-established between the decision and its release: Redis may run the
+///   release on the new connection before the script still queued on the old one, if it runs
+///   it at all; the late admission then stays counted as above. A script that runs later than
+///   the last release attempt is likewise not undone;
+/// * a token bucket gives an admission back exactly while it is a reservation still ahead, or
+///   the latest admission of its key to have started; an older one (say, one that started, whose
+///   release arrives after later admissions of the same key) is left as it is, since the
+///   schedule after it has been built on it;
+/// * between a late script and its release, other processes see the admission (for at most the
+///   time the release takes).
+///
 /// ```no_run
 /// use std::time::Duration;
 /// use tower_llm_queue::rate::{OnRedisFailure, RedisStore};
@@ -68,6 +104,9 @@ impl std::fmt::Debug for RedisStore {
             .finish_non_exhaustive()
     }
 }
+
+/// How many times a release is sent before it is given up.
+const RELEASE_ATTEMPTS: u32 = 5;
 
 /// The longest wait a script reports, in microseconds: 2^53 − 1, so that every wait is an exact
 /// integer in Lua.
@@ -450,10 +489,22 @@ impl RedisStore {
     }
 
     /// Gives back admission `id` of `cost`, whose request left before starting. Harmless for an
-    /// id that Redis never recorded.
+    /// id that Redis never recorded, and when repeated; so it is tried up to
+    /// [`RELEASE_ATTEMPTS`] times, a timeout apart, to outlast a Redis that answers late.
     pub(crate) async fn release(&self, limit: Limit, key: &Key, id: u64, cost: u64) {
-        if let Err(err) = self.adjust("release", limit, key, id, cost, 0).await {
-            tracing::warn!(key = %key, error = %err, "rate: could not give an admission back in Redis");
+        let mut attempt = 1;
+        loop {
+            match self.adjust("release", limit, key, id, cost, 0).await {
+                Ok(_) => return,
+                Err(err) if attempt >= RELEASE_ATTEMPTS => {
+                    tracing::warn!(key = %key, error = %err, "rate: could not give an admission back in Redis");
+                    return;
+                }
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(self.inner.timeout).await;
+                }
+            }
         }
     }
 
