@@ -19,48 +19,65 @@ macro_rules! rate_layer_builders {
                     key,
                     cost: self.cost,
                     reconcile: self.reconcile,
-                    max_wait: self.max_wait,
                 }
             }
 
             /// What a request costs: a closure `Fn(&Req) -> u64`, such as its estimated tokens.
             /// Default 1: the limit counts requests.
+            ///
+            /// A cost of 0 is admitted at once and leaves no record (in memory or in Redis);
+            /// with [`reconcile`](Self::reconcile), the cost the response reports is recorded
+            /// when the response arrives. A cost above [`MAX_COST`](super::MAX_COST) (2^53 − 1)
+            /// counts as `MAX_COST`, in memory as in Redis.
             pub fn cost<C2>(self, cost: C2) -> $layer<E, C2, R> {
                 $layer {
                     shared: self.shared,
                     key: self.key,
                     cost,
                     reconcile: self.reconcile,
-                    max_wait: self.max_wait,
                 }
             }
 
             /// Replaces the estimated cost by what the upstream reports it used, once the
             /// response is known: a closure `Fn(&Response) -> Option<u64>`, such as
             /// `usage.total_tokens`.
+            ///
+            /// A reported cost above [`MAX_COST`](super::MAX_COST) counts as `MAX_COST`. A
+            /// correction raises or lowers what the window holds, or moves the bucket's schedule,
+            /// after the fact: admissions decided in between are not revisited. In a token
+            /// bucket, the correction of a reservation still waiting or of the latest admission
+            /// to have started is exact; that of an older one moves the schedule by the
+            /// difference as if no idle time had passed since it (idle gaps are not kept), and
+            /// never past the latest start's own spacing.
             pub fn reconcile<R2>(self, reconcile: R2) -> $layer<E, C, R2> {
                 $layer {
                     shared: self.shared,
                     key: self.key,
                     cost: self.cost,
                     reconcile,
-                    max_wait: self.max_wait,
                 }
             }
 
             /// Refuses a request over the limit at once with
             /// [`RejectionKind::RateLimited`](crate::RejectionKind::RateLimited) and the exact
             /// time until it would fit as `retry_after` (the default).
-            pub fn reject(mut self) -> Self {
-                self.max_wait = None;
+            ///
+            /// This is a setting of the shared state: it applies to every clone of this layer
+            /// and to every service built from any of them, including services built before.
+            pub fn reject(self) -> Self {
+                self.shared.set_max_wait(None);
                 self
             }
 
             /// Lets a request over the limit wait for its turn — in arrival order per key, each
             /// woken at the instant it fits — when that comes within `max_wait`; otherwise it is
-            /// refused at once.
-            pub fn wait(mut self, max_wait: Duration) -> Self {
-                self.max_wait = Some(max_wait);
+            /// refused at once. A `max_wait` above [`MAX_PERIOD`](super::MAX_PERIOD) (100 years)
+            /// counts as `MAX_PERIOD`.
+            ///
+            /// This is a setting of the shared state: it applies to every clone of this layer
+            /// and to every service built from any of them, including services built before.
+            pub fn wait(self, max_wait: Duration) -> Self {
+                self.shared.set_max_wait(Some(max_wait));
                 self
             }
 
@@ -97,7 +114,6 @@ macro_rules! rate_layer_builders {
                     key: self.key.clone(),
                     cost: self.cost.clone(),
                     reconcile: self.reconcile.clone(),
-                    max_wait: self.max_wait,
                 }
             }
         }
@@ -106,7 +122,7 @@ macro_rules! rate_layer_builders {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_struct(stringify!($layer))
                     .field("limit", &self.shared.limiter.limit())
-                    .field("max_wait", &self.max_wait)
+                    .field("max_wait", &self.shared.max_wait())
                     .finish_non_exhaustive()
             }
         }
@@ -121,22 +137,21 @@ pub struct SlidingWindowLayer<E = Global, C = Unit, R = NoReconcile> {
     key: E,
     cost: C,
     reconcile: R,
-    max_wait: Option<Duration>,
 }
 
 impl SlidingWindowLayer {
     /// At most `limit` requests (or cost units, with [`cost`](Self::cost)) in any interval of
     /// length `window`. A `limit` of 0 refuses everything.
+    ///
+    /// `limit` is at most [`MAX_COST`](super::MAX_COST) (2^53 − 1) and `window` between 1 ns
+    /// and [`MAX_PERIOD`](super::MAX_PERIOD) (100 years); values beyond count as the nearest
+    /// bound. A Redis store counts the window in whole microseconds (at least 1 µs).
     pub fn new(limit: u64, window: Duration) -> Self {
         SlidingWindowLayer {
-            shared: Arc::new(Shared::new(Limit::Window {
-                limit,
-                window: window.max(Duration::from_nanos(1)),
-            })),
+            shared: Arc::new(Shared::new(Limit::window(limit, window))),
             key: Global,
             cost: Unit,
             reconcile: NoReconcile,
-            max_wait: None,
         }
     }
 }
@@ -151,23 +166,22 @@ pub struct TokenBucketLayer<E = Global, C = Unit, R = NoReconcile> {
     key: E,
     cost: C,
     reconcile: R,
-    max_wait: Option<Duration>,
 }
 
 impl TokenBucketLayer {
     /// A steady `rate` with a burst of `burst` requests (or cost units) at once. Seed 004's
     /// "100 per second, bursts of 200" is `TokenBucketLayer::new(Rate::per_second(100), 200)`.
-    /// A `burst` of 0 counts as 1.
+    ///
+    /// `burst` is at least 1 and at most [`MAX_COST`](super::MAX_COST) (2^53 − 1), and a whole
+    /// burst spans at most [`MAX_PERIOD`](super::MAX_PERIOD): `burst × interval` is capped at
+    /// 100 years (a `burst` of 0 counts as 1; a larger one as the largest that fits). The
+    /// interval is [`Rate`]'s, between 1 ns and `MAX_PERIOD`.
     pub fn new(rate: Rate, burst: u64) -> Self {
         TokenBucketLayer {
-            shared: Arc::new(Shared::new(Limit::Bucket {
-                interval: rate.interval(),
-                burst: burst.max(1),
-            })),
+            shared: Arc::new(Shared::new(Limit::bucket(rate.interval(), burst))),
             key: Global,
             cost: Unit,
             reconcile: NoReconcile,
-            max_wait: None,
         }
     }
 }

@@ -6,8 +6,10 @@
 //!   so memory per key grows with the requests of one window (24 bytes each): the price of
 //!   exactness, and the right one for upstream quotas such as "30 requests in any 60 seconds"
 //!   (seed 002).
-//! * [`TokenBucketLayer`] — a steady [`Rate`] with a burst (GCRA): one instant per key, O(1).
-//!   Seed 004's "100 per second, bursts of 200" is
+//! * [`TokenBucketLayer`] — a steady [`Rate`] with a burst (GCRA): per key, one instant for the
+//!   admissions that have started, plus the reservations still waiting (wait mode), so that a
+//!   reservation given back leaves the schedule exactly as if it had never been made: no two
+//!   starts ever come closer than the GCRA allows. Seed 004's "100 per second, bursts of 200" is
 //!   `TokenBucketLayer::new(Rate::per_second(100), 200)`.
 //!
 //! Over the limit, a request is refused at once with
@@ -16,6 +18,18 @@
 //! instant it fits — in arrival order per key, each waiter woken by its own timer, never by
 //! polling — if that comes within `max_wait`. A waiter that goes away gives its reservation
 //! back. A request that costs more than the whole limit is refused at once: it could never fit.
+//! A refusal's `retry_after` is at most 2^53 − 1 µs (about 285 years).
+//!
+//! Every number is kept in a range where the arithmetic is exact, in memory and in Redis (whose
+//! Lua scripts compute in doubles, exact up to 2^53): windows, intervals and waits up to
+//! [`MAX_PERIOD`] (100 years), costs, limits and bursts up to [`MAX_COST`] (2^53 − 1), and a
+//! burst spans at most `MAX_PERIOD`. A value beyond its range counts as the nearest bound; no
+//! input panics or wraps. Only reconciled costs can take a sum past 2^53 (a window's total, or a
+//! bucket's schedule in microseconds): Redis then rounds, while such a key is far over its limit
+//! anyway.
+//!
+//! A layer is a handle to one shared state, and its settings (`wait` or `reject`) live there:
+//! changed on any clone of the layer, they apply to every service built from it, even before.
 //! Keys that have been idle for a window are swept out, so memory stays bounded however many
 //! distinct keys pass.
 //!
@@ -72,6 +86,17 @@ use self::service::Shared;
 /// The response future of [`RateLimit`].
 pub type ResponseFuture<R> = crate::boxed::BoxedFuture<R>;
 
+/// The longest window, interval or wait a rate limit accepts: 100 years of 365 days. Longer
+/// ones count as this. It keeps every instant and every product of a cost and an interval
+/// representable, and every duration exact in Redis, which computes in microseconds held in
+/// doubles (exact up to 2^53 µs, about 285 years).
+pub const MAX_PERIOD: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// The largest cost, limit or burst a rate limit accepts: 2^53 − 1, the largest integer Redis's
+/// Lua numbers (doubles) hold exactly. Larger ones count as this, in memory as in Redis, so that
+/// both decide alike.
+pub const MAX_COST: u64 = (1 << 53) - 1;
+
 /// A steady rate, named so that "per second" cannot be mistaken for "one every n seconds".
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -89,20 +114,23 @@ impl Rate {
         Rate::per(n, Duration::from_secs(60))
     }
 
-    /// `n` per `period`.
+    /// `n` per `period`: one every `period / n`, kept between 1 ns and [`MAX_PERIOD`]. Zero
+    /// means practically never (one per 34 years).
     pub fn per(n: u32, period: Duration) -> Self {
         let interval = if n == 0 {
             Duration::from_secs(1 << 30)
         } else {
-            (period / n).max(Duration::from_nanos(1))
+            period / n
         };
-        Rate { interval }
+        Rate::one_every(interval)
     }
 
-    /// One every `interval`.
+    /// One every `interval`, kept between 1 ns and [`MAX_PERIOD`] (a longer one counts as
+    /// `MAX_PERIOD`). A Redis store counts in whole microseconds: there, an interval below
+    /// 1 µs counts as 1 µs.
     pub fn one_every(interval: Duration) -> Self {
         Rate {
-            interval: interval.max(Duration::from_nanos(1)),
+            interval: limiter::period(interval),
         }
     }
 

@@ -30,14 +30,6 @@ enum Backend {
     Fallback,
 }
 
-/// A request let through: its admission id, where it was decided, and when it may start.
-#[derive(Debug, Clone, Copy)]
-struct Admitted {
-    id: u64,
-    backend: Backend,
-    start: Option<tokio::time::Instant>,
-}
-
 #[cfg(feature = "redis")]
 #[derive(Debug)]
 struct Remote {
@@ -52,7 +44,12 @@ pub(crate) struct Shared {
     #[cfg(feature = "redis")]
     remote: std::sync::OnceLock<Remote>,
     counters: Counters,
+    /// How long a request over the limit may wait, in nanoseconds; [`REJECT`] refuses it.
+    max_wait: AtomicU64,
 }
+
+/// The value of [`Shared::max_wait`] that refuses at once.
+const REJECT: u64 = u64::MAX;
 
 impl Shared {
     pub(crate) fn new(limit: Limit) -> Self {
@@ -61,6 +58,24 @@ impl Shared {
             #[cfg(feature = "redis")]
             remote: std::sync::OnceLock::new(),
             counters: Counters::default(),
+            max_wait: AtomicU64::new(REJECT),
+        }
+    }
+
+    /// Sets how long a request over the limit may wait (`None`: refuse it at once).
+    pub(crate) fn set_max_wait(&self, max_wait: Option<Duration>) {
+        // MAX_PERIOD in nanoseconds is far below the REJECT sentinel.
+        let nanos = max_wait.map_or(REJECT, |wait| {
+            u64::try_from(wait.min(super::MAX_PERIOD).as_nanos()).unwrap_or(REJECT - 1)
+        });
+        self.max_wait.store(nanos, Relaxed);
+    }
+
+    /// How long a request over the limit may wait (`None`: it is refused at once).
+    pub(crate) fn max_wait(&self) -> Option<Duration> {
+        match self.max_wait.load(Relaxed) {
+            REJECT => None,
+            nanos => Some(Duration::from_nanos(nanos)),
         }
     }
 
@@ -79,75 +94,114 @@ impl Shared {
         }
     }
 
-    async fn decide(
-        &self,
-        key: &Key,
+    /// Decides for one request. The returned reservation gives the admission back if the
+    /// request leaves before it starts; with Redis it exists before the round trip, so that a
+    /// caller leaving during it, or a decision that fails or times out (and may still run in
+    /// Redis), sends Redis a release for its admission id.
+    async fn admit(
+        self: &Arc<Self>,
+        key: Key,
         cost: u64,
-        max_wait: Option<Duration>,
-    ) -> Result<(Decision, Backend), Rejected> {
+    ) -> Result<(Reservation, Option<tokio::time::Instant>), Rejected> {
+        let max_wait = self.max_wait();
         #[cfg(feature = "redis")]
         if let Some(remote) = self.remote.get() {
             let id = fastrand::u64(..);
+            let mut reservation = Reservation {
+                shared: self.clone(),
+                key,
+                id,
+                backend: Backend::Redis,
+                cost,
+                armed: cost > 0,
+            };
+            if cost == 0 {
+                // Admitted without a record (the memory limiter does the same); a
+                // reconciliation records the actual cost in Redis.
+                return self.conclude(Decision::Now(id), reservation);
+            }
             let limit = self.limiter.limit();
-            match remote.store.decide(limit, key, id, cost, max_wait).await {
-                Ok(decision) => return Ok((decision, Backend::Redis)),
-                Err(err) => match remote.store.failure_mode() {
-                    super::OnRedisFailure::LocalShare => {
-                        tracing::warn!(key = %key, error = %err, "rate: Redis failed; deciding with the local share");
-                        return Ok((
-                            remote.fallback.decide(key, cost, max_wait),
-                            Backend::Fallback,
-                        ));
+            let key = reservation.key.clone();
+            match remote.store.decide(limit, &key, id, cost, max_wait).await {
+                Ok(decision) => return self.conclude(decision, reservation),
+                Err(err) => {
+                    // The script may have run, or may still run: undo it.
+                    reservation.give_back();
+                    match remote.store.failure_mode() {
+                        super::OnRedisFailure::LocalShare => {
+                            tracing::warn!(key = %key, error = %err, "rate: Redis failed; deciding with the local share");
+                            let decision = remote.fallback.decide(&key, cost, max_wait);
+                            let reservation =
+                                self.reservation(key, cost, decision, Backend::Fallback);
+                            return self.conclude(decision, reservation);
+                        }
+                        super::OnRedisFailure::Refuse => {
+                            tracing::warn!(key = %key, error = %err, "rate: Redis failed; refusing");
+                            return Err(Rejected::new(RejectionKind::RateLimited)
+                                .with_message("the rate limit cannot be checked right now")
+                                .with_retry_after(Duration::from_secs(1)));
+                        }
                     }
-                    super::OnRedisFailure::Refuse => {
-                        tracing::warn!(key = %key, error = %err, "rate: Redis failed; refusing");
-                        return Err(Rejected::new(RejectionKind::RateLimited)
-                            .with_message("the rate limit cannot be checked right now")
-                            .with_retry_after(Duration::from_secs(1)));
-                    }
-                },
+                }
             }
         }
-        Ok((self.limiter.decide(key, cost, max_wait), Backend::Memory))
+        let decision = self.limiter.decide(&key, cost, max_wait);
+        let reservation = self.reservation(key, cost, decision, Backend::Memory);
+        self.conclude(decision, reservation)
     }
 
-    async fn admit(
-        &self,
-        key: &Key,
+    /// The reservation of an in-memory decision.
+    fn reservation(
+        self: &Arc<Self>,
+        key: Key,
         cost: u64,
-        max_wait: Option<Duration>,
-    ) -> Result<Admitted, Rejected> {
-        let (decision, backend) = self.decide(key, cost, max_wait).await?;
+        decision: Decision,
+        backend: Backend,
+    ) -> Reservation {
+        let id = match decision {
+            Decision::Now(id) | Decision::At(_, id) => id,
+            Decision::Denied(_) | Decision::TooLarge => 0,
+        };
+        Reservation {
+            shared: self.clone(),
+            key,
+            id,
+            backend,
+            cost,
+            armed: true,
+        }
+    }
+
+    /// Counts a decision, and keeps the reservation armed only for a place reserved ahead.
+    fn conclude(
+        &self,
+        decision: Decision,
+        mut reservation: Reservation,
+    ) -> Result<(Reservation, Option<tokio::time::Instant>), Rejected> {
         let counters = &self.counters;
+        let (key, cost) = (&reservation.key, reservation.cost);
         match decision {
-            Decision::Now(id) => {
+            Decision::Now(_) => {
                 counters.admitted.fetch_add(1, Relaxed);
-                Ok(Admitted {
-                    id,
-                    backend,
-                    start: None,
-                })
+                reservation.armed = false;
+                Ok((reservation, None))
             }
-            Decision::At(at, id) => {
+            Decision::At(at, _) => {
                 counters.admitted.fetch_add(1, Relaxed);
                 counters.waited.fetch_add(1, Relaxed);
-                let wait_ms = at
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .as_millis() as u64;
+                let wait_ms = millis(at.saturating_duration_since(tokio::time::Instant::now()));
                 tracing::debug!(key = %key, cost, wait_ms, "rate: waiting for a reserved start");
-                Ok(Admitted {
-                    id,
-                    backend,
-                    start: Some(at),
-                })
+                Ok((reservation, Some(at)))
             }
             Decision::Denied(retry_after) => {
                 counters.rejected.fetch_add(1, Relaxed);
-                tracing::debug!(key = %key, cost, retry_after_ms = retry_after.as_millis() as u64, "rejected: rate limited");
+                tracing::debug!(key = %key, cost, retry_after_ms = millis(retry_after), "rejected: rate limited");
+                reservation.armed = false;
                 Err(Rejected::new(RejectionKind::RateLimited).with_retry_after(retry_after))
             }
             Decision::TooLarge => {
                 counters.rejected.fetch_add(1, Relaxed);
+                reservation.armed = false;
                 Err(
                     Rejected::new(RejectionKind::RateLimited).with_message(format!(
                     "a request costing {cost} exceeds the whole limit and can never be admitted"
@@ -157,24 +211,18 @@ impl Shared {
         }
     }
 
-    /// Corrects an admission's cost (0 gives it back).
-    async fn adjust(&self, key: &Key, admitted: Admitted, old: u64, new: u64) {
-        match admitted.backend {
+    /// Corrects the cost of an admission that started, where it was decided.
+    async fn correct(&self, reservation: &Reservation, actual: u64) {
+        let (key, id, cost) = (&reservation.key, reservation.id, reservation.cost);
+        match reservation.backend {
             #[cfg(feature = "redis")]
             Backend::Redis => {
                 if let Some(remote) = self.remote.get() {
                     let limit = self.limiter.limit();
-                    remote.store.adjust(limit, key, admitted.id, old, new).await;
+                    remote.store.correct(limit, key, id, cost, actual).await;
                 }
             }
-            backend => {
-                let limiter = self.limiter(backend);
-                if new == 0 {
-                    limiter.release(key, admitted.id, old);
-                } else {
-                    limiter.reconcile(key, admitted.id, old, new);
-                }
-            }
+            backend => self.limiter(backend).reconcile(key, id, cost, actual),
         }
     }
 
@@ -189,6 +237,11 @@ impl Shared {
     }
 }
 
+/// A duration in whole milliseconds, for events.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Starts at most a limited cost per window of time, per key. Built by
 /// [`SlidingWindowLayer`](super::SlidingWindowLayer) and
 /// [`TokenBucketLayer`](super::TokenBucketLayer).
@@ -199,7 +252,6 @@ pub struct RateLimit<S, E, C, R> {
     pub(crate) key: E,
     pub(crate) cost: C,
     pub(crate) reconcile: R,
-    pub(crate) max_wait: Option<Duration>,
 }
 
 impl<S, E, C, R> RateLimit<S, E, C, R> {
@@ -211,34 +263,49 @@ impl<S, E, C, R> RateLimit<S, E, C, R> {
     }
 }
 
-/// Gives a reservation back if its request leaves before starting.
+/// An admission, given back if its request leaves before starting: armed while the decision is
+/// pending (with Redis, from before the round trip) and while a reserved start is ahead;
+/// disarmed once the request starts, or when nothing was recorded.
 struct Reservation {
     shared: Arc<Shared>,
     key: Key,
-    admitted: Admitted,
+    id: u64,
+    backend: Backend,
     cost: u64,
-    started: bool,
+    armed: bool,
 }
 
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.started {
+impl Reservation {
+    /// Gives the admission back, once. A Redis release is sent from a task of the current
+    /// Tokio runtime; without one, it cannot be sent.
+    fn give_back(&mut self) {
+        if !std::mem::take(&mut self.armed) {
             return;
         }
-        match self.admitted.backend {
+        match self.backend {
             #[cfg(feature = "redis")]
             Backend::Redis => {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     let (shared, key) = (self.shared.clone(), self.key.clone());
-                    let (admitted, cost) = (self.admitted, self.cost);
-                    runtime.spawn(async move { shared.adjust(&key, admitted, cost, 0).await });
+                    let (id, cost) = (self.id, self.cost);
+                    runtime.spawn(async move {
+                        if let Some(remote) = shared.remote.get() {
+                            let limit = shared.limiter.limit();
+                            remote.store.release(limit, &key, id, cost).await;
+                        }
+                    });
+                } else {
+                    tracing::warn!(key = %self.key, "rate: no runtime to give an admission back to Redis");
                 }
             }
-            backend => self
-                .shared
-                .limiter(backend)
-                .release(&self.key, self.admitted.id, self.cost),
+            backend => self.shared.limiter(backend).release(&self.key, self.id),
         }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
@@ -266,28 +333,20 @@ where
             Ok(key) => key,
             Err(rejected) => return ResponseFuture::new(async move { Err(rejected.into()) }),
         };
-        let cost = self.cost.cost(&request);
+        let cost = self.cost.cost(&request).min(super::MAX_COST);
         let shared = self.shared.clone();
-        let max_wait = self.max_wait;
         let inner = self.inner.clone();
         let reconcile = self.reconcile.clone();
         ResponseFuture::new(async move {
-            let admitted = shared.admit(&key, cost, max_wait).await?;
-            let mut reservation = Reservation {
-                shared,
-                key,
-                admitted,
-                cost,
-                started: admitted.start.is_none(),
-            };
-            if let Some(at) = admitted.start {
+            let (mut reservation, start) = shared.admit(key, cost).await?;
+            if let Some(at) = start {
                 tokio::time::sleep_until(at).await;
-                reservation.started = true;
             }
+            reservation.armed = false;
             let response = inner.oneshot(request).await.map_err(Into::into)?;
             if let Some(actual) = reconcile.actual_cost(&response) {
-                let r = &reservation;
-                r.shared.adjust(&r.key, r.admitted, cost, actual).await;
+                let actual = actual.min(super::MAX_COST);
+                shared.correct(&reservation, actual).await;
             }
             Ok(response)
         })
@@ -299,7 +358,7 @@ impl<S: fmt::Debug, E, C, R> fmt::Debug for RateLimit<S, E, C, R> {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
             .field("limit", &self.shared.limiter.limit())
-            .field("max_wait", &self.max_wait)
+            .field("max_wait", &self.shared.max_wait())
             .finish_non_exhaustive()
     }
 }
