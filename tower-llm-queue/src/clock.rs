@@ -15,7 +15,8 @@ pub(crate) fn later(base: Instant, delay: Duration) -> Instant {
     base.checked_add(delay.min(FAR)).unwrap_or(base)
 }
 
-/// An optional duration in an atomic, to the nanosecond; durations beyond [`FAR`] are cut to it.
+/// An optional duration in an atomic, to the nanosecond; durations beyond 2^64 − 2 nanoseconds
+/// (584 years) are cut to that.
 #[derive(Debug)]
 pub(crate) struct AtomicDuration(AtomicU64);
 
@@ -27,7 +28,7 @@ impl AtomicDuration {
     }
 
     fn encode(duration: Option<Duration>) -> u64 {
-        duration.map_or(UNSET, |d| d.min(FAR).as_nanos() as u64)
+        duration.map_or(UNSET, |d| u64::try_from(d.as_nanos()).unwrap_or(UNSET - 1))
     }
 
     pub(crate) fn set(&self, duration: Option<Duration>) {
@@ -53,7 +54,7 @@ mod tests {
         d.set(Some(Duration::from_micros(900)));
         assert_eq!(d.get(), Some(Duration::from_micros(900)));
         d.set(Some(Duration::MAX));
-        assert_eq!(d.get(), Some(FAR));
+        assert_eq!(d.get(), Some(Duration::from_nanos(u64::MAX - 1)));
     }
 
     #[test]

@@ -54,19 +54,32 @@ impl<V> Sharded<V> {
     pub(crate) fn lock_sweeping(
         &self,
         key: &Key,
-        mut idle: impl FnMut(&mut V) -> bool,
+        idle: impl FnMut(&mut V) -> bool,
     ) -> MutexGuard<'_, FastMap<Key, V>> {
         let (index, mut shard) = self.lock_indexed(key);
-        if !shard.contains_key(key) {
-            let grown = self.grown[index].fetch_add(1, Relaxed) + 1;
-            let kept = (shard.len() + 1).saturating_sub(grown);
-            if grown >= SWEEP_AT_LEAST.max(kept) {
-                shard.retain(|_, value| !idle(value));
-                shrink(&mut shard);
-                self.grown[index].store(0, Relaxed);
-            }
-        }
+        self.sweep_if_due(index, &mut shard, key, idle);
         shard
+    }
+
+    /// The sweep of [`Sharded::lock_sweeping`], for a caller that already holds shard `index`
+    /// (and must read something, such as the clock, under its lock first).
+    pub(crate) fn sweep_if_due(
+        &self,
+        index: usize,
+        shard: &mut FastMap<Key, V>,
+        key: &Key,
+        mut idle: impl FnMut(&mut V) -> bool,
+    ) {
+        if shard.contains_key(key) {
+            return;
+        }
+        let grown = self.grown[index].fetch_add(1, Relaxed) + 1;
+        let kept = (shard.len() + 1).saturating_sub(grown);
+        if grown >= SWEEP_AT_LEAST.max(kept) {
+            shard.retain(|_, value| !idle(value));
+            shrink(shard);
+            self.grown[index].store(0, Relaxed);
+        }
     }
 
     /// The locked shard that holds `key`.
@@ -78,11 +91,6 @@ impl<V> Sharded<V> {
     pub(crate) fn lock_indexed(&self, key: &Key) -> (usize, MutexGuard<'_, FastMap<Key, V>>) {
         let index = (self.hasher.hash_one(key) >> 32) as usize & (self.shards.len() - 1);
         (index, lock(&self.shards[index]))
-    }
-
-    /// The number of shards.
-    pub(crate) fn shard_count(&self) -> usize {
-        self.shards.len()
     }
 
     /// Visits every shard in turn, each locked while `f` runs.
@@ -123,6 +131,11 @@ impl<V> Sharded<V> {
 
 #[cfg(test)]
 impl<V> Sharded<V> {
+    /// The number of shards.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     /// The room all shards have allocated, in entries.
     pub(crate) fn capacity(&self) -> usize {
         let mut total = 0;

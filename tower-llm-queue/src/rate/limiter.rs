@@ -5,14 +5,14 @@
 //! as `u128`. Every sum saturates, so no input panics or wraps.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::{MAX_COST, MAX_PERIOD};
 use crate::key::Key;
-use crate::sharded::{shrink, Sharded};
+use crate::sharded::Sharded;
 
 /// The longest `retry_after` a refusal reports: 2^53 − 1 µs, about 285 years.
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_micros(MAX_COST);
@@ -209,21 +209,16 @@ struct Slot {
     seen: u64,
 }
 
-/// Per-key state in shards. A shard is swept of idle keys once it has taken in as many new keys
-/// as it held at its last sweep (and at least [`SWEEP_AT_LEAST`]): each sweep is paid for by
-/// the insertions before it, and a shard never holds much more than twice its live keys.
+/// Per-key state in shards, swept of idle keys as new keys arrive
+/// ([`Sharded::sweep_if_due`]): a shard never holds much more than twice its live keys.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit: Limit,
     /// Tick 0.
     epoch: Instant,
     keys: Sharded<Slot>,
-    /// New keys per shard since its last sweep.
-    grown: Box<[AtomicUsize]>,
     next_id: AtomicU64,
 }
-
-const SWEEP_AT_LEAST: usize = 256;
 
 impl MemoryLimiter {
     /// A limiter for `limit`, whose numbers are brought into their accepted range.
@@ -232,15 +227,10 @@ impl MemoryLimiter {
             Limit::Window { limit, window } => Limit::window(limit, window),
             Limit::Bucket { interval, burst } => Limit::bucket(interval, burst),
         };
-        let keys = Sharded::new();
-        let grown = (0..keys.shard_count())
-            .map(|_| AtomicUsize::new(0))
-            .collect();
         MemoryLimiter {
             limit,
             epoch: Instant::now(),
-            keys,
-            grown,
+            keys: Sharded::new(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -315,15 +305,9 @@ impl MemoryLimiter {
         let (index, mut shard) = self.keys.lock_indexed(key);
         // Read under the lock: decisions for one key then see the clock in their own order.
         let mut now = self.ticks(clock());
-        if !shard.contains_key(key) {
-            let grown = self.grown[index].fetch_add(1, Relaxed) + 1;
-            let kept = (shard.len() + 1).saturating_sub(grown);
-            if grown >= SWEEP_AT_LEAST.max(kept) {
-                shard.retain(|_, slot| !slot.state.idle(now, &self.limit));
-                shrink(&mut shard);
-                self.grown[index].store(0, Relaxed);
-            }
-        }
+        let limit = &self.limit;
+        self.keys
+            .sweep_if_due(index, &mut shard, key, |slot| slot.state.idle(now, limit));
         let id = self.next_id.fetch_add(1, Relaxed);
         let slot = self.slot(&mut shard, key, &mut now);
         match (&mut slot.state, self.limit) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tower::ServiceExt;
 use tower_service::Service;
 
+use crate::clock::AtomicDuration;
 use crate::key::{ExtractKey, Key};
 use crate::rejected::{Rejected, RejectionKind};
 
@@ -44,12 +45,9 @@ pub(crate) struct Shared {
     #[cfg(feature = "redis")]
     remote: std::sync::OnceLock<Remote>,
     counters: Counters,
-    /// How long a request over the limit may wait, in nanoseconds; [`REJECT`] refuses it.
-    max_wait: AtomicU64,
+    /// How long a request over the limit may wait; `None` refuses it.
+    max_wait: AtomicDuration,
 }
-
-/// The value of [`Shared::max_wait`] that refuses at once.
-const REJECT: u64 = u64::MAX;
 
 impl Shared {
     pub(crate) fn new(limit: Limit) -> Self {
@@ -58,25 +56,19 @@ impl Shared {
             #[cfg(feature = "redis")]
             remote: std::sync::OnceLock::new(),
             counters: Counters::default(),
-            max_wait: AtomicU64::new(REJECT),
+            max_wait: AtomicDuration::new(None),
         }
     }
 
     /// Sets how long a request over the limit may wait (`None`: refuse it at once).
     pub(crate) fn set_max_wait(&self, max_wait: Option<Duration>) {
-        // MAX_PERIOD in nanoseconds is far below the REJECT sentinel.
-        let nanos = max_wait.map_or(REJECT, |wait| {
-            u64::try_from(wait.min(super::MAX_PERIOD).as_nanos()).unwrap_or(REJECT - 1)
-        });
-        self.max_wait.store(nanos, Relaxed);
+        self.max_wait
+            .set(max_wait.map(|wait| wait.min(super::MAX_PERIOD)));
     }
 
     /// How long a request over the limit may wait (`None`: it is refused at once).
     pub(crate) fn max_wait(&self) -> Option<Duration> {
-        match self.max_wait.load(Relaxed) {
-            REJECT => None,
-            nanos => Some(Duration::from_nanos(nanos)),
-        }
+        self.max_wait.get()
     }
 
     /// Keeps the limit in Redis from now on. False if a store was already set.
