@@ -40,7 +40,9 @@ macro_rules! rate_layer_builders {
 
             /// Replaces the estimated cost by what the upstream reports it used, once the
             /// response is known: a closure `Fn(&Response) -> Option<u64>`, such as
-            /// `usage.total_tokens`.
+            /// `usage.total_tokens`, or — when only the end of a streamed body tells —
+            /// [`MeterBody`](super::MeterBody), which reads the body through a
+            /// [`Meter`](super::Meter) and settles when the body ends, fails or is dropped.
             ///
             /// A reported cost above [`MAX_COST`](super::MAX_COST) counts as `MAX_COST`. A
             /// correction raises or lowers what the window holds, or moves the bucket's schedule,

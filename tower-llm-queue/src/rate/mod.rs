@@ -67,6 +67,7 @@
 
 mod layers;
 mod limiter;
+mod reconcile;
 #[cfg(feature = "redis")]
 mod redis;
 mod service;
@@ -77,6 +78,7 @@ use std::time::Duration;
 use crate::key::{ExtractKey, Key};
 
 pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
+pub use self::reconcile::{Meter, MeterBody, Metered, NoReconcile, Reconcile, Settle};
 #[cfg(feature = "redis")]
 pub use self::redis::{OnRedisFailure, RedisStore};
 pub use self::service::RateLimit;
@@ -163,34 +165,6 @@ pub struct Unit;
 impl<Req> Cost<Req> for Unit {
     fn cost(&self, _: &Req) -> u64 {
         1
-    }
-}
-
-/// The actual cost of a call, once its response is known.
-///
-/// Implemented by [`NoReconcile`] (the default: the estimate stands) and every
-/// `Fn(&Response) -> Option<u64>`.
-pub trait Reconcile<Response> {
-    /// The actual cost, if the response reports it.
-    fn actual_cost(&self, response: &Response) -> Option<u64>;
-}
-
-impl<F, Response> Reconcile<Response> for F
-where
-    F: Fn(&Response) -> Option<u64>,
-{
-    fn actual_cost(&self, response: &Response) -> Option<u64> {
-        self(response)
-    }
-}
-
-/// The estimated cost stands.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoReconcile;
-
-impl<Response> Reconcile<Response> for NoReconcile {
-    fn actual_cost(&self, _: &Response) -> Option<u64> {
-        None
     }
 }
 

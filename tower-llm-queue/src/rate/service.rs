@@ -12,7 +12,7 @@ use crate::key::{ExtractKey, Key};
 use crate::rejected::{Rejected, RejectionKind};
 
 use super::limiter::{Decision, Limit, MemoryLimiter};
-use super::{Cost, RateHandle, RateStats, Reconcile, ResponseFuture};
+use super::{Cost, RateHandle, RateStats, Reconcile, ResponseFuture, Settle};
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -203,18 +203,31 @@ impl Shared {
         }
     }
 
-    /// Corrects the cost of an admission that started, where it was decided.
-    async fn correct(&self, reservation: &Reservation, actual: u64) {
-        let (key, id, cost) = (&reservation.key, reservation.id, reservation.cost);
-        match reservation.backend {
+    /// Corrects the cost of an admission that started, where it was decided. A Redis
+    /// correction is sent from a task of the current Tokio runtime.
+    pub(super) fn settle(self: &Arc<Self>, admission: Admission, actual: u64) {
+        let Admission {
+            key,
+            id,
+            backend,
+            cost,
+        } = admission;
+        match backend {
             #[cfg(feature = "redis")]
             Backend::Redis => {
-                if let Some(remote) = self.remote.get() {
-                    let limit = self.limiter.limit();
-                    remote.store.correct(limit, key, id, cost, actual).await;
-                }
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    tracing::warn!(key = %key, "rate: no runtime to send a correction to Redis");
+                    return;
+                };
+                let shared = self.clone();
+                runtime.spawn(async move {
+                    if let Some(remote) = shared.remote.get() {
+                        let limit = shared.limiter.limit();
+                        remote.store.correct(limit, &key, id, cost, actual).await;
+                    }
+                });
             }
-            backend => self.limiter(backend).reconcile(key, id, cost, actual),
+            backend => self.limiter(backend).reconcile(&key, id, cost, actual),
         }
     }
 
@@ -295,6 +308,28 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// The request starts: nothing to give back any more, only its cost to correct.
+    fn started(mut self) -> Admission {
+        self.armed = false;
+        Admission {
+            key: self.key.clone(),
+            id: self.id,
+            backend: self.backend,
+            cost: self.cost,
+        }
+    }
+}
+
+/// A request that started, for corrections of its cost.
+#[derive(Debug)]
+pub(super) struct Admission {
+    pub(super) key: Key,
+    id: u64,
+    backend: Backend,
+    pub(super) cost: u64,
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.give_back();
@@ -309,12 +344,13 @@ where
     S::Error: Into<tower::BoxError>,
     E: ExtractKey<Req>,
     C: Cost<Req>,
-    R: Reconcile<S::Response> + Clone + Send + 'static,
+    R: Reconcile<Req, S::Response> + Clone + Send + 'static,
+    R::Output: Send + 'static,
     Req: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = R::Output;
     type Error = tower::BoxError;
-    type Future = ResponseFuture<S::Response>;
+    type Future = ResponseFuture<R::Output>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -329,18 +365,15 @@ where
         let shared = self.shared.clone();
         let inner = self.inner.clone();
         let reconcile = self.reconcile.clone();
+        let pending = reconcile.prepare(&request);
         ResponseFuture::new(async move {
-            let (mut reservation, start) = shared.admit(key, cost).await?;
+            let (reservation, start) = shared.admit(key, cost).await?;
             if let Some(at) = start {
                 tokio::time::sleep_until(at).await;
             }
-            reservation.armed = false;
+            let admission = reservation.started();
             let response = inner.oneshot(request).await.map_err(Into::into)?;
-            if let Some(actual) = reconcile.actual_cost(&response) {
-                let actual = actual.min(super::MAX_COST);
-                shared.correct(&reservation, actual).await;
-            }
-            Ok(response)
+            Ok(reconcile.settle(pending, response, Settle::new(shared, admission)))
         })
     }
 }

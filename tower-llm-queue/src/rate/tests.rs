@@ -198,6 +198,88 @@ async fn reconciled_usage_replaces_the_estimate() {
     assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited);
 }
 
+/// Counts the words of a streamed reply, on top of the prompt's estimate.
+struct Words {
+    prompt: u64,
+    words: u64,
+}
+
+impl Meter for Words {
+    fn observe(&mut self, data: &[u8]) {
+        self.words += data.split(|b| *b == b' ').filter(|w| !w.is_empty()).count() as u64;
+    }
+
+    fn finish(&mut self) -> Option<u64> {
+        Some(self.prompt + self.words)
+    }
+}
+
+/// A body streamed frame by frame.
+type Streamed = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<'static, Result<http_body::Frame<bytes::Bytes>, BoxError>>,
+>;
+
+/// An upstream that streams the frames the test sends on its channel.
+fn streaming(
+    frames: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>,
+) -> impl tower::Service<
+    http::Request<u64>,
+    Response = http::Response<Streamed>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |_: http::Request<u64>| {
+        let rx = frames.lock().unwrap().take().expect("one call");
+        async move {
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                let data = rx.recv().await?;
+                Some((Ok(http_body::Frame::data(data)), rx))
+            });
+            let body = http_body_util::StreamBody::new(futures_util::StreamExt::boxed(stream));
+            Ok::<_, BoxError>(http::Response::new(body))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_body_is_settled_at_its_end_or_when_dropped() {
+    use http_body_util::BodyExt;
+    for read_to_end in [true, false] {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let layer = SlidingWindowLayer::new(1_000, Duration::from_secs(60))
+            .cost(|req: &http::Request<u64>| *req.body() + 500)
+            .reconcile(MeterBody::new(|req: &http::Request<u64>| Words {
+                prompt: *req.body(),
+                words: 0,
+            }));
+        let handle = layer.handle();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(streaming(Arc::new(Mutex::new(Some(rx)))));
+        let response = svc.oneshot(http::Request::new(10)).await.unwrap();
+        // Until the body ends, the estimate holds its place.
+        assert_eq!(handle.usage(&Key::anonymous()), 510);
+        let mut body = response.into_body();
+        tx.send(bytes::Bytes::from("one two ")).await.unwrap();
+        body.frame().await.unwrap().unwrap();
+        tx.send(bytes::Bytes::from("three")).await.unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(handle.usage(&Key::anonymous()), 510);
+        if read_to_end {
+            drop(tx);
+            assert!(body.frame().await.is_none());
+        } else {
+            // A stream cut short counts what it carried.
+            drop(body);
+        }
+        assert_eq!(
+            handle.usage(&Key::anonymous()),
+            13,
+            "read to its end: {read_to_end}"
+        );
+    }
+}
+
 #[test]
 fn keys_seen_once_do_not_stay() {
     paused().block_on(async {
