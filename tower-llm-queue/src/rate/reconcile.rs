@@ -63,15 +63,24 @@ impl<Req, Response> Reconcile<Req, Response> for NoReconcile {
     }
 }
 
+/// A correction sent to a shared store, which the response future waits for when it was made
+/// before the response is returned.
+pub(super) type Sent = Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
+
 /// Tells a rate limit what an admitted request actually cost. See [`Reconcile`].
 pub struct Settle {
     shared: Arc<Shared>,
     admission: Admission,
+    sent: Option<Sent>,
 }
 
 impl Settle {
-    pub(super) fn new(shared: Arc<Shared>, admission: Admission) -> Self {
-        Settle { shared, admission }
+    pub(super) fn new(shared: Arc<Shared>, admission: Admission, sent: Option<Sent>) -> Self {
+        Settle {
+            shared,
+            admission,
+            sent,
+        }
     }
 
     /// The cost charged when the request was admitted.
@@ -82,8 +91,12 @@ impl Settle {
     /// Replaces the charged cost by `actual` (at most [`MAX_COST`](super::MAX_COST)). With a
     /// Redis store, the correction is sent from a task of the current Tokio runtime.
     pub fn actual(self, actual: u64) {
-        self.shared
+        let task = self
+            .shared
             .settle(self.admission, actual.min(super::MAX_COST));
+        if let (Some(task), Some(sent)) = (task, self.sent) {
+            *crate::sharded::lock(&sent) = Some(task);
+        }
     }
 }
 

@@ -204,8 +204,12 @@ impl Shared {
     }
 
     /// Corrects the cost of an admission that started, where it was decided. A Redis
-    /// correction is sent from a task of the current Tokio runtime.
-    pub(super) fn settle(self: &Arc<Self>, admission: Admission, actual: u64) {
+    /// correction is sent from a task of the current Tokio runtime, returned.
+    pub(super) fn settle(
+        self: &Arc<Self>,
+        admission: Admission,
+        actual: u64,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let Admission {
             key,
             id,
@@ -217,17 +221,20 @@ impl Shared {
             Backend::Redis => {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     tracing::warn!(key = %key, "rate: no runtime to send a correction to Redis");
-                    return;
+                    return None;
                 };
                 let shared = self.clone();
-                runtime.spawn(async move {
+                Some(runtime.spawn(async move {
                     if let Some(remote) = shared.remote.get() {
                         let limit = shared.limiter.limit();
                         remote.store.correct(limit, &key, id, cost, actual).await;
                     }
-                });
+                }))
             }
-            backend => self.limiter(backend).reconcile(&key, id, cost, actual),
+            backend => {
+                self.limiter(backend).reconcile(&key, id, cost, actual);
+                None
+            }
         }
     }
 
@@ -330,6 +337,17 @@ pub(super) struct Admission {
     pub(super) cost: u64,
 }
 
+impl Admission {
+    /// Whether it was decided in a store shared with other processes.
+    fn is_shared(&self) -> bool {
+        match self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis => true,
+            _ => false,
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.give_back();
@@ -372,8 +390,17 @@ where
                 tokio::time::sleep_until(at).await;
             }
             let admission = reservation.started();
+            // A correction made to a shared store before the response goes out is waited for,
+            // so that the caller's next request sees it.
+            let sent = admission.is_shared().then(Default::default);
             let response = inner.oneshot(request).await.map_err(Into::into)?;
-            Ok(reconcile.settle(pending, response, Settle::new(shared, admission)))
+            let settle = Settle::new(shared, admission, sent.clone());
+            let response = reconcile.settle(pending, response, settle);
+            let task = sent.and_then(|sent| crate::sharded::lock(&sent).take());
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+            Ok(response)
         })
     }
 }
