@@ -85,6 +85,7 @@ pub mod priority_queue;
 pub mod rate;
 mod rejected;
 pub mod retry;
+mod service_time;
 mod sharded;
 mod waiter;
 

@@ -11,6 +11,7 @@ use crate::clock::AtomicDuration;
 use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
+use crate::service_time::ServiceTime;
 use crate::sharded::{shrink, Sharded};
 use crate::waiter::Waiter;
 
@@ -40,6 +41,8 @@ pub(crate) struct Shared {
     timeout: AtomicDuration,
     users: Sharded<User>,
     counters: Counters,
+    /// How long a request holds a user's slot, for the `retry_after` of `UserLimit`.
+    service_time: ServiceTime,
 }
 
 pub(crate) enum Acquired {
@@ -58,6 +61,8 @@ pub(crate) struct UserSlot {
     /// Timed out and already out of the user's line: nothing left to give up.
     released: bool,
     finish: Finish,
+    /// When it took its slot, if sampled for the service-time estimate.
+    started: Option<tokio::time::Instant>,
 }
 
 impl Shared {
@@ -68,6 +73,7 @@ impl Shared {
             timeout: AtomicDuration::new(None),
             users: Sharded::new(),
             counters: Counters::default(),
+            service_time: ServiceTime::default(),
         }
     }
 
@@ -110,24 +116,29 @@ impl Shared {
             let timeout = self.timeout.get();
             return Ok(Acquired::Waiting(self.slot(key, Some(waiter)), timeout));
         }
+        let in_flight = user.in_flight;
         if user.in_flight == 0 && user.waiters.is_empty() {
             shard.remove(&key);
         }
         drop(shard);
         self.counters.rejected.fetch_add(1, Relaxed);
         tracing::debug!(user = %key, max_per_user = max, "rejected: user limit");
-        Err(
-            Rejected::new(RejectionKind::UserLimit).with_message(format!(
+        Err(Rejected::new(RejectionKind::UserLimit)
+            .with_message(format!(
                 "too many concurrent requests: at most {max} per user; \
-             wait for a current one to complete"
-            )),
-        )
+                 wait for a current one to complete"
+            ))
+            .with_retry_after(self.service_time.next_free(in_flight)))
     }
 
     fn slot(self: &Arc<Self>, key: Key, waiter: Option<Arc<Waiter>>) -> UserSlot {
         UserSlot {
             shared: self.clone(),
             key,
+            started: waiter
+                .is_none()
+                .then(|| self.service_time.sample())
+                .flatten(),
             waiter,
             released: false,
             finish: Finish::Dropped,
@@ -242,6 +253,9 @@ impl Drop for UserSlot {
             (false, Finish::Completed) => c.completed.fetch_add(1, Relaxed),
             (false, Finish::Dropped) => c.cancelled.fetch_add(1, Relaxed),
         };
+        if let Some(started) = self.started {
+            self.shared.service_time.observe(started);
+        }
         self.shared.release(&self.key);
     }
 }

@@ -172,3 +172,22 @@ async fn a_wait_shorter_than_a_millisecond_is_kept() {
         "{waited:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_says_when_a_slot_is_likely_to_free() {
+    let layer = PerUserConcurrencyLayer::new(2, by_user);
+    let mut svc = ServiceBuilder::new().layer(layer).service(upstream());
+    let retry_after = |err: BoxError| Rejected::find(&*err).unwrap().retry_after();
+    let _a = tokio::spawn(svc.call((1, 100)));
+    let _b = tokio::spawn(svc.call((1, 100)));
+    tokio::task::yield_now().await;
+    // Nothing measured yet: a second of service time, two slots held.
+    let err = svc.call((1, 1)).await.unwrap_err();
+    assert_eq!(retry_after(err), Some(Duration::from_millis(500)));
+    // Requests of 4 s each, measured: one of two slots frees in about 2 s.
+    for _ in 0..16 {
+        svc.call((2, 4)).await.unwrap();
+    }
+    let err = svc.call((1, 1)).await.unwrap_err();
+    assert_eq!(retry_after(err), Some(Duration::from_secs(2)));
+}

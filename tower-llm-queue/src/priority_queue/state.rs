@@ -10,6 +10,7 @@ use crate::admission::{Finish, Slot};
 use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
+use crate::service_time::ServiceTime;
 use crate::sharded::{lock, FastMap};
 use crate::waiter::Waiter;
 
@@ -40,15 +41,11 @@ enum Phase {
     },
     Running {
         waited: Duration,
-        /// When it was admitted, for the service-time estimate; only sampled requests read the
-        /// clock (see [`SAMPLE_EVERY`]).
+        /// When it was admitted, for the service-time estimate: requests that waited read the
+        /// clock anyway; of those admitted at once, only sampled ones do.
         started: Option<Instant>,
     },
 }
-
-/// One request in `SAMPLE_EVERY` that starts at once reads the clock to measure its service
-/// time; requests that waited always do, since they read it anyway.
-const SAMPLE_EVERY: u32 = 8;
 
 #[derive(Debug)]
 struct Entry {
@@ -74,11 +71,10 @@ struct State {
     schedule: Schedule,
     entries: FastMap<RequestId, Entry>,
     running: usize,
-    samples: u32,
     counters: Counters,
     waits: RecentWaits,
-    /// Smoothed time a request holds its slot, for the `retry_after` of `QueueFull`.
-    service_time: Option<Duration>,
+    /// How long a request holds its slot, for the `retry_after` of `QueueFull`.
+    service_time: ServiceTime,
 }
 
 #[derive(Debug)]
@@ -113,10 +109,9 @@ impl Shared {
                 schedule,
                 entries: FastMap::default(),
                 running: 0,
-                samples: 0,
                 counters: Counters::default(),
                 waits: RecentWaits::default(),
-                service_time: None,
+                service_time: ServiceTime::default(),
             }),
         }
     }
@@ -158,8 +153,7 @@ impl Shared {
             state.counters.admitted += 1;
             state.waits.record(Duration::ZERO);
             tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
-            state.samples = state.samples.wrapping_add(1);
-            let started = (state.samples % SAMPLE_EVERY == 0).then(Instant::now);
+            let started = state.service_time.sample();
             let entry = Entry {
                 user,
                 level,
@@ -332,20 +326,9 @@ impl State {
         }
     }
 
-    /// When a waiting place is likely to free: the next time a running request ends, which with
-    /// `concurrency` requests running takes a service time divided by `concurrency` (one second
-    /// of service time while none has been measured).
+    /// When a waiting place is likely to free: the next time one of the running requests ends.
     fn estimate_wait(&self) -> Duration {
-        let per_request = self.service_time.unwrap_or(Duration::from_secs(1));
-        let running = u32::try_from(self.running.max(1)).unwrap_or(u32::MAX);
-        (per_request / running).max(Duration::from_millis(1))
-    }
-
-    fn observe_service_time(&mut self, took: Duration) {
-        self.service_time = Some(match self.service_time {
-            None => took,
-            Some(avg) => (avg * 7 + took) / 8,
-        });
+        self.service_time.next_free(self.running)
     }
 }
 
@@ -401,7 +384,7 @@ impl Drop for Ticket {
                 state.running -= 1;
                 state.schedule.finish(entry.level, entry.user.as_ref());
                 if let Some(started) = started {
-                    state.observe_service_time(started.elapsed());
+                    state.service_time.observe(started);
                 }
                 if !cancelled_by_handle {
                     let c = &mut state.counters;

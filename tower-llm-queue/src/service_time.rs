@@ -1,0 +1,70 @@
+//! How long requests hold their slots, smoothed, for the `retry_after` of a refusal: when is a
+//! slot likely to free?
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// One request in `SAMPLE_EVERY` reads the clock when it starts, to measure how long it holds
+/// its slot; the others cost no clock read.
+const SAMPLE_EVERY: u32 = 8;
+
+/// The estimate while nothing has been measured.
+const UNKNOWN: Duration = Duration::from_secs(1);
+
+/// A smoothed time a request holds its slot (each sample weighs 1/8).
+#[derive(Debug, Default)]
+pub(crate) struct ServiceTime {
+    /// Nanoseconds; 0 while nothing has been measured.
+    nanos: AtomicU64,
+    starts: AtomicU32,
+}
+
+impl ServiceTime {
+    /// When the request starting now started, if it is one of the sampled.
+    pub(crate) fn sample(&self) -> Option<Instant> {
+        let n = self.starts.fetch_add(1, Relaxed).wrapping_add(1);
+        (n % SAMPLE_EVERY == 0).then(Instant::now)
+    }
+
+    /// A request that started at `started` has released its slot.
+    pub(crate) fn observe(&self, started: Instant) {
+        let took = u64::try_from(started.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let smoothed = match self.nanos.load(Relaxed) {
+            0 => took,
+            average => average - average / 8 + took / 8,
+        };
+        self.nanos.store(smoothed, Relaxed);
+    }
+
+    /// When one of `holders` slots, taken at different times, is likely to free: the smoothed
+    /// service time divided by their number, at least a millisecond.
+    pub(crate) fn next_free(&self, holders: usize) -> Duration {
+        let each = match self.nanos.load(Relaxed) {
+            0 => UNKNOWN,
+            nanos => Duration::from_nanos(nanos),
+        };
+        let holders = u32::try_from(holders.max(1)).unwrap_or(u32::MAX);
+        (each / holders).max(Duration::from_millis(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn smoothed_and_divided() {
+        let time = ServiceTime::default();
+        assert_eq!(time.next_free(4), Duration::from_millis(250));
+        let started = (0..8).find_map(|_| time.sample()).unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        time.observe(started);
+        assert_eq!(time.next_free(1), Duration::from_secs(2));
+        assert_eq!(time.next_free(2), Duration::from_secs(1));
+        assert_eq!(time.next_free(0), Duration::from_secs(2));
+    }
+}
