@@ -586,6 +586,7 @@ async fn rpm_limit_over_a_sliding_window_with_exact_retry_after() {
     assert_eq!(d.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(d.header("retry-after-ms"), "1");
     assert_eq!(d.header("retry-after"), "1");
+    assert_eq!(d.header("x-ratelimit-reset-requests"), "1ms");
     tokio::time::sleep(Duration::from_millis(1)).await; // t = 60 s: the first one left
     let e = call().await;
     assert_eq!(e.status, StatusCode::OK);
@@ -672,6 +673,48 @@ async fn tpm_limit_charges_prompt_and_completion_at_arrival() {
         .iter()
         .filter(|a| a.outcome == "throttled")
         .all(|a| a.limit.as_deref() == Some("tokens")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn of_several_limits_hit_the_longest_wait_is_given() {
+    let (router, _handle) = MockProvider::router(MockConfig {
+        rpm: Some(2),
+        tpm: Some(12),
+        ..fast()
+    });
+    let costing = |tokens: u64| {
+        let mut body = openai("p");
+        body["max_tokens"] = json!(tokens - 1);
+        post_json("/v1/chat/completions", &body)
+    };
+    assert_eq!(
+        route_whole(&router, costing(5)).await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        route_whole(&router, costing(5)).await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await; // t = 40 s
+
+    // Requests free up at 60 s, but 10 tokens fit only once the second request left, at 90 s.
+    let r = route_whole(&router, costing(10)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("retry-after"), "50");
+    assert_eq!(r.json()["error"]["type"], "tokens");
+    assert_eq!(r.header("x-ratelimit-reset-tokens"), "50s");
+    assert_eq!(r.header("x-ratelimit-reset-requests"), "20s");
+
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let r = route_whole(&router, costing(10)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("retry-after"), "30");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        route_whole(&router, costing(10)).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1125,39 +1168,47 @@ async fn the_same_seed_gives_the_same_faults() {
     let config = MockConfig {
         seed: 7,
         faults: Faults {
-            error_500: 0.2,
-            error_503: 0.2,
-            overloaded_529: 0.2,
+            error_500: 0.15,
+            error_503: 0.15,
+            overloaded_529: 0.15,
+            cut_stream: 0.15,
+            error_event: 0.15,
             latency: 0.3,
             latency_amount: Duration::from_secs(1),
-            ..Faults::default()
         },
         ..fast()
     };
-    async fn run(router: &Router, handle: &MockHandle) -> Vec<(u16, bool)> {
-        for i in 0..40 {
-            route_whole(
-                router,
-                post_json("/v1/chat/completions", &openai(&format!("q{i}"))),
-            )
-            .await;
+    /// Sends 60 streaming requests and reads them to their end; returns what each met.
+    async fn run(router: &Router, handle: &MockHandle) -> Vec<(u16, Option<String>, bool)> {
+        for i in 0..60 {
+            let body = openai_stream(&format!("q{i}"));
+            let response = route(router, post_json("/v1/chat/completions", &body)).await;
+            read_frames(response.into_body()).await;
         }
         handle
             .stats()
             .arrivals
             .iter()
-            .map(|a| (a.status, a.delayed))
+            .map(|a| (a.status, a.fault.clone(), a.delayed))
             .collect()
     }
     let (router, handle) = MockProvider::router(config.clone());
     let first = run(&router, &handle).await;
-    for status in [200, 500, 503, 529] {
-        assert!(
-            first.iter().any(|(s, _)| *s == status),
-            "{status} in {first:?}"
-        );
+    for fault in [
+        None,
+        Some("error_500"),
+        Some("error_503"),
+        Some("overloaded_529"),
+        Some("cut_stream"),
+        Some("error_event"),
+    ] {
+        let seen = first.iter().any(|(_, f, _)| f.as_deref() == fault);
+        assert!(seen, "{fault:?} in {first:?}");
     }
-    assert!(first.iter().any(|(_, delayed)| *delayed));
+    assert!(first.iter().any(|(_, _, delayed)| *delayed));
+    let stats = handle.stats();
+    let failed = first.iter().filter(|(_, f, _)| f.is_some()).count() as u64;
+    assert_eq!((stats.faulted, stats.served), (failed, 60 - failed));
 
     handle.reset();
     assert_eq!(run(&router, &handle).await, first, "reset reseeds");

@@ -63,7 +63,8 @@ impl Default for MockConfig {
 /// first picks at most one failure, in the order `error_500`, `error_503`, `overloaded_529`,
 /// `cut_stream`, `error_event` (each takes the next slice of `0.0..1.0` of its size, so shares
 /// adding up to more than 1.0 leave the later ones less than asked); the second decides on added
-/// latency, independently of the failure. Throttled and malformed requests draw nothing.
+/// latency, independently of the failure (a request answered 500, 503 or 529 is answered at
+/// once, without it). Throttled and malformed requests draw nothing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Faults {
     /// Answered at once with 500 and a `server_error` body.
