@@ -8,7 +8,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 use super::limits::{apply_retry_after, RateHeaders};
-use super::state::{Decision, Ending, Failure, Incoming, MockHandle, Refusal};
+use super::state::{Decision, Ending, Failure, Incoming, Midway, MockHandle, Refusal};
 use super::stream::{body, halfway, wait_until, End, Pace, Paced};
 use super::text::{count_tokens, reply_tokens};
 
@@ -63,13 +63,13 @@ pub(crate) trait Dialect {
     /// The body of an injected failure answered with its status.
     fn failed(&self, failure: Failure) -> serde_json::Value;
     /// The frames of a stream that sends the first `sent` tokens; after them, the closing
-    /// frames when `failure` is `None`, an error frame for an error event, nothing for a cut.
+    /// frames when `midway` is `None`, an error frame for an error event, nothing for a cut.
     fn stream(
         &self,
         reply: &Reply,
         pace: &Pace,
         sent: usize,
-        failure: Option<Failure>,
+        midway: Option<Midway>,
     ) -> Vec<(Instant, Bytes)>;
     /// The body of a complete non-streamed reply.
     fn whole(&self, reply: &Reply, pace: &Pace) -> serde_json::Value;
@@ -166,17 +166,17 @@ pub(crate) async fn respond<D: Dialect>(
     let tokens = reply.tokens.len();
     let last = pace.due(tokens.saturating_sub(1));
     let rate = ticket.headers;
-    let failure = ticket.failure;
-    let sent = match failure {
-        Some(Failure::CutStream | Failure::ErrorEvent) => halfway(tokens),
-        _ => tokens,
+    let midway = ticket.midway;
+    let sent = match midway {
+        Some(_) => halfway(tokens),
+        None => tokens,
     };
 
     if incoming.stream {
-        let frames = dialect.stream(&reply, &pace, sent, failure);
-        let end = match failure {
-            Some(Failure::CutStream) => End::Cut,
-            Some(_) => End::Faulted,
+        let frames = dialect.stream(&reply, &pace, sent, midway);
+        let end = match midway {
+            Some(Midway::Cut) => End::Cut,
+            Some(Midway::ErrorEvent) => End::Faulted,
             None => End::Served,
         };
         let paced = Paced {
@@ -195,19 +195,19 @@ pub(crate) async fn respond<D: Dialect>(
         return with_rate_headers(response, &rate);
     }
 
-    match failure {
+    match midway {
         None => {
             wait_until(last).await;
             ticket.guard.finish(Ending::Served);
             with_rate_headers(json(StatusCode::OK, &dialect.whole(&reply, &pace)), &rate)
         }
-        Some(Failure::ErrorEvent) => {
+        Some(Midway::ErrorEvent) => {
             wait_until(pace.due(sent)).await;
             ticket.guard.finish(Ending::Faulted { status: 500 });
             let body = dialect.failed(Failure::ErrorEvent);
             with_rate_headers(json(StatusCode::INTERNAL_SERVER_ERROR, &body), &rate)
         }
-        Some(_) => {
+        Some(Midway::Cut) => {
             wait_until(pace.due(sent)).await;
             let whole = serde_json::to_vec(&dialect.whole(&reply, &pace)).unwrap_or_default();
             let half = whole.len() / 2;

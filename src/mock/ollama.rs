@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::chat::{header_user, json as json_response, nanos, refusal_message, respond};
 use super::chat::{Dialect, Reply};
-use super::state::{Api, Failure, Incoming, MockHandle, Refusal};
+use super::state::{Api, Failure, Incoming, Midway, MockHandle, Refusal};
 use super::stream::Pace;
 use super::MODEL;
 
@@ -159,7 +159,7 @@ impl Dialect for Ollama {
         reply: &Reply,
         pace: &Pace,
         sent: usize,
-        failure: Option<Failure>,
+        midway: Option<Midway>,
     ) -> Vec<(Instant, Bytes)> {
         let mut frames = Vec::with_capacity(sent + 1);
         for (i, token) in reply.tokens.iter().take(sent).enumerate() {
@@ -172,16 +172,16 @@ impl Dialect for Ollama {
             });
             frames.push((due, line(&chunk)));
         }
-        match failure {
+        match midway {
             None => {
                 let end = pace.due(reply.tokens.len().saturating_sub(1));
                 frames.push((end, line(&self.done(reply, pace, String::new()))));
             }
-            Some(Failure::ErrorEvent) => {
+            Some(Midway::ErrorEvent) => {
                 let failed = self.failed(Failure::ErrorEvent);
                 frames.push((pace.due(sent), line(&failed)));
             }
-            Some(_) => {}
+            Some(Midway::Cut) => {}
         }
         frames
     }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::chat::{header_user, json as json_response, openai_error, refusal_message, respond};
 use super::chat::{Dialect, Reply};
-use super::state::{Api, Failure, Incoming, Limit, MockHandle, Refusal};
+use super::state::{Api, Failure, Incoming, Limit, Midway, MockHandle, Refusal};
 use super::stream::Pace;
 use super::MODEL;
 
@@ -329,7 +329,7 @@ impl Dialect for OpenAi {
         reply: &Reply,
         pace: &Pace,
         sent: usize,
-        failure: Option<Failure>,
+        midway: Option<Midway>,
     ) -> Vec<(Instant, Bytes)> {
         let mut frames = Vec::with_capacity(sent + 3);
         for (i, token) in reply.tokens.iter().take(sent).enumerate() {
@@ -340,7 +340,7 @@ impl Dialect for OpenAi {
             };
             frames.push((pace.due(i), event(&self.chunk(pace, delta, None))));
         }
-        match failure {
+        match midway {
             None => {
                 let end = pace.due(reply.tokens.len().saturating_sub(1));
                 let last = self.chunk(pace, json!({}), Some(reply.finish_reason));
@@ -359,7 +359,7 @@ impl Dialect for OpenAi {
                 }
                 frames.push((end, Bytes::from_static(b"data: [DONE]\n\n")));
             }
-            Some(Failure::ErrorEvent) => {
+            Some(Midway::ErrorEvent) => {
                 let error = openai_error(
                     "The server had an error while processing your request.",
                     "server_error",
@@ -368,7 +368,7 @@ impl Dialect for OpenAi {
                 );
                 frames.push((pace.due(sent), event(&error)));
             }
-            Some(_) => {}
+            Some(Midway::Cut) => {}
         }
         frames
     }

@@ -102,6 +102,15 @@ impl Failure {
     }
 }
 
+/// A failure that strikes halfway through a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Midway {
+    /// The connection is closed.
+    Cut,
+    /// An error is sent in the stream, which then ends.
+    ErrorEvent,
+}
+
 /// An admitted request that produces a reply (perhaps cut or broken by a fault).
 #[derive(Debug)]
 pub(crate) struct Ticket {
@@ -110,7 +119,7 @@ pub(crate) struct Ticket {
     /// arrival.
     pub(crate) first_token: Instant,
     pub(crate) tokens_per_second: f64,
-    pub(crate) failure: Option<Failure>,
+    pub(crate) midway: Option<Midway>,
     pub(crate) headers: RateHeaders,
     pub(crate) guard: InFlight,
 }
@@ -554,11 +563,16 @@ impl MockHandle {
         if delayed {
             first_token = cap(first_token, state.config.faults.latency_amount);
         }
+        let midway = match failure {
+            Some(Failure::CutStream) => Some(Midway::Cut),
+            Some(Failure::ErrorEvent) => Some(Midway::ErrorEvent),
+            _ => None,
+        };
         let ticket = Ticket {
             arrival: now,
             first_token,
             tokens_per_second: state.config.tokens_per_second,
-            failure,
+            midway,
             headers,
             guard: InFlight {
                 handle: self.clone(),
