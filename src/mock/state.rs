@@ -71,6 +71,15 @@ pub(crate) struct Refusal {
     pub(crate) headers: RateHeaders,
 }
 
+/// A limit a request hits, and how long until it would not.
+struct Hit {
+    limit: Limit,
+    wait: Option<Duration>,
+    allowed: u64,
+    used: u64,
+    requested: u64,
+}
+
 /// An injected failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Failure {
@@ -248,51 +257,55 @@ impl State {
     /// The limit that refuses a request of `cost` tokens now, if any: of several, the one with
     /// the longest wait, so that a retry after it is admitted.
     fn refusal(&self, now: Instant, cost: u64) -> Option<Refusal> {
-        let mut worst: Option<(Limit, Option<Duration>, u64, u64, u64)> = None;
-        let mut consider = |candidate: (Limit, Option<Duration>, u64, u64, u64)| {
-            let longer = match &worst {
-                None => true,
-                Some(w) => candidate.1.unwrap_or(Duration::MAX) > w.1.unwrap_or(Duration::MAX),
-            };
-            if longer {
-                worst = Some(candidate);
-            }
-        };
+        let mut hits = Vec::new();
         if let Some(limit) = self.config.concurrency {
             if self.in_flight >= limit {
-                let (limit, used) = (limit as u64, self.in_flight as u64);
-                consider((
-                    Limit::Concurrency,
-                    Some(Duration::from_secs(1)),
-                    limit,
-                    used,
-                    1,
-                ));
+                hits.push(Hit {
+                    limit: Limit::Concurrency,
+                    wait: Some(Duration::from_secs(1)),
+                    allowed: limit as u64,
+                    used: self.in_flight as u64,
+                    requested: 1,
+                });
             }
         }
         if let Some(limit) = self.config.rpm {
             let used = self.window.requests();
             if used >= limit {
-                let wait = self.window.wait_for_requests(limit, now);
-                consider((Limit::Requests, Some(wait), limit, used, 1));
+                hits.push(Hit {
+                    limit: Limit::Requests,
+                    wait: Some(self.window.wait_for_requests(limit, now)),
+                    allowed: limit,
+                    used,
+                    requested: 1,
+                });
             }
         }
         if let Some(limit) = self.config.tpm {
             let used = self.window.tokens();
             if used.saturating_add(cost) > limit {
-                let wait = self.window.wait_for_tokens(limit, cost, now);
-                consider((Limit::Tokens, wait, limit, used, cost));
+                hits.push(Hit {
+                    limit: Limit::Tokens,
+                    wait: self.window.wait_for_tokens(limit, cost, now),
+                    allowed: limit,
+                    used,
+                    requested: cost,
+                });
             }
         }
-        let (limit, retry_after, allowed, used, requested) = worst?;
-        let reset = retry_after.unwrap_or_else(|| self.window.next_release(now));
+        // The first of those with the longest wait; never (`None`) is the longest.
+        let worst = hits
+            .into_iter()
+            .rev()
+            .max_by_key(|hit| hit.wait.unwrap_or(Duration::MAX))?;
+        let reset = worst.wait.unwrap_or_else(|| self.window.next_release(now));
         Some(Refusal {
-            limit,
-            retry_after,
-            allowed,
-            used,
-            requested,
-            headers: self.rate_headers(now, Some((limit, reset))),
+            limit: worst.limit,
+            retry_after: worst.wait,
+            allowed: worst.allowed,
+            used: worst.used,
+            requested: worst.requested,
+            headers: self.rate_headers(now, Some((worst.limit, reset))),
         })
     }
 
