@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod mock;
+
 pub mod bench {
     //! The upstreams and runtimes the benchmarks share, so that every layer is measured
     //! against the same anchor.
