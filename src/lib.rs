@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod config;
 pub mod mock;
+pub mod upstream;
 
 pub mod bench {
     //! The upstreams and runtimes the benchmarks share, so that every layer is measured

@@ -1,8 +1,10 @@
 //! The mock's settings and how they are read from the environment.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+pub use crate::config::ConfigError;
+use crate::config::Env;
 
 /// How the mock behaves: its limits, its speed and the faults it injects.
 ///
@@ -191,123 +193,12 @@ pub const ENV_VARS: &[EnvVar] = &[
     },
 ];
 
-/// A variable of the environment with a value the mock cannot use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    variable: String,
-    value: String,
-    expected: &'static str,
-}
-
-impl ConfigError {
-    fn new(variable: &str, value: &str, expected: &'static str) -> Self {
-        ConfigError {
-            variable: variable.to_owned(),
-            value: value.to_owned(),
-            expected,
-        }
-    }
-
-    /// The name of the variable.
-    pub fn variable(&self) -> &str {
-        &self.variable
-    }
-
-    /// Its value, as it was set.
-    pub fn value(&self) -> &str {
-        &self.value
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}={:?} is not valid: expected {}",
-            self.variable, self.value, self.expected
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Reads variables through `lookup`, treating an empty value as unset.
-struct Vars<F> {
-    lookup: F,
-}
-
-impl<F: FnMut(&str) -> Option<String>> Vars<F> {
-    fn get(&mut self, name: &str) -> Option<String> {
-        (self.lookup)(name).filter(|v| !v.trim().is_empty())
-    }
-
-    fn limit(&mut self, name: &str) -> Result<Option<u64>, ConfigError> {
-        const EXPECTED: &str = "a whole number of at least 1 (unset for no limit)";
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(n) if n >= 1 => Ok(Some(n)),
-                _ => Err(ConfigError::new(name, &v, EXPECTED)),
-            },
-        }
-    }
-
-    fn whole(
-        &mut self,
-        name: &str,
-        default: u64,
-        expected: &'static str,
-    ) -> Result<u64, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| ConfigError::new(name, &v, expected)),
-        }
-    }
-
-    fn millis(&mut self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
-        const EXPECTED: &str = "a whole number of milliseconds";
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| ConfigError::new(name, &v, EXPECTED)),
-        }
-    }
-
-    fn share(&mut self, name: &str) -> Result<f64, ConfigError> {
-        const EXPECTED: &str = "a share of requests from 0.0 to 1.0";
-        match self.get(name) {
-            None => Ok(0.0),
-            Some(v) => match v.trim().parse::<f64>() {
-                Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
-                _ => Err(ConfigError::new(name, &v, EXPECTED)),
-            },
-        }
-    }
-
-    fn speed(&mut self, name: &str, default: f64) -> Result<f64, ConfigError> {
-        const EXPECTED: &str = "a number of tokens per second, 0 or more, or inf";
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => match v.trim().parse::<f64>() {
-                Ok(x) if x >= 0.0 => Ok(x),
-                _ => Err(ConfigError::new(name, &v, EXPECTED)),
-            },
-        }
-    }
-}
-
 impl MockConfig {
     /// Reads the configuration from the process environment (see [`ENV_VARS`]). Unset or
     /// empty variables take their defaults; any other value that is not a number in its
     /// range is an error naming the variable.
     pub fn from_env() -> Result<MockConfig, ConfigError> {
-        MockConfig::from_lookup(env_lookup)
+        MockConfig::read(&Env::process())
     }
 
     /// Reads the configuration from `lookup`, which returns the value of a variable by name,
@@ -326,35 +217,66 @@ impl MockConfig {
     where
         F: FnMut(&str) -> Option<String>,
     {
-        let mut vars = Vars { lookup };
+        MockConfig::read(&env_of(lookup))
+    }
+
+    /// Reads the configuration from `env`.
+    pub fn read(env: &Env) -> Result<MockConfig, ConfigError> {
         let defaults = MockConfig::default();
-        let concurrency = vars
-            .limit("MOCK_CONCURRENCY")?
+        let share = |name: &str| {
+            env.parse_where(
+                name,
+                0.0,
+                "a share of requests from 0.0 to 1.0",
+                |x: &f64| (0.0..=1.0).contains(x),
+            )
+        };
+        let millis = |name: &str, default: Duration| {
+            let default = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+            env.parse(name, default, "a whole number of milliseconds")
+                .map(Duration::from_millis)
+        };
+        let concurrency = env
+            .optional_positive("MOCK_CONCURRENCY")?
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         Ok(MockConfig {
-            rpm: vars.limit("MOCK_RPM")?,
-            tpm: vars.limit("MOCK_TPM")?,
+            rpm: env.optional_positive("MOCK_RPM")?,
+            tpm: env.optional_positive("MOCK_TPM")?,
             concurrency,
-            tokens_per_second: vars.speed("MOCK_TOKENS_PER_SECOND", defaults.tokens_per_second)?,
-            time_to_first_token: vars.millis("MOCK_TTFT_MS", defaults.time_to_first_token)?,
+            tokens_per_second: env.parse_where(
+                "MOCK_TOKENS_PER_SECOND",
+                defaults.tokens_per_second,
+                "a number of tokens per second, 0 or more, or inf",
+                |x: &f64| *x >= 0.0,
+            )?,
+            time_to_first_token: millis("MOCK_TTFT_MS", defaults.time_to_first_token)?,
             faults: Faults {
-                error_500: vars.share("MOCK_FAULT_500")?,
-                error_503: vars.share("MOCK_FAULT_503")?,
-                overloaded_529: vars.share("MOCK_FAULT_529")?,
-                latency: vars.share("MOCK_FAULT_LATENCY")?,
-                latency_amount: vars.millis("MOCK_LATENCY_MS", defaults.faults.latency_amount)?,
-                cut_stream: vars.share("MOCK_FAULT_CUT")?,
-                error_event: vars.share("MOCK_FAULT_ERROR_EVENT")?,
+                error_500: share("MOCK_FAULT_500")?,
+                error_503: share("MOCK_FAULT_503")?,
+                overloaded_529: share("MOCK_FAULT_529")?,
+                latency: share("MOCK_FAULT_LATENCY")?,
+                latency_amount: millis("MOCK_LATENCY_MS", defaults.faults.latency_amount)?,
+                cut_stream: share("MOCK_FAULT_CUT")?,
+                error_event: share("MOCK_FAULT_ERROR_EVENT")?,
             },
-            seed: vars.whole("MOCK_SEED", 0, "a whole number from 0 to 2^64 - 1")?,
+            seed: env.parse("MOCK_SEED", 0, "a whole number from 0 to 2^64 - 1")?,
         })
     }
+}
+
+/// The mock's variables, as `lookup` gives them.
+fn env_of(mut lookup: impl FnMut(&str) -> Option<String>) -> Env {
+    Env::fixed(
+        ENV_VARS
+            .iter()
+            .filter_map(|var| Some((var.name, lookup(var.name)?))),
+    )
 }
 
 /// The address the standalone mock listens on: `MOCK_BIND` (default `127.0.0.1`) and
 /// `MOCK_PORT` (default 8089) from the process environment.
 pub fn addr_from_env() -> Result<SocketAddr, ConfigError> {
-    addr_from_lookup(env_lookup)
+    addr_in(&Env::process())
 }
 
 /// [`addr_from_env`] with the variables read through `lookup`.
@@ -370,26 +292,16 @@ pub fn addr_from_lookup<F>(lookup: F) -> Result<SocketAddr, ConfigError>
 where
     F: FnMut(&str) -> Option<String>,
 {
-    let mut vars = Vars { lookup };
-    let ip = match vars.get("MOCK_BIND") {
-        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Some(v) => v.trim().parse::<IpAddr>().map_err(|_| {
-            ConfigError::new("MOCK_BIND", &v, "an IP address such as 127.0.0.1 or ::1")
-        })?,
-    };
-    let port = vars.whole("MOCK_PORT", 8089, "a port number from 0 to 65535")?;
-    let port = u16::try_from(port).map_err(|_| {
-        ConfigError::new(
-            "MOCK_PORT",
-            &port.to_string(),
-            "a port number from 0 to 65535",
-        )
-    })?;
-    Ok(SocketAddr::new(ip, port))
+    addr_in(&env_of(lookup))
 }
 
-/// A variable of the process environment; a value that is not UTF-8 is passed on lossily, so
-/// that parsing it names the variable.
-fn env_lookup(name: &str) -> Option<String> {
-    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+/// The address in `env`: `MOCK_BIND` and `MOCK_PORT`.
+pub fn addr_in(env: &Env) -> Result<SocketAddr, ConfigError> {
+    let ip: IpAddr = env.parse(
+        "MOCK_BIND",
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        "an IP address such as 127.0.0.1 or ::1",
+    )?;
+    let port: u16 = env.parse("MOCK_PORT", 8089, "a port number from 0 to 65535")?;
+    Ok(SocketAddr::new(ip, port))
 }

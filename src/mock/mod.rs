@@ -102,7 +102,7 @@ use axum::{Json, Router};
 use http::StatusCode;
 
 pub use config::{
-    addr_from_env, addr_from_lookup, ConfigError, EnvVar, Faults, MockConfig, ENV_VARS,
+    addr_from_env, addr_from_lookup, addr_in, ConfigError, EnvVar, Faults, MockConfig, ENV_VARS,
 };
 pub use server::RunningMock;
 pub use state::MockHandle;

@@ -1,0 +1,297 @@
+//! The handlers: seed 003's chat API, the OpenAI-compatible gateway, status and cancellation.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::stream;
+use http_body_util::{BodyExt, Full};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+use tower_llm_queue::http::ErrorFormat;
+use tower_llm_queue::RequestId;
+use tower_llm_queue_servers::upstream::sse::estimate_tokens;
+
+use super::app::AppState;
+use super::chat::{relay, Update};
+use super::errors::{failure, ApiError};
+use super::stack::{Estimate, Level, UpstreamRequest};
+use super::user::UserId;
+
+/// The web page.
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+/// The longest message accepted, in bytes.
+const MAX_MESSAGE: usize = 16 * 1024;
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    message: String,
+    #[serde(default)]
+    conversation_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SummarizeBody {
+    text: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "the body is empty: send {shape}"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request(format!("the body must be {shape}: {err}")))
+}
+
+fn text_field<'a>(text: &'a str, name: &str) -> Result<&'a str, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ApiError::bad_request(format!("`{name}` is empty")));
+    }
+    if text.len() > MAX_MESSAGE {
+        return Err(ApiError::bad_request(format!(
+            "`{name}` is longer than {MAX_MESSAGE} bytes"
+        )));
+    }
+    Ok(text)
+}
+
+impl AppState {
+    /// A chat-completions request to the upstream for `user`, at `level`, with id `id`.
+    fn upstream_request(
+        &self,
+        user: &UserId,
+        level: Level,
+        id: RequestId,
+        mut body: Value,
+    ) -> UpstreamRequest {
+        let prompt: u64 = body["messages"]
+            .as_array()
+            .map(|messages| {
+                messages
+                    .iter()
+                    .map(|m| estimate_tokens(&m["content"].to_string()))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let max_reply = body["max_completion_tokens"]
+            .as_u64()
+            .or_else(|| body["max_tokens"].as_u64())
+            .unwrap_or(self.config.max_tokens);
+        if body.get("model").is_none_or(Value::is_null) {
+            body["model"] = json!(&*self.model);
+        }
+        let mut request = http::Request::post("/chat/completions")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap_or_default();
+        let extensions = request.extensions_mut();
+        extensions.insert(user.clone());
+        extensions.insert(level);
+        extensions.insert(id);
+        extensions.insert(Estimate { prompt, max_reply });
+        request
+    }
+}
+
+fn sse_event(update: Update) -> Result<Event, Infallible> {
+    Ok(Event::default().data(update.to_json().to_string()))
+}
+
+/// `POST /api/ai/chat` `{"message": "...", "conversation_id": "..."}`: the reply as server-sent
+/// events. The first carries the request's id and, while it waits, its place in the queue.
+pub async fn chat(
+    State(app): State<AppState>,
+    Extension(user): Extension<UserId>,
+    body: Bytes,
+) -> Response {
+    let shape = r#"JSON like {"message": "..."}"#;
+    let chat: ChatBody = match parse(&body, shape) {
+        Ok(chat) => chat,
+        Err(err) => return err.response(ErrorFormat::Plain),
+    };
+    let message = match text_field(&chat.message, "message") {
+        Ok(message) => message,
+        Err(err) => return err.response(ErrorFormat::Plain),
+    };
+    let id = RequestId::next();
+    let body = json!({
+        "messages": [{"role": "user", "content": message}],
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": app.config.max_tokens,
+        "user": &*user.0,
+    });
+    let request = app.upstream_request(&user, Level::INTERACTIVE, id, body);
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(relay(app, id, chat.conversation_id, request, tx));
+    let updates = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|update| (sse_event(update), rx))
+    });
+    Sse::new(updates)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// `POST /api/ai/summarize` `{"text": "..."}`: background work at a lower priority, in the same
+/// queue; answers `{"id": ..., "summary": "..."}` once done.
+pub async fn summarize(
+    State(app): State<AppState>,
+    Extension(user): Extension<UserId>,
+    body: Bytes,
+) -> Response {
+    let summary: SummarizeBody = match parse(&body, r#"JSON like {"text": "..."}"#) {
+        Ok(summary) => summary,
+        Err(err) => return err.response(ErrorFormat::Plain),
+    };
+    let text = match text_field(&summary.text, "text") {
+        Ok(text) => text,
+        Err(err) => return err.response(ErrorFormat::Plain),
+    };
+    let id = RequestId::next();
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": "Summarize the user's text in two sentences."},
+            {"role": "user", "content": text},
+        ],
+        "max_tokens": app.config.max_tokens,
+        "user": &*user.0,
+    });
+    let request = app.upstream_request(&user, Level::BACKGROUND, id, body);
+    let response = match app.llm.clone().oneshot(request).await {
+        Ok(response) => response,
+        Err(err) => return failure(&err, ErrorFormat::Plain),
+    };
+    let status = response.status();
+    let bytes = match response.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => return failure(&err.into_inner(), ErrorFormat::Plain),
+    };
+    if !status.is_success() {
+        return ApiError::upstream(status, &bytes).response(ErrorFormat::Plain);
+    }
+    let reply: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let summary = reply
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Json(json!({"id": id, "summary": summary})).into_response()
+}
+
+/// `POST /v1/chat/completions`: the OpenAI-compatible gateway. The body goes to the upstream
+/// through the same layers, and the upstream's answer — JSON or a stream — comes back as it is.
+pub async fn completions(
+    State(app): State<AppState>,
+    Extension(user): Extension<UserId>,
+    body: Bytes,
+) -> Response {
+    let openai = ErrorFormat::OpenAi;
+    let request: Value = match parse(&body, "a chat-completions request in JSON") {
+        Ok(request) => request,
+        Err(err) => return err.response(openai),
+    };
+    if request["messages"].as_array().is_none_or(Vec::is_empty) {
+        return ApiError::bad_request("`messages` must be a non-empty array").response(openai);
+    }
+    let upstream = app.upstream_request(&user, Level::INTERACTIVE, RequestId::next(), request);
+    match app.llm.clone().oneshot(upstream).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            for hop in [header::CONNECTION, header::TRANSFER_ENCODING] {
+                parts.headers.remove(hop);
+            }
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(err) => failure(&err, openai),
+    }
+}
+
+/// `GET /v1/models`: the model this gateway serves.
+pub async fn models(State(app): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": &*app.model, "object": "model", "owned_by": "tower-llm-queue"}],
+    }))
+}
+
+/// `GET /api/ai/status`: the queue, the limits, the breaker, times and outcomes.
+pub async fn status(State(app): State<AppState>) -> Json<Value> {
+    let queue = app.handles.queue.stats();
+    Json(json!({
+        "upstream": &*app.upstream,
+        "running": queue.running,
+        "waiting": queue.waiting,
+        "waiting_per_level": queue.waiting_per_level,
+        "queue": queue,
+        "requests": app.metrics.snapshot(),
+        "users": app.users.stats(),
+        "breaker": {
+            "state": app.handles.breaker.state(),
+            "stats": app.handles.breaker.stats(),
+        },
+        "retries": app.handles.retry.stats(),
+        "upstream_rpm": app.handles.rpm.as_ref().map(|h| h.stats()),
+        "upstream_tpm": app.handles.tpm.as_ref().map(|h| h.stats()),
+    }))
+}
+
+/// `GET /api/ai/requests`: this user's requests, waiting or running.
+pub async fn list_requests(
+    State(app): State<AppState>,
+    Extension(user): Extension<UserId>,
+) -> Json<Value> {
+    let key = user.key();
+    let mine: Vec<_> = app
+        .handles
+        .queue
+        .entries()
+        .into_iter()
+        .filter(|e| e.user.as_ref() == Some(&key))
+        .collect();
+    Json(json!({ "requests": mine }))
+}
+
+/// `DELETE /api/ai/requests/{id}`: cancels one of this user's requests; anybody else's, or an
+/// unknown id, is 404.
+pub async fn cancel_one(
+    State(app): State<AppState>,
+    Extension(user): Extension<UserId>,
+    Path(id): Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<RequestId>() else {
+        return ApiError::bad_request("the request id must be a number")
+            .response(ErrorFormat::Plain);
+    };
+    match app.handles.queue.cancel_owned(id, &user.key()) {
+        true => StatusCode::NO_CONTENT.into_response(),
+        false => ApiError::not_found(format!("no request {id} of yours is waiting or running"))
+            .response(ErrorFormat::Plain),
+    }
+}
+
+/// `DELETE /api/ai/requests`: cancels all of this user's requests.
+pub async fn cancel_all(
+    State(app): State<AppState>,
+    Extension(user): Extension<UserId>,
+) -> Json<Value> {
+    let key = user.key();
+    let queue = &app.handles.queue;
+    let cancelled = queue
+        .entries()
+        .into_iter()
+        .filter(|e| queue.cancel_owned(e.id, &key))
+        .count();
+    Json(json!({ "cancelled": cancelled }))
+}

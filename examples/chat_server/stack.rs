@@ -1,0 +1,189 @@
+//! The layers around the upstream client: every attempt to call the LLM passes through them.
+//!
+//! ```text
+//! retry ─ breaker ─ queue ─ requests/min ─ tokens/min ─ first token ─ client
+//! ```
+//!
+//! * Retry outermost: a retry sleeps holding nothing, and honours the upstream's `Retry-After`
+//!   for everybody (the shared cool-down).
+//! * The breaker counts every attempt, so an upstream that is down opens it after a few, and
+//!   then everybody is told at once.
+//! * The queue: `MAX_CONCURRENT_CHATS` calls at once, chat before background work, users taking
+//!   turns; each holds its slot until its reply has streamed to the end.
+//! * The upstream's quota, inside the queue, so that the queue's order decides who spends it:
+//!   requests per minute, and tokens per minute — an estimate reserved up front, corrected by the
+//!   usage the upstream reports at the end of the stream.
+//! * The first token: a stream that fails before any text is an error the retry layer retries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::Full;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
+use tower_llm_queue::circuit_breaker::{CircuitBreakerHandle, Window};
+use tower_llm_queue::classify::HttpClassifier;
+use tower_llm_queue::key::ExtensionKey;
+use tower_llm_queue::priority_queue::RequestIdExtension;
+use tower_llm_queue::rate::{MeterBody, RateHandle};
+use tower_llm_queue::retry::{Backoff, Jitter, RetryHandle};
+use tower_llm_queue::{
+    CircuitBreakerLayer, PriorityQueueHandle, PriorityQueueLayer, RetryBackoffLayer,
+    SlidingWindowLayer,
+};
+use tower_llm_queue_servers::upstream::{FirstTokenLayer, UpstreamClient, UsageMeter};
+
+use super::config::ChatConfig;
+use super::metrics::Metrics;
+use super::user::UserId;
+
+/// A request to the upstream, as the handlers build it.
+pub type UpstreamRequest = http::Request<Full<Bytes>>;
+
+/// The upstream behind every layer: cloneable, and `Send` and `Sync` for axum's state.
+pub type Llm = BoxCloneSyncService<UpstreamRequest, http::Response<Body>, BoxError>;
+
+/// The priority level of a request, carried as an extension of the upstream request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Level(pub u8);
+
+impl Level {
+    /// Someone waits for it: a chat message, a gateway call.
+    pub const INTERACTIVE: Level = Level(1);
+    /// Background work: summaries.
+    pub const BACKGROUND: Level = Level(3);
+}
+
+/// What a request is estimated to cost against the tokens-per-minute quota before the upstream
+/// says: its prompt, plus the longest reply it may get. Set by the handler that builds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Tokens of the prompt, estimated.
+    pub prompt: u64,
+    /// The longest reply asked for.
+    pub max_reply: u64,
+}
+
+/// Reads and controls the layers.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    /// The queue of upstream calls.
+    pub queue: PriorityQueueHandle,
+    /// The breaker in front of the upstream.
+    pub breaker: CircuitBreakerHandle,
+    /// The retries.
+    pub retry: RetryHandle,
+    /// The upstream's requests-per-minute quota, when set.
+    pub rpm: Option<RateHandle>,
+    /// The upstream's tokens-per-minute quota, when set.
+    pub tpm: Option<RateHandle>,
+}
+
+fn boxed<S, B>(service: S) -> BoxCloneSyncService<UpstreamRequest, http::Response<Body>, BoxError>
+where
+    S: tower::Service<UpstreamRequest, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    BoxCloneSyncService::new(
+        service
+            .map_response(|response| response.map(Body::new))
+            .map_err(Into::into),
+    )
+}
+
+/// Builds the upstream stack around `client`.
+pub fn upstream(
+    config: &ChatConfig,
+    client: UpstreamClient,
+    metrics: Arc<Metrics>,
+) -> (Llm, Handles) {
+    let counted = ServiceBuilder::new()
+        .map_response(move |response: http::Response<_>| {
+            metrics.upstream_answered(response.status());
+            response
+        })
+        .layer(FirstTokenLayer)
+        .service(client);
+
+    // The upstream's quota; without one configured, no layer at all.
+    let window = Duration::from_secs(60);
+    let max_wait = config.chat_timeout;
+    let tpm = config.upstream_tpm.map(|tpm| {
+        SlidingWindowLayer::new(tpm, window)
+            .cost(|request: &UpstreamRequest| {
+                request
+                    .extensions()
+                    .get::<Estimate>()
+                    .map_or(1, |e| e.prompt + e.max_reply)
+            })
+            .reconcile(MeterBody::new(|request: &UpstreamRequest| {
+                let prompt = request
+                    .extensions()
+                    .get::<Estimate>()
+                    .map_or(0, |e| e.prompt);
+                UsageMeter::new(prompt)
+            }))
+            .wait(max_wait)
+    });
+    let rpm = config
+        .upstream_rpm
+        .map(|rpm| SlidingWindowLayer::new(rpm, window).wait(max_wait));
+    let tpm_handle = tpm.as_ref().map(|l| l.handle());
+    let rpm_handle = rpm.as_ref().map(|l| l.handle());
+    let metered = match tpm {
+        Some(layer) => boxed(layer.layer(counted)),
+        None => boxed(counted),
+    };
+    let quota = match rpm {
+        Some(layer) => boxed(layer.layer(metered)),
+        None => metered,
+    };
+
+    let queue = PriorityQueueLayer::new(config.max_concurrent_chats as usize)
+        .capacity(config.queue_capacity as usize)
+        .queue_timeout(config.chat_timeout)
+        .priority(|request: &UpstreamRequest| {
+            request
+                .extensions()
+                .get::<Level>()
+                .map_or(5, |level| level.0)
+        })
+        .fair_by(ExtensionKey::<UserId>::new())
+        .request_id(RequestIdExtension)
+        .hold_until_body_end();
+    let breaker = CircuitBreakerLayer::new()
+        .classify(HttpClassifier)
+        .minimum_calls(5)
+        .window(Window::Time(Duration::from_secs(30)))
+        .open_for(config.breaker_open_for);
+    let retry = RetryBackoffLayer::new(config.retry_attempts)
+        .classify(HttpClassifier)
+        .backoff(
+            Backoff::exponential(Duration::from_millis(500), 2.0, Duration::from_secs(8))
+                .jitter(Jitter::Full),
+        );
+    let handles = Handles {
+        queue: queue.handle(),
+        breaker: breaker.handle(),
+        retry: retry.handle(),
+        rpm: rpm_handle,
+        tpm: tpm_handle,
+    };
+    let llm = boxed(
+        ServiceBuilder::new()
+            .layer(retry)
+            .layer(breaker)
+            .layer(queue)
+            .service(quota),
+    );
+    (llm, handles)
+}
