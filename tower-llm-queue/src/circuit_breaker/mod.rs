@@ -7,7 +7,8 @@
 //! * **Open**: every call is refused at once with
 //!   [`RejectionKind::CircuitOpen`](crate::RejectionKind::CircuitOpen) (503) and a
 //!   `retry_after` of the time left. An upstream's "not before T" (a 429 with a delay) opens it
-//!   until T too.
+//!   until T too — and then closes it at once, without probing: a throttled upstream is not a
+//!   failing one.
 //! * **Half-open**, once [`open_for`](CircuitBreakerLayer::open_for) has passed: exactly
 //!   [`half_open_calls`](CircuitBreakerLayer::half_open_calls) probes go through, however many
 //!   requests arrive at that instant; the others are refused. All succeed: closed. One fails:

@@ -40,8 +40,16 @@ impl Config {
 #[derive(Debug, Clone, Copy)]
 enum State {
     Closed,
-    Open { until: Instant },
-    HalfOpen { admitted: u32, succeeded: u32 },
+    /// Refusing until `until`; then probing, or — when the upstream itself named the instant
+    /// (`asked`) — closed again at once: a throttled upstream is not a failing one.
+    Open {
+        until: Instant,
+        asked: bool,
+    },
+    HalfOpen {
+        admitted: u32,
+        succeeded: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +109,7 @@ impl Breaker {
         self.trips = self.trips.saturating_add(1);
         self.set(State::Open {
             until: crate::clock::later(now, open_for),
+            asked: false,
         });
         open_for
     }
@@ -229,18 +238,23 @@ impl Shared {
             }
             FORCED_CLOSED => {}
             _ => {
-                if let State::Open { until } = breaker.state {
+                if let State::Open { until, asked } = breaker.state {
                     let now = clock.now();
                     if now < until {
                         drop(shard);
                         self.count(|c| &c.rejected, 1);
                         return Err(refuse(Some(until - now)));
                     }
-                    breaker.set(State::HalfOpen {
-                        admitted: 0,
-                        succeeded: 0,
-                    });
-                    tracing::info!(key = %key, "circuit half-open: probing the upstream");
+                    if asked {
+                        breaker.set(State::Closed);
+                        tracing::info!(key = %key, "circuit closed: the upstream's wait is over");
+                    } else {
+                        breaker.set(State::HalfOpen {
+                            admitted: 0,
+                            succeeded: 0,
+                        });
+                        tracing::info!(key = %key, "circuit half-open: probing the upstream");
+                    }
                 }
                 if let State::HalfOpen { admitted, .. } = &mut breaker.state {
                     if *admitted >= config.half_open_calls {
@@ -299,11 +313,11 @@ impl Shared {
         if let (Some(delay), true) = (not_before, config.open_on_not_before) {
             let until = crate::clock::later(clock.now(), delay);
             let later = match breaker.state {
-                State::Open { until: current } => until > current,
+                State::Open { until: current, .. } => until > current,
                 _ => true,
             };
             if later && !delay.is_zero() {
-                breaker.set(State::Open { until });
+                breaker.set(State::Open { until, asked: true });
                 drop(shard);
                 self.count(|c| &c.opened, 1);
                 tracing::warn!(key = %pass.key, delay_ms = delay.as_millis() as u64, "circuit open: the upstream asked to wait");
@@ -425,9 +439,10 @@ impl Shared {
         let shard = self.breakers.lock(key);
         match shard.get(key).map(|b| b.state) {
             None | Some(State::Closed) => BreakerState::Closed,
-            Some(State::Open { until }) if until > now => BreakerState::Open {
+            Some(State::Open { until, .. }) if until > now => BreakerState::Open {
                 remaining: until - now,
             },
+            Some(State::Open { asked: true, .. }) => BreakerState::Closed,
             Some(State::Open { .. }) | Some(State::HalfOpen { .. }) => BreakerState::HalfOpen,
         }
     }

@@ -208,11 +208,14 @@ async fn an_upstream_delay_opens_it_until_then() {
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(move |_: ()| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            async {
+            let status = match counted.fetch_add(1, Ordering::SeqCst) {
+                0 => 429,
+                _ => 200,
+            };
+            async move {
                 Ok::<_, BoxError>(
                     http::Response::builder()
-                        .status(429)
+                        .status(status)
                         .header("retry-after", "7")
                         .body(())
                         .unwrap(),
@@ -232,6 +235,16 @@ async fn an_upstream_delay_opens_it_until_then() {
         Some(Duration::from_secs(7))
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The upstream named the instant: then everybody goes again, no probing.
+    sleep(Duration::from_secs(7)).await;
+    assert_eq!(handle.state(), BreakerState::Closed);
+    let calls_then: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(svc.clone().oneshot(())))
+        .collect();
+    for call in calls_then {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 11);
 }
 
 #[tokio::test(start_paused = true)]

@@ -37,8 +37,8 @@ pub(crate) struct Schedule {
     flows: FastMap<(usize, Key), Flow>,
     virtual_time: Vec<u64>,
     seq: u64,
-    /// Every `oldest_every`-th admission from the queue goes to the request that has waited
-    /// longest, whatever its level. Zero: strict priority.
+    /// Every `oldest_every`-th admission from the queue goes to the level of the request that has
+    /// waited longest, whatever its level. Zero: strict priority.
     oldest_every: u32,
     turns: u32,
     len: usize,
@@ -125,14 +125,14 @@ impl Schedule {
         }
         self.turns = self.turns.wrapping_add(1);
         let oldest_turn = self.oldest_every > 0 && self.turns % self.oldest_every == 0;
-        let (level, tag, seq) = if oldest_turn {
-            let (&seq, &(level, tag)) = self.by_age.iter().next()?;
-            (level, tag, seq)
+        // The longest-waiting request's turn goes to its level, where users still take turns:
+        // it keeps every level moving without undoing fairness within one.
+        let level = if oldest_turn {
+            self.by_age.values().next()?.0
         } else {
-            let level = self.levels.iter().position(|l| !l.is_empty())?;
-            let (&(tag, seq), _) = self.levels[level].iter().next()?;
-            (level, tag, seq)
+            self.levels.iter().position(|l| !l.is_empty())?
         };
+        let (&(tag, seq), _) = self.levels[level].iter().next()?;
         let id = self.levels[level].remove(&(tag, seq))?;
         self.by_age.remove(&seq);
         self.len -= 1;
@@ -231,6 +231,20 @@ mod tests {
         }
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
         assert_eq!(order, vec![10, 11, 1, 12, 13, 14, 15]);
+    }
+
+    #[test]
+    fn the_longest_waiting_turn_keeps_users_taking_turns() {
+        let mut s = Schedule::new(2, 2);
+        let (a, b) = (Key::from("a"), Key::from("b"));
+        for n in 0..3 {
+            s.push(1, Some(&a), id(10 + n));
+        }
+        for n in 0..3 {
+            s.push(1, Some(&b), id(20 + n));
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
+        assert_eq!(order, vec![10, 20, 11, 21, 12, 22]);
     }
 
     #[test]
