@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tower::ServiceExt;
+use tower_llm_queue::classify::response_delay;
 use tower_llm_queue::http::ErrorFormat;
 use tower_llm_queue::{Rejected, RejectionKind, RequestId};
 use tower_llm_queue_servers::upstream::sse::{Event, SseParser};
@@ -204,13 +205,14 @@ async fn relay_until_done(
         .started(started - asked, app.handles.queue.stats().running);
     if !response.status().is_success() {
         let status = response.status();
+        let retry_after_ms = response_delay(&response).map(|d| d.as_millis() as u64);
         let body = response.into_body().collect().await.map(|c| c.to_bytes());
         let failed = ApiError::upstream(status, &body.unwrap_or_default());
         let update = Update::Error {
             status: failed.status().as_u16(),
             code: "upstream_error".into(),
             message: failed.message().to_string(),
-            retry_after_ms: None,
+            retry_after_ms,
         };
         tx.send(update).await.ok()?;
         return Some((Ending::Failed, Some(started)));

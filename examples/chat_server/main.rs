@@ -90,8 +90,8 @@ impl Bound {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then lets running replies finish for at most the grace
-    /// period.
+    /// Serves until `shutdown` resolves; then stops accepting, lets running replies finish, and
+    /// returns once they have — or once the grace period is over, dropping those left.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -103,6 +103,7 @@ impl Bound {
             upstream,
             ..
         } = self;
+        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -113,15 +114,23 @@ impl Bound {
                 grace_s = grace.as_secs(),
                 "shutting down: letting running replies finish"
             );
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                tracing::warn!("grace period over: exiting with replies still running");
-                std::process::exit(0);
-            });
-        })
-        .await;
+            let _ = stopping.send(());
+        });
+        let grace_over = async move {
+            if stopped.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            served = served => served,
+            _ = grace_over => {
+                tracing::warn!("grace period over: dropping the replies still running");
+                Ok(())
+            }
+        };
         drop(upstream);
-        served
+        result
     }
 }
 

@@ -5,7 +5,8 @@
 //! ```
 //!
 //! * Retry outermost: a retry sleeps holding nothing, and honours the upstream's `Retry-After`
-//!   for everybody (the shared cool-down).
+//!   for everybody (the shared cool-down); a wait beyond 10 s is the user's to decide, with the
+//!   refusal and its `Retry-After`.
 //! * The breaker counts every attempt, so an upstream that is down opens it after a few, and
 //!   then everybody is told at once.
 //! * The queue: `MAX_CONCURRENT_CHATS` calls at once, chat before background work, users taking
@@ -114,8 +115,10 @@ pub fn upstream(
         .layer(FirstTokenLayer)
         .service(client);
 
-    // The upstream's quota; without one configured, no layer at all.
-    let window = Duration::from_secs(60);
+    // The upstream's quota; without one configured, no layer at all. The window is a second
+    // longer than the upstream's minute: a request's decision here and its arrival there are
+    // apart by a network trip, which differs from one request to the next.
+    let window = Duration::from_secs(61);
     let max_wait = config.chat_timeout;
     let tpm = config.upstream_tpm.map(|tpm| {
         SlidingWindowLayer::new(tpm, window)
@@ -165,8 +168,11 @@ pub fn upstream(
         .minimum_calls(5)
         .window(Window::Time(Duration::from_secs(30)))
         .open_for(config.breaker_open_for);
+    // A wait longer than 10 s is not worth holding a chat open for: the user gets the refusal
+    // with its `Retry-After` instead.
     let retry = RetryBackoffLayer::new(config.retry_attempts)
         .classify(HttpClassifier)
+        .max_retry_after(Duration::from_secs(10))
         .backoff(
             Backoff::exponential(Duration::from_millis(500), 2.0, Duration::from_secs(8))
                 .jitter(Jitter::Full),

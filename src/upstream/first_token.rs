@@ -196,3 +196,57 @@ where
         hint
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, Layer, ServiceExt};
+
+    fn reply(content_type: &'static str, frames: &[&'static str]) -> http::Response<Full> {
+        let body = frames.concat();
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .unwrap()
+    }
+
+    type Full = http_body_util::Full<Bytes>;
+
+    async fn through(response: http::Response<Full>) -> Result<String, BoxError> {
+        let svc = FirstTokenLayer.layer(service_fn(move |_: ()| {
+            let response = response.clone();
+            async move { Ok::<_, BoxError>(response) }
+        }));
+        let response = svc.oneshot(()).await?;
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    const ROLE: &str = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n";
+    const TOKEN: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+    const ERROR: &str = "data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    #[tokio::test]
+    async fn a_stream_that_fails_before_its_first_token_is_an_error() {
+        for frames in [&[ROLE, ERROR][..], &[ERROR], &[ROLE, DONE], &[ROLE]] {
+            let err = through(reply("text/event-stream", frames))
+                .await
+                .unwrap_err();
+            assert!(err.is::<UpstreamStreamFailed>(), "{frames:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn after_the_first_token_the_stream_is_the_clients() {
+        let frames = [ROLE, TOKEN, ERROR];
+        let body = through(reply("text/event-stream", &frames)).await.unwrap();
+        assert_eq!(body, frames.concat(), "nothing lost, nothing added");
+        // Not a stream: passed on as it is.
+        let json = "{\"error\": {\"message\": \"bad\"}}";
+        assert_eq!(
+            through(reply("application/json", &[json])).await.unwrap(),
+            json
+        );
+    }
+}

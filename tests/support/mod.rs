@@ -59,7 +59,10 @@ impl Http {
         &self,
         request: Request<Full<Bytes>>,
     ) -> http::Response<hyper::body::Incoming> {
-        self.client.request(request).await.expect("the server answers")
+        self.client
+            .request(request)
+            .await
+            .expect("the server answers")
     }
 
     /// Sends a request and reads the whole answer.
