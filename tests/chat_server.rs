@@ -95,12 +95,6 @@ impl Chat {
     fn done(&self) -> bool {
         self.last()["type"] == "done"
     }
-
-    fn id(&self) -> u64 {
-        self.events[0].1["id"]
-            .as_u64()
-            .expect("a first event with the id")
-    }
 }
 
 fn chat_request(server: &Server, user: &str, message: &str) -> http::Request<Full<Bytes>> {
