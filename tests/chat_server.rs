@@ -544,7 +544,9 @@ async fn the_gateway_answers_what_the_upstream_answered() {
         .await;
     assert_eq!(text, expected);
 
-    // Its refusals are OpenAI's errors, with the delay the SDKs read.
+    // Its refusals are OpenAI's errors, with the delay the SDKs read. Slow replies keep bob's
+    // three streams open meanwhile.
+    server.upstream.set_config(streaming(2.0));
     let mut held = Vec::new();
     for _ in 0..3 {
         let request = server
