@@ -173,14 +173,17 @@ async fn six_chats_run_five_at_a_time() {
         .filter(|c| c.events.iter().any(|(_, e)| e["position"].is_u64()))
         .collect();
     assert_eq!(waited.len(), 1, "exactly one waited");
+    // Its first token came after the last token of a reply that had ended.
     let started = waited[0].first_of("token").unwrap();
-    let first_done = chats
+    let first_end = chats
         .iter()
-        .filter_map(|c| c.first_of("done"))
+        .filter(|c| !std::ptr::eq(*c, waited[0]))
+        .filter_map(|c| c.events.iter().rev().find(|(_, e)| e["type"] == "token"))
+        .map(|(at, _)| *at)
         .min()
         .unwrap();
     assert!(
-        started >= first_done,
+        started >= first_end,
         "the sixth started before any reply had ended"
     );
     assert!(eventually(|| idle(&server)).await);
