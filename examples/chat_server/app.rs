@@ -13,8 +13,9 @@ use tower_llm_queue_servers::upstream::Upstream;
 use super::config::ChatConfig;
 use super::metrics::Metrics;
 use super::routes;
-use super::stack::{self, Handles, Llm};
+use super::stack::{self, Handles};
 use super::user::{identify, UserId};
+use tower_llm_queue_servers::upstream::Llm;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use tower_llm_queue_servers::upstream::sse::{Event, SseParser};
 use super::app::AppState;
 use super::errors::{failure, ApiError};
 use super::metrics::Ending;
-use super::stack::UpstreamRequest;
+use tower_llm_queue_servers::upstream::UpstreamRequest;
 
 /// What the browser is told about its request, one server-sent event each.
 #[derive(Debug, Clone, PartialEq)]

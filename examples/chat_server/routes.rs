@@ -22,8 +22,9 @@ use tower_llm_queue_servers::upstream::sse::estimate_tokens;
 use super::app::AppState;
 use super::chat::{relay, Update};
 use super::errors::{failure, ApiError};
-use super::stack::{Estimate, Level, UpstreamRequest};
+use super::stack::{Estimate, BACKGROUND, INTERACTIVE};
 use super::user::UserId;
+use tower_llm_queue_servers::upstream::{Level, UpstreamRequest};
 
 /// The web page.
 pub async fn page() -> Html<&'static str> {
@@ -134,7 +135,7 @@ pub async fn chat(
         "max_tokens": app.config.max_tokens,
         "user": &*user.0,
     });
-    let request = app.upstream_request(&user, Level::INTERACTIVE, id, body);
+    let request = app.upstream_request(&user, INTERACTIVE, id, body);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(relay(app, id, chat.conversation_id, request, tx));
     let updates = stream::unfold(rx, |mut rx| async move {
@@ -169,7 +170,7 @@ pub async fn summarize(
         "max_tokens": app.config.max_tokens,
         "user": &*user.0,
     });
-    let request = app.upstream_request(&user, Level::BACKGROUND, id, body);
+    let request = app.upstream_request(&user, BACKGROUND, id, body);
     let response = match app.llm.clone().oneshot(request).await {
         Ok(response) => response,
         Err(err) => return failure(&err, ErrorFormat::Plain),
@@ -205,7 +206,7 @@ pub async fn completions(
     if request["messages"].as_array().is_none_or(Vec::is_empty) {
         return ApiError::bad_request("`messages` must be a non-empty array").response(openai);
     }
-    let upstream = app.upstream_request(&user, Level::INTERACTIVE, RequestId::next(), request);
+    let upstream = app.upstream_request(&user, INTERACTIVE, RequestId::next(), request);
     match app.llm.clone().oneshot(upstream).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();

@@ -19,11 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
-use http_body_util::Full;
-use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder};
 use tower_llm_queue::circuit_breaker::{CircuitBreakerHandle, Window};
 use tower_llm_queue::classify::HttpClassifier;
 use tower_llm_queue::key::ExtensionKey;
@@ -34,28 +30,19 @@ use tower_llm_queue::{
     CircuitBreakerLayer, PriorityQueueHandle, PriorityQueueLayer, RetryBackoffLayer,
     SlidingWindowLayer,
 };
-use tower_llm_queue_servers::upstream::{FirstTokenLayer, UpstreamClient, UsageMeter};
+use tower_llm_queue_servers::upstream::{
+    boxed, FirstTokenLayer, Level, Llm, UpstreamClient, UpstreamRequest, UsageMeter,
+};
 
 use super::config::ChatConfig;
 use super::metrics::Metrics;
 use super::user::UserId;
 
-/// A request to the upstream, as the handlers build it.
-pub type UpstreamRequest = http::Request<Full<Bytes>>;
+/// The level of what someone waits for: a chat message, a gateway call.
+pub const INTERACTIVE: Level = Level(1);
 
-/// The upstream behind every layer: cloneable, and `Send` and `Sync` for axum's state.
-pub type Llm = BoxCloneSyncService<UpstreamRequest, http::Response<Body>, BoxError>;
-
-/// The priority level of a request, carried as an extension of the upstream request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Level(pub u8);
-
-impl Level {
-    /// Someone waits for it: a chat message, a gateway call.
-    pub const INTERACTIVE: Level = Level(1);
-    /// Background work: summaries.
-    pub const BACKGROUND: Level = Level(3);
-}
+/// The level of background work: summaries.
+pub const BACKGROUND: Level = Level(3);
 
 /// What a request is estimated to cost against the tokens-per-minute quota before the upstream
 /// says: its prompt, plus the longest reply it may get. Set by the handler that builds it.
@@ -80,25 +67,6 @@ pub struct Handles {
     pub rpm: Option<RateHandle>,
     /// The upstream's tokens-per-minute quota, when set.
     pub tpm: Option<RateHandle>,
-}
-
-fn boxed<S, B>(service: S) -> BoxCloneSyncService<UpstreamRequest, http::Response<Body>, BoxError>
-where
-    S: tower::Service<UpstreamRequest, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    BoxCloneSyncService::new(
-        service
-            .map_response(|response| response.map(Body::new))
-            .map_err(Into::into),
-    )
 }
 
 /// Builds the upstream stack around `client`.

@@ -44,6 +44,26 @@ impl Reply {
         }
     }
 
+    /// The structured answer to a classification request: `{"label": ..., "confidence": ...}`
+    /// with one of `labels`, as [`classify_for`](super::classify_for) chooses it.
+    pub(crate) fn classified<'a>(
+        prompt: &str,
+        labels: &[String],
+        contents: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let (label, confidence) = super::text::classify_for(prompt, &labels);
+        let answer = serde_json::json!({ "label": label, "confidence": confidence }).to_string();
+        Reply {
+            tokens: super::text::split_tokens(&answer)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            finish_reason: "stop",
+            prompt_tokens: contents.into_iter().map(count_tokens).sum(),
+        }
+    }
+
     pub(crate) fn completion_tokens(&self) -> u64 {
         self.tokens.len() as u64
     }

@@ -107,7 +107,7 @@ pub use config::{
 pub use server::RunningMock;
 pub use state::MockHandle;
 pub use stats::{Arrival, MockStats};
-pub use text::{count_tokens, reply_for, split_tokens};
+pub use text::{classify_for, count_tokens, reply_for, split_tokens};
 
 /// The model the mock lists.
 pub const MODEL: &str = "mock-llm";

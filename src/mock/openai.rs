@@ -23,6 +23,7 @@ struct ChatRequest {
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     user: Option<String>,
+    response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +76,8 @@ struct Valid {
     user: Option<String>,
     contents: Vec<String>,
     prompt: String,
+    /// The labels of a structured-output request whose schema has an enum `label`.
+    labels: Option<Vec<String>>,
 }
 
 /// A 400 in OpenAI's words.
@@ -151,7 +154,9 @@ fn validate(value: Value) -> Result<Valid, Invalid> {
         .and_then(|i| contents.get(i))
         .cloned()
         .unwrap_or_default();
+    let labels = request.response_format.as_ref().and_then(schema_labels);
     Ok(Valid {
+        labels,
         model,
         stream: request.stream.unwrap_or(false),
         include_usage: request
@@ -163,6 +168,21 @@ fn validate(value: Value) -> Result<Valid, Invalid> {
         contents,
         prompt,
     })
+}
+
+/// The enum of the `label` property of a `json_schema` response format:
+/// `{"type": "json_schema", "json_schema": {"schema": {"properties": {"label": {"enum": [...]}}}}}`.
+fn schema_labels(format: &Value) -> Option<Vec<String>> {
+    if format.get("type")?.as_str()? != "json_schema" {
+        return None;
+    }
+    let labels: Vec<String> = format
+        .pointer("/json_schema/schema/properties/label/enum")?
+        .as_array()?
+        .iter()
+        .filter_map(|label| label.as_str().map(str::to_owned))
+        .collect();
+    (!labels.is_empty()).then_some(labels)
 }
 
 /// `POST /v1/chat/completions`.
@@ -199,11 +219,11 @@ pub(crate) async fn chat_completions(
         Ok(request) => request,
         Err(error) => return invalid(stream, error),
     };
-    let reply = Reply::new(
-        &request.prompt,
-        request.contents.iter().map(String::as_str),
-        request.max_tokens,
-    );
+    let contents = request.contents.iter().map(String::as_str);
+    let reply = match &request.labels {
+        Some(labels) => Reply::classified(&request.prompt, labels, contents),
+        None => Reply::new(&request.prompt, contents, request.max_tokens),
+    };
     let user = request
         .user
         .clone()

@@ -134,6 +134,42 @@ pub(crate) fn reply_tokens(prompt: &str) -> Vec<String> {
     tokens
 }
 
+/// The mock's answer to a classification of `text` into one of `labels` (a structured-output
+/// request whose schema makes `label` an enum): the first label that the text contains as a
+/// word, ignoring case, with confidence 0.9; else one chosen by a stable hash of the text, with
+/// a confidence from 0.5 to 0.89 by the same hash. Like a real provider, it never answers a
+/// label outside the enum. With no labels, an empty label.
+///
+/// ```
+/// use tower_llm_queue_servers::mock::classify_for;
+///
+/// let labels = ["billing", "bug", "praise"];
+/// assert_eq!(classify_for("My BILLING address changed", &labels), ("billing".into(), 0.9));
+/// let (label, confidence) = classify_for("hello", &labels);
+/// assert!(labels.contains(&label.as_str()) && (0.5..0.9).contains(&confidence));
+/// assert_eq!(classify_for("hello", &labels), (label, confidence));
+/// ```
+pub fn classify_for(text: &str, labels: &[&str]) -> (String, f64) {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    if let Some(label) = labels
+        .iter()
+        .find(|label| words.iter().any(|w| *w == label.to_lowercase()))
+    {
+        return ((*label).to_owned(), 0.9);
+    }
+    if labels.is_empty() {
+        return (String::new(), 0.0);
+    }
+    let hash = fnv1a(text);
+    let label = labels[(hash % labels.len() as u64) as usize];
+    let confidence = 0.5 + ((hash >> 16) % 40) as f64 / 100.0;
+    (label.to_owned(), confidence)
+}
+
 /// The mock's reply to `prompt`, truncated to `max_tokens` tokens.
 ///
 /// The full reply depends on the prompt alone: sentences of plain English words drawn by a

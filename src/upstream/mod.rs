@@ -13,6 +13,7 @@
 
 mod client;
 pub mod first_token;
+mod service;
 pub mod sse;
 mod usage;
 
@@ -25,6 +26,7 @@ use crate::mock::{MockConfig, MockProvider, RunningMock};
 
 pub use self::client::{UpstreamBody, UpstreamClient};
 pub use self::first_token::{FirstTokenLayer, UpstreamStreamFailed};
+pub use self::service::{boxed, Level, Llm, UpstreamRequest};
 pub use self::usage::UsageMeter;
 
 /// Which kind of upstream is configured.

@@ -77,6 +77,8 @@ pub mod classify;
 mod clock;
 mod copies;
 pub mod dedup;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 pub mod hold;
 pub mod http;
 pub mod key;
