@@ -1450,3 +1450,52 @@ fn configuration_from_the_environment() {
         assert_eq!(error.variable(), var.name);
     }
 }
+
+#[tokio::test]
+async fn a_structured_classification_answers_one_of_the_enum() {
+    let (router, _) = MockProvider::router(fast());
+    let labels = ["billing", "bug", "praise"];
+    let ask = |text: &str, format: Value| {
+        json!({
+            "model": "mock-llm",
+            "messages": [{ "role": "user", "content": text }],
+            "response_format": format,
+        })
+    };
+    let schema = json!({
+        "type": "json_schema",
+        "json_schema": { "name": "c", "schema": {
+            "type": "object",
+            "properties": { "label": { "type": "string", "enum": labels }, "confidence": { "type": "number" } },
+        }},
+    });
+    for text in ["a BUG in checkout", "hello there", "thanks, great work"] {
+        let r = route_whole(
+            &router,
+            post_json("/v1/chat/completions", &ask(text, schema.clone())),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let content = r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let answer: Value = serde_json::from_str(&content).unwrap();
+        let (label, confidence) = tower_llm_queue_servers::mock::classify_for(text, &labels);
+        assert_eq!(answer["label"], label.as_str(), "{text}");
+        assert_eq!(answer["confidence"], confidence);
+        assert!(labels.contains(&answer["label"].as_str().unwrap()));
+    }
+    // Without an enum of labels, the reply is the usual text.
+    let plain = json!({ "type": "json_object" });
+    let r = route_whole(
+        &router,
+        post_json("/v1/chat/completions", &ask("hi", plain)),
+    )
+    .await;
+    let content = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(content, reply_for("hi", None));
+}
