@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tower_llm_queue_servers::config::{ConfigError, Env};
+use tower_llm_queue_servers::mock::MockConfig;
 use tower_llm_queue_servers::upstream::{mock_quota, Provider, UpstreamConfig};
 
 /// Everything the chat server reads from its environment. See the table in the README.
@@ -41,6 +42,9 @@ pub struct ChatConfig {
     pub shutdown_grace: Duration,
     /// Where the upstream is.
     pub upstream: UpstreamConfig,
+    /// The in-process mock's settings, when no upstream is configured: a modest quota
+    /// ([`mock_quota`]), which every `MOCK_*` variable can change.
+    pub mock: MockConfig,
 }
 
 impl ChatConfig {
@@ -49,8 +53,9 @@ impl ChatConfig {
         let ip: IpAddr = env.parse("BIND", [127, 0, 0, 1].into(), "an IP address")?;
         let port: u16 = env.parse("PORT", 3000, "a port number")?;
         let upstream = UpstreamConfig::from_env(env)?;
+        let mock = mock_quota().overridden(env)?;
         let (default_rpm, default_tpm) = match upstream.provider {
-            Provider::Mock => (mock_quota().rpm, mock_quota().tpm),
+            Provider::Mock => (mock.rpm, mock.tpm),
             _ => (None, None),
         };
         let retry_attempts = env.parse("CHAT_RETRY_ATTEMPTS", 2, "a whole number")?;
@@ -70,6 +75,7 @@ impl ChatConfig {
             max_body_bytes: env.positive("MAX_BODY_BYTES", 64 * 1024)?,
             shutdown_grace: env.millis("SHUTDOWN_GRACE_MS", Duration::from_secs(30))?,
             upstream,
+            mock,
         })
     }
 }

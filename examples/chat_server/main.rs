@@ -41,7 +41,7 @@ mod user;
 use std::net::SocketAddr;
 
 use tower_llm_queue_servers::config::{or_exit, Env};
-use tower_llm_queue_servers::upstream::{mock_quota, Upstream};
+use tower_llm_queue_servers::upstream::Upstream;
 
 pub use self::app::{router, AppState};
 pub use self::config::ChatConfig;
@@ -136,7 +136,7 @@ impl Bound {
 
 /// Starts the upstream (the mock, unless one is configured) and binds the server's address.
 pub async fn bind(config: ChatConfig) -> Result<Bound, tower::BoxError> {
-    let upstream = Upstream::start(config.upstream.clone(), mock_quota()).await?;
+    let upstream = Upstream::start(config.upstream.clone(), config.mock.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.addr))?;

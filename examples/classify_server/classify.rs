@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_llm_queue::priority_queue::RequestIdExtension;
 use tower_llm_queue::{PriorityQueueHandle, PriorityQueueLayer, RequestId};
 use tower_llm_queue_servers::upstream::{boxed, Level, Llm, UpstreamClient, UpstreamRequest};
@@ -91,7 +91,7 @@ pub struct Classifier {
 impl Classifier {
     /// The workers' queue around `client`: `WORKERS` upstream calls at once, `QUEUE_SIZE`
     /// waiting, single classifications before batch items, each slot held until the upstream's
-    /// answer has been read whole.
+    /// answer has been read whole (none with `LAYERS=off`).
     pub fn new(config: &ClassifyConfig, client: UpstreamClient, model: &str) -> Self {
         let queue = PriorityQueueLayer::new(config.workers as usize)
             .capacity(config.queue_size as usize)
@@ -100,17 +100,18 @@ impl Classifier {
             .request_id(RequestIdExtension)
             .hold_until_body_end();
         let handle = queue.handle();
-        let llm = boxed(
-            ServiceBuilder::new()
-                .layer(queue)
-                .map_request(|request: UpstreamRequest| {
-                    if let Some(Started(at)) = request.extensions().get::<Started>() {
-                        let _ = at.set(Instant::now());
-                    }
-                    request
-                })
-                .service(client),
-        );
+        let stamped = ServiceBuilder::new()
+            .map_request(|request: UpstreamRequest| {
+                if let Some(Started(at)) = request.extensions().get::<Started>() {
+                    let _ = at.set(Instant::now());
+                }
+                request
+            })
+            .service(client);
+        let llm = match config.layers {
+            true => boxed(queue.layer(stamped)),
+            false => boxed(stamped),
+        };
         Classifier {
             llm,
             queue: handle,

@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tower_llm_queue_servers::config::{ConfigError, Env};
+use tower_llm_queue_servers::mock::MockConfig;
 use tower_llm_queue_servers::upstream::UpstreamConfig;
 
 /// Everything the classify server reads from its environment. See the README's table.
@@ -32,8 +33,14 @@ pub struct ClassifyConfig {
     /// `SHUTDOWN_GRACE_MS` (30000): how long running and waiting requests may finish after
     /// Ctrl-C or SIGTERM.
     pub shutdown_grace: Duration,
+    /// `LAYERS` (`on`): `off` serves the same handlers with no layers at all — no token
+    /// bucket, no timeout, no queue — to measure what the layers cost.
+    pub layers: bool,
     /// Where the upstream is.
     pub upstream: UpstreamConfig,
+    /// The in-process mock's settings, when no upstream is configured: an answer at once after
+    /// 50 ms and no quota, which every `MOCK_*` variable can change.
+    pub mock: MockConfig,
 }
 
 impl ClassifyConfig {
@@ -69,7 +76,18 @@ impl ClassifyConfig {
             max_text_bytes: env.positive("MAX_TEXT_BYTES", 8192)?,
             labels,
             shutdown_grace: env.millis("SHUTDOWN_GRACE_MS", Duration::from_secs(30))?,
+            layers: match env.get("LAYERS").as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => return Err(ConfigError::new("LAYERS", other, "on or off")),
+            },
             upstream: UpstreamConfig::from_env(env)?,
+            mock: MockConfig {
+                tokens_per_second: 0.0,
+                time_to_first_token: Duration::from_millis(50),
+                ..MockConfig::default()
+            }
+            .overridden(env)?,
         })
     }
 }

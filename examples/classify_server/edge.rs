@@ -60,6 +60,11 @@ impl Edge {
         }
     }
 
+    /// These layers, or none with `LAYERS=off`.
+    pub fn layers(&self, on: bool) -> Option<&Edge> {
+        on.then_some(self)
+    }
+
     /// Refuses every request from now on: the server is shutting down.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);

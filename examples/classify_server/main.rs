@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use axum::error_handling::HandleErrorLayer;
 use tokio::sync::watch;
+use tower::util::option_layer;
 use tower::ServiceBuilder;
 use tower_llm_queue::grpc::StatusLayer;
 use tower_llm_queue_servers::config::{or_exit, Env};
@@ -47,14 +48,7 @@ pub struct Bound {
 
 /// Starts the upstream (the mock, unless one is configured) and binds both addresses.
 pub async fn bind(config: ClassifyConfig) -> Result<Bound, tower::BoxError> {
-    // A classification is a short answer, given at once after 50 ms; with no quota, the
-    // workers are what limits the upstream calls.
-    let mock = tower_llm_queue_servers::mock::MockConfig {
-        tokens_per_second: 0.0,
-        time_to_first_token: std::time::Duration::from_millis(50),
-        ..Default::default()
-    };
-    let upstream = Upstream::start(config.upstream.clone(), mock).await?;
+    let upstream = Upstream::start(config.upstream.clone(), config.mock.clone()).await?;
     let http = tokio::net::TcpListener::bind(config.http)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.http))?;
@@ -101,13 +95,14 @@ impl Bound {
 
     /// The HTTP API behind the shared layers, as a service (what `serve` serves).
     pub fn http_service(&self) -> axum::Router {
-        let edge = &self.edge;
+        let edge = self.edge.layers(self.app.config.layers);
         http::routes(self.app.clone()).layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(tower_llm_queue::http::handle_error))
-                .layer(edge.gate())
-                .layer(edge.timeout.clone())
-                .layer(edge.bucket.clone()),
+                .option_layer(edge.as_ref().map(|edge| edge.gate()))
+                .option_layer(edge.as_ref().map(|edge| edge.timeout.clone()))
+                .option_layer(edge.map(|edge| edge.bucket.clone()))
+                .map_err(never),
         )
     }
 
@@ -153,11 +148,13 @@ impl Bound {
         health
             .set_serving::<proto::classifier_server::ClassifierServer<grpc::Service>>()
             .await;
+        let layered = edge.layers(app.config.layers);
         let grpc_server = tonic::transport::Server::builder()
             .layer(StatusLayer::new())
-            .layer(edge.gate())
-            .layer(edge.timeout.clone())
-            .layer(edge.bucket.clone())
+            .layer(option_layer(layered.as_ref().map(|edge| edge.gate())))
+            .layer(option_layer(layered.as_ref().map(|edge| edge.timeout.clone())))
+            .layer(option_layer(layered.map(|edge| edge.bucket.clone())))
+            .layer(tower::util::MapErrLayer::new(never))
             .add_service(health_service)
             .add_service(proto::classifier_server::ClassifierServer::new(
                 grpc::Service::new(app.clone()),
@@ -199,6 +196,11 @@ impl Bound {
         drop(upstream);
         result
     }
+}
+
+/// The routers never fail; with the layers, or without them, the error is a `BoxError`.
+fn never(err: std::convert::Infallible) -> tower::BoxError {
+    match err {}
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

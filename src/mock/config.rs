@@ -222,11 +222,18 @@ impl MockConfig {
 
     /// Reads the configuration from `env`.
     pub fn read(env: &Env) -> Result<MockConfig, ConfigError> {
-        let defaults = MockConfig::default();
-        let share = |name: &str| {
+        MockConfig::default().overridden(env)
+    }
+
+    /// This configuration, with what `env` sets instead: how a server that runs the mock
+    /// in-process gives it defaults of its own and still lets every `MOCK_*` variable change
+    /// them.
+    pub fn overridden(self, env: &Env) -> Result<MockConfig, ConfigError> {
+        let defaults = self;
+        let share = |name: &str, default: f64| {
             env.parse_where(
                 name,
-                0.0,
+                default,
                 "a share of requests from 0.0 to 1.0",
                 |x: &f64| (0.0..=1.0).contains(x),
             )
@@ -240,9 +247,9 @@ impl MockConfig {
             .optional_positive("MOCK_CONCURRENCY")?
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         Ok(MockConfig {
-            rpm: env.optional_positive("MOCK_RPM")?,
-            tpm: env.optional_positive("MOCK_TPM")?,
-            concurrency,
+            rpm: env.optional_positive("MOCK_RPM")?.or(defaults.rpm),
+            tpm: env.optional_positive("MOCK_TPM")?.or(defaults.tpm),
+            concurrency: concurrency.or(defaults.concurrency),
             tokens_per_second: env.parse_where(
                 "MOCK_TOKENS_PER_SECOND",
                 defaults.tokens_per_second,
@@ -251,15 +258,15 @@ impl MockConfig {
             )?,
             time_to_first_token: millis("MOCK_TTFT_MS", defaults.time_to_first_token)?,
             faults: Faults {
-                error_500: share("MOCK_FAULT_500")?,
-                error_503: share("MOCK_FAULT_503")?,
-                overloaded_529: share("MOCK_FAULT_529")?,
-                latency: share("MOCK_FAULT_LATENCY")?,
+                error_500: share("MOCK_FAULT_500", defaults.faults.error_500)?,
+                error_503: share("MOCK_FAULT_503", defaults.faults.error_503)?,
+                overloaded_529: share("MOCK_FAULT_529", defaults.faults.overloaded_529)?,
+                latency: share("MOCK_FAULT_LATENCY", defaults.faults.latency)?,
                 latency_amount: millis("MOCK_LATENCY_MS", defaults.faults.latency_amount)?,
-                cut_stream: share("MOCK_FAULT_CUT")?,
-                error_event: share("MOCK_FAULT_ERROR_EVENT")?,
+                cut_stream: share("MOCK_FAULT_CUT", defaults.faults.cut_stream)?,
+                error_event: share("MOCK_FAULT_ERROR_EVENT", defaults.faults.error_event)?,
             },
-            seed: env.parse("MOCK_SEED", 0, "a whole number from 0 to 2^64 - 1")?,
+            seed: env.parse("MOCK_SEED", defaults.seed, "a whole number from 0 to 2^64 - 1")?,
         })
     }
 }
