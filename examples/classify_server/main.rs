@@ -152,7 +152,9 @@ impl Bound {
         let grpc_server = tonic::transport::Server::builder()
             .layer(StatusLayer::new())
             .layer(option_layer(layered.as_ref().map(|edge| edge.gate())))
-            .layer(option_layer(layered.as_ref().map(|edge| edge.timeout.clone())))
+            .layer(option_layer(
+                layered.as_ref().map(|edge| edge.timeout.clone()),
+            ))
             .layer(option_layer(layered.map(|edge| edge.bucket.clone())))
             .layer(tower::util::MapErrLayer::new(never))
             .add_service(health_service)

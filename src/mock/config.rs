@@ -266,7 +266,11 @@ impl MockConfig {
                 cut_stream: share("MOCK_FAULT_CUT", defaults.faults.cut_stream)?,
                 error_event: share("MOCK_FAULT_ERROR_EVENT", defaults.faults.error_event)?,
             },
-            seed: env.parse("MOCK_SEED", defaults.seed, "a whole number from 0 to 2^64 - 1")?,
+            seed: env.parse(
+                "MOCK_SEED",
+                defaults.seed,
+                "a whole number from 0 to 2^64 - 1",
+            )?,
         })
     }
 }
