@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tower::BoxError;
 
 use super::config::{Backend, DatabaseUrl};
@@ -29,6 +29,9 @@ use super::request::PlanRequest;
 
 static SQLITE: Migrator = sqlx::migrate!("examples/plan_generator/migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("examples/plan_generator/migrations/postgres");
+
+/// The longest wait for a connection to the database.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most plans `GET /api/plans` lists: the latest.
 pub const LIST_LIMIT: i64 = 100;
@@ -140,9 +143,16 @@ impl Plans {
     /// cache's TTL; see the [module docs](self)).
     pub async fn open(url: &DatabaseUrl, replace_after: Duration) -> Result<Plans, BoxError> {
         sqlx::any::install_default_drivers();
+        // One connection first, for its own error: the pool would only say it timed out.
+        let unreachable = |why: String| format!("cannot open the database {url}: {why}");
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, AnyConnection::connect(url.url()))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|err| unreachable(err.to_string()))?;
+        let _ = first.close().await;
         let backend = url.backend();
         let options = AnyPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(CONNECT_TIMEOUT)
             .max_connections(match backend {
                 Backend::Sqlite => 4,
                 Backend::Postgres => 8,
@@ -161,7 +171,7 @@ impl Plans {
         let pool = options
             .connect(url.url())
             .await
-            .map_err(|err| format!("cannot open the database {url}: {err}"))?;
+            .map_err(|err| unreachable(err.to_string()))?;
         let migrator = match backend {
             Backend::Sqlite => &SQLITE,
             Backend::Postgres => &POSTGRES,

@@ -32,9 +32,9 @@
 //!   generate: ask the upstream, read the five sections, store (ON CONFLICT)
 //!     │                   └─ upstream unavailable → offline plan from templates, stored
 //!     │                      only where no plan is (never cached)
-//!   timeout (PLAN_TIMEOUT_MS)                              ┐ the upstream: whether and
-//!   retry (PLAN_RETRY_ATTEMPTS, its Retry-After)           │ when to call it
-//!   circuit breaker (BREAKER_OPEN_MS)                      ┘
+//!   circuit breaker (BREAKER_OPEN_MS)                      ┐ the upstream: whether and
+//!   timeout (PLAN_TIMEOUT_MS)                              │ when to call it
+//!   retry (PLAN_RETRY_ATTEMPTS, its Retry-After)           ┘
 //!     │
 //!   HTTP client ── the LLM API (or the mock)
 //! ```
@@ -46,8 +46,10 @@
 //! * The dedup layer stands outside generation and storage: the cache holds the stored plan,
 //!   id included, so that a repeat costs neither an upstream call nor a write. It caches
 //!   successes only; an offline plan comes from a failure, outside it, and is never cached.
-//! * Retry outside the breaker: a retry sleeps holding nothing, and an open breaker stops the
-//!   retries at once. The timeout bounds the whole, retries included.
+//! * The breaker outside the timeout and the retry layer — where the README's general advice
+//!   puts it inside the retry layer: open, it must answer at once so that the offline plan is
+//!   served at once, not after the retry layer's shared cool-down (see `stack.rs`). The timeout
+//!   bounds a generation, retries included.
 
 mod app;
 mod config;

@@ -1,16 +1,26 @@
-//! The layers around the upstream client: every attempt to call the LLM passes through them.
+//! The layers around the upstream client: every generation passes through them.
 //!
 //! ```text
-//! timeout ─ retry ─ breaker ─ client
+//! breaker ─ timeout ─ retry ─ client
 //! ```
 //!
-//! * The timeout bounds a whole generation, retries included (`PLAN_TIMEOUT_MS`).
-//! * Retry outside the breaker: a retry sleeps holding nothing, honours the upstream's
-//!   `Retry-After` up to `PLAN_MAX_RETRY_WAIT_MS` (and makes every request wait that long: the
-//!   shared cool-down), and gives up at once beyond it — the offline plan is then served.
-//! * The breaker counts every attempt, so an upstream that fails opens it after a few; open, it
-//!   refuses at once (and the offline plan is served) until its probes succeed. An upstream's
-//!   "not before T" opens it until T.
+//! This server answers an unavailable upstream with an offline plan rather than an error, and
+//! that decides the order — the breaker outside the retry layer, where the README's general
+//! advice puts it inside:
+//!
+//! * The breaker outermost: open, it refuses at once, and the offline plan is served at once.
+//!   Inside the retry layer, a request would first wait out the retry layer's shared cool-down
+//!   (up to `PLAN_MAX_RETRY_WAIT_MS`) only to meet the open breaker. It counts whole
+//!   generations: one that still fails after its retries, or runs out of time, is one failure,
+//!   and 5 in a minute, half of them failed, open it for `BREAKER_OPEN_MS`; then its probes go
+//!   through. An upstream's "not before T" beyond what the retry layer waits for opens it until
+//!   T.
+//! * The timeout bounds a generation, retries included (`PLAN_TIMEOUT_MS`), and one out of time
+//!   counts against the upstream.
+//! * Retry innermost: backoff, and the upstream's `Retry-After` honoured up to
+//!   `PLAN_MAX_RETRY_WAIT_MS` — for everybody (the shared cool-down), so that a short throttle
+//!   delays plans by a moment instead of turning them into offline ones. A longer wait is given
+//!   up at once: the offline plan.
 
 use std::time::Duration;
 
@@ -62,9 +72,9 @@ pub fn upstream(config: &PlanConfig, client: UpstreamClient) -> (Llm, UpstreamHa
         breaker: breaker.handle(),
     };
     let llm = ServiceBuilder::new()
+        .layer(breaker)
         .layer(TimeoutLayer::new(config.plan_timeout))
         .layer(retry)
-        .layer(breaker)
         .service(client)
         .map_response(|response| response.map(Body::new));
     (BoxCloneSyncService::new(llm), handles)
