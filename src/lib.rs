@@ -6,8 +6,11 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod config;
+pub mod errors;
 pub mod mock;
+pub mod serve;
 pub mod upstream;
+pub mod user;
 
 pub mod bench {
     //! The upstreams and runtimes the benchmarks share, so that every layer is measured

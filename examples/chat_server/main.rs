@@ -41,32 +41,11 @@ mod user;
 use std::net::SocketAddr;
 
 use tower_llm_queue_servers::config::{or_exit, Env};
+use tower_llm_queue_servers::serve::{serve, shutdown_signal};
 use tower_llm_queue_servers::upstream::Upstream;
 
 pub use self::app::{router, AppState};
 pub use self::config::ChatConfig;
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-}
 
 /// A chat server bound to its address, ready to serve.
 pub struct Bound {
@@ -103,32 +82,7 @@ impl Bound {
             upstream,
             ..
         } = self;
-        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!(
-                grace_s = grace.as_secs(),
-                "shutting down: letting running replies finish"
-            );
-            let _ = stopping.send(());
-        });
-        let grace_over = async move {
-            if stopped.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(grace).await;
-        };
-        let result = tokio::select! {
-            served = served => served,
-            _ = grace_over => {
-                tracing::warn!("grace period over: dropping the replies still running");
-                Ok(())
-            }
-        };
+        let result = serve(listener, app, shutdown, grace).await;
         drop(upstream);
         result
     }

@@ -1,39 +1,16 @@
 //! Who a request belongs to: the `x-user-id` header, else the OpenAI `user` field of a JSON
-//! body, else the client's address.
-
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! body, else the client's address (see `tower_llm_queue_servers::user`).
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use tower_llm_queue::key::{Key, MAX_KEY_LEN};
+use tower_llm_queue_servers::user::{self, usable};
+
+pub use tower_llm_queue_servers::user::UserId;
 
 use super::app::AppState;
 use super::errors::{format_for, ApiError};
-
-/// The user a request belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UserId(pub Arc<str>);
-
-impl From<UserId> for Key {
-    fn from(user: UserId) -> Key {
-        Key::from(user.0)
-    }
-}
-
-impl UserId {
-    /// The user as the layers' key.
-    pub fn key(&self) -> Key {
-        Key::from(self.0.clone())
-    }
-}
-
-fn usable(text: &str) -> Option<&str> {
-    let text = text.trim();
-    (!text.is_empty() && text.len() <= MAX_KEY_LEN).then_some(text)
-}
 
 /// Finds the user, and puts a [`UserId`] into the request's extensions for the layers and the
 /// handlers. Reads (and puts back) the body, up to `MAX_BODY_BYTES`, to find the `user` field.
@@ -51,17 +28,6 @@ async fn identified(app: &AppState, request: Request) -> Result<Request, ApiErro
     let bytes: Bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::too_large(limit))?;
-    let from_header = match parts.headers.get("x-user-id") {
-        None => None,
-        Some(value) => {
-            let text = value.to_str().ok().and_then(usable).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "the x-user-id header must be text of 1 to {MAX_KEY_LEN} bytes"
-                ))
-            })?;
-            Some(text.to_string())
-        }
-    };
     let from_body = || {
         serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()?
@@ -70,16 +36,7 @@ async fn identified(app: &AppState, request: Request) -> Result<Request, ApiErro
             .and_then(usable)
             .map(str::to_string)
     };
-    let from_peer = || {
-        parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|info| info.0.ip().to_string())
-    };
-    let user = from_header
-        .or_else(from_body)
-        .or_else(from_peer)
-        .unwrap_or_else(|| "anonymous".to_string());
-    parts.extensions.insert(UserId(Arc::from(user)));
+    let user = user::identify(&parts, from_body)?;
+    parts.extensions.insert(user);
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }

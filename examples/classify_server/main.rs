@@ -31,6 +31,7 @@ use tower::util::option_layer;
 use tower::ServiceBuilder;
 use tower_llm_queue::grpc::StatusLayer;
 use tower_llm_queue_servers::config::{or_exit, Env};
+use tower_llm_queue_servers::serve::shutdown_signal;
 use tower_llm_queue_servers::upstream::Upstream;
 
 pub use self::app::App;
@@ -203,28 +204,6 @@ impl Bound {
 /// The routers never fail; with the layers, or without them, the error is a `BoxError`.
 fn never(err: std::convert::Infallible) -> tower::BoxError {
     match err {}
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
 }
 
 #[tokio::main]
