@@ -46,7 +46,7 @@
 //! # let _ = server;
 //! ```
 //!
-//! [`GrpcClassifier`] is to a gRPC upstream what [`HttpClassifier`](crate::classify::HttpClassifier)
+//! [`GrpcClassifier`] is to a gRPC upstream what [`HttpClassifier`]
 //! is to an HTTP one, for retries and the breaker around a tonic client.
 
 use std::convert::Infallible;
