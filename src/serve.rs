@@ -1,9 +1,88 @@
-//! Serving an axum app until a shutdown signal, then letting the requests in progress finish
-//! for a grace period.
+//! What every server does the same way: logging, binding, serving until a shutdown signal
+//! while the requests in progress finish for a grace period, and exiting with a clear message.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use crate::upstream::Upstream;
+
+/// Logs to stderr, at the levels `RUST_LOG` gives (by default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// Ends a server's `main`: a failure is printed, naming the server, and exits with status 1.
+pub fn finish(server: &str, served: Result<(), tower::BoxError>) {
+    match served {
+        Ok(()) => tracing::info!("{server}: everything in progress finished; bye"),
+        Err(err) => {
+            eprintln!("{server}: {err}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// An HTTP server bound to its address, with its state and the upstream it runs against,
+/// ready to serve.
+#[derive(Debug)]
+pub struct Bound<S> {
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    state: S,
+    upstream: Upstream,
+    grace: Duration,
+}
+
+impl<S> Bound<S> {
+    /// Binds `addr` for `app`; `grace` is how long requests in progress may finish once a
+    /// shutdown begins.
+    pub async fn bind(
+        addr: SocketAddr,
+        app: axum::Router,
+        state: S,
+        upstream: Upstream,
+        grace: Duration,
+    ) -> Result<Self, tower::BoxError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+        Ok(Bound {
+            listener,
+            app,
+            state,
+            upstream,
+            grace,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Its state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, as [`serve`] does, and gives the state back, for
+    /// whatever must be closed after the last request.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (std::io::Result<()>, S) {
+        let result = serve(self.listener, self.app, shutdown, self.grace).await;
+        drop(self.upstream);
+        (result, self.state)
+    }
+}
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
 pub async fn shutdown_signal() {

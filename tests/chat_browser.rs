@@ -140,6 +140,7 @@ async fn the_page_streams_queues_and_cancels_replies() {
     served
         .expect("the chat server stops once the browser is gone")
         .expect("the chat server's task does not panic")
+        .0
         .expect("the chat server serves without error");
 }
 

@@ -701,6 +701,7 @@ async fn a_shutdown_lets_running_replies_finish() {
         .await
         .expect("stopped once the reply ended")
         .unwrap()
+        .0
         .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

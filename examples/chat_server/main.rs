@@ -38,65 +38,19 @@ mod routes;
 mod stack;
 mod user;
 
-use std::net::SocketAddr;
-
 use tower_llm_queue_servers::config::{or_exit, Env};
-use tower_llm_queue_servers::serve::{serve, shutdown_signal};
+use tower_llm_queue_servers::serve::{finish, init_tracing, shutdown_signal};
 use tower_llm_queue_servers::upstream::Upstream;
 
 pub use self::app::{router, AppState};
 pub use self::config::ChatConfig;
 
 /// A chat server bound to its address, ready to serve.
-pub struct Bound {
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    state: AppState,
-    upstream: Upstream,
-    grace: std::time::Duration,
-}
-
-impl Bound {
-    /// Where it listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-    }
-
-    /// Its state: the layers' handles and metrics.
-    pub fn state(&self) -> &AppState {
-        &self.state
-    }
-
-    /// Serves until `shutdown` resolves; then stops accepting, lets running replies finish, and
-    /// returns once they have — or once the grace period is over, dropping those left.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let Bound {
-            listener,
-            app,
-            grace,
-            upstream,
-            ..
-        } = self;
-        let result = serve(listener, app, shutdown, grace).await;
-        drop(upstream);
-        result
-    }
-}
+pub type Bound = tower_llm_queue_servers::serve::Bound<AppState>;
 
 /// Starts the upstream (the mock, unless one is configured) and binds the server's address.
 pub async fn bind(config: ChatConfig) -> Result<Bound, tower::BoxError> {
     let upstream = Upstream::start(config.upstream.clone(), config.mock.clone()).await?;
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .map_err(|err| format!("cannot listen on {}: {err}", config.addr))?;
-    let grace = config.shutdown_grace;
-    let addr = listener.local_addr()?;
-    tracing::info!("chat server on http://{addr}");
     tracing::info!("upstream: {}", upstream.describe());
     tracing::info!(
         chats = config.max_concurrent_chats,
@@ -106,34 +60,20 @@ pub async fn bind(config: ChatConfig) -> Result<Bound, tower::BoxError> {
         upstream_tpm = ?config.upstream_tpm,
         "limits"
     );
+    let (addr, grace) = (config.addr, config.shutdown_grace);
     let (app, state) = router(config, &upstream);
-    Ok(Bound {
-        listener,
-        app,
-        state,
-        upstream,
-        grace,
-    })
+    let bound = Bound::bind(addr, app, state, upstream, grace).await?;
+    tracing::info!("chat server on http://{}", bound.addr());
+    Ok(bound)
 }
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_llm_queue=info".into()),
-        )
-        .init();
+    init_tracing();
     let config = or_exit(ChatConfig::from_env(&Env::process()));
-    let served = match bind(config).await {
-        Ok(bound) => bound.serve(shutdown_signal()).await.map_err(Into::into),
-        Err(err) => Err(err),
+    let served = async {
+        let (served, _) = bind(config).await?.serve(shutdown_signal()).await;
+        Ok(served?)
     };
-    match served {
-        Ok(()) => tracing::info!("all replies finished; bye"),
-        Err(err) => {
-            eprintln!("chat server: {err}");
-            std::process::exit(1);
-        }
-    }
+    finish("chat server", served.await);
 }

@@ -31,7 +31,7 @@ use tower::util::option_layer;
 use tower::ServiceBuilder;
 use tower_llm_queue::grpc::StatusLayer;
 use tower_llm_queue_servers::config::{or_exit, Env};
-use tower_llm_queue_servers::serve::shutdown_signal;
+use tower_llm_queue_servers::serve::{finish, init_tracing, shutdown_signal};
 use tower_llm_queue_servers::upstream::Upstream;
 
 pub use self::app::App;
@@ -208,20 +208,8 @@ fn never(err: std::convert::Infallible) -> tower::BoxError {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_llm_queue=info".into()),
-        )
-        .init();
+    init_tracing();
     let config = or_exit(ClassifyConfig::from_env(&Env::process()));
-    let served = match bind(config).await {
-        Ok(bound) => bound.serve(shutdown_signal()).await,
-        Err(err) => Err(err),
-    };
-    if let Err(err) = served {
-        eprintln!("classify server: {err}");
-        std::process::exit(1);
-    }
-    tracing::info!("all requests finished; bye");
+    let served = async { bind(config).await?.serve(shutdown_signal()).await };
+    finish("classify server", served.await);
 }

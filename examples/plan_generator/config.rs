@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tower_llm_queue_servers::config::{ConfigError, Env};
-use tower_llm_queue_servers::upstream::UpstreamConfig;
+use tower_llm_queue_servers::mock::MockConfig;
+use tower_llm_queue_servers::upstream::{mock_quota, UpstreamConfig};
 
 /// Seed 001's limit: two plan generations in flight per user.
 pub const SEED_PER_USER: u64 = 2;
@@ -45,6 +46,9 @@ pub struct PlanConfig {
     pub shutdown_grace: Duration,
     /// Where the upstream is: the same variables as the chat server's.
     pub upstream: UpstreamConfig,
+    /// The in-process mock's settings, when no upstream is configured: the chat server's
+    /// modest quota, which every `MOCK_*` variable can change.
+    pub mock: MockConfig,
 }
 
 impl PlanConfig {
@@ -78,6 +82,7 @@ impl PlanConfig {
             max_body_bytes: env.positive("MAX_BODY_BYTES", 16 * 1024)?,
             shutdown_grace: env.millis("SHUTDOWN_GRACE_MS", Duration::from_secs(30))?,
             upstream: UpstreamConfig::from_env(env)?,
+            mock: mock_quota().overridden(env)?,
         })
     }
 }

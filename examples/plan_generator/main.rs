@@ -61,11 +61,9 @@ mod request;
 mod routes;
 mod stack;
 
-use std::net::SocketAddr;
-
 use tower_llm_queue_servers::config::{or_exit, Env};
-use tower_llm_queue_servers::serve::{serve, shutdown_signal};
-use tower_llm_queue_servers::upstream::{mock_quota, Upstream};
+use tower_llm_queue_servers::serve::{finish, init_tracing, shutdown_signal};
+use tower_llm_queue_servers::upstream::Upstream;
 
 pub use self::app::{router, AppState, TOO_MANY_MESSAGE};
 pub use self::config::{DatabaseUrl, PlanConfig};
@@ -75,57 +73,13 @@ pub use self::plan::Plan;
 pub use self::request::PlanRequest;
 
 /// A plan generator bound to its address, ready to serve.
-pub struct Bound {
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    state: AppState,
-    upstream: Upstream,
-    grace: std::time::Duration,
-}
-
-impl Bound {
-    /// Where it listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-    }
-
-    /// Its state: the layers' handles, the database.
-    pub fn state(&self) -> &AppState {
-        &self.state
-    }
-
-    /// Serves until `shutdown` resolves; then stops accepting, lets generations in progress
-    /// finish (for the grace period at most), and closes the database.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let Bound {
-            listener,
-            app,
-            state,
-            upstream,
-            grace,
-        } = self;
-        let result = serve(listener, app, shutdown, grace).await;
-        state.plans.close().await;
-        drop(upstream);
-        result
-    }
-}
+pub type Bound = tower_llm_queue_servers::serve::Bound<AppState>;
 
 /// Opens the database (creating its schema), starts the upstream (the mock, unless one is
 /// configured) and binds the server's address.
 pub async fn bind(config: PlanConfig) -> Result<Bound, tower::BoxError> {
     let plans = Plans::open(&config.database, config.cache_ttl).await?;
-    let upstream = Upstream::start(config.upstream.clone(), mock_quota()).await?;
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .map_err(|err| format!("cannot listen on {}: {err}", config.addr))?;
-    let addr = listener.local_addr()?;
-    tracing::info!("plan generator on http://{addr}");
+    let upstream = Upstream::start(config.upstream.clone(), config.mock.clone()).await?;
     tracing::info!("upstream: {}", upstream.describe());
     tracing::info!("database: {} at {}", plans.backend(), config.database);
     tracing::info!(
@@ -134,35 +88,21 @@ pub async fn bind(config: PlanConfig) -> Result<Bound, tower::BoxError> {
         cache_ttl_ms = config.cache_ttl.as_millis() as u64,
         "limits"
     );
-    let grace = config.shutdown_grace;
+    let (addr, grace) = (config.addr, config.shutdown_grace);
     let (app, state) = router(config, &upstream, plans);
-    Ok(Bound {
-        listener,
-        app,
-        state,
-        upstream,
-        grace,
-    })
+    let bound = Bound::bind(addr, app, state, upstream, grace).await?;
+    tracing::info!("plan generator on http://{}", bound.addr());
+    Ok(bound)
 }
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_llm_queue=info".into()),
-        )
-        .init();
+    init_tracing();
     let config = or_exit(PlanConfig::from_env(&Env::process()));
-    let served = match bind(config).await {
-        Ok(bound) => bound.serve(shutdown_signal()).await.map_err(Into::into),
-        Err(err) => Err(err),
+    let served = async {
+        let (served, state) = bind(config).await?.serve(shutdown_signal()).await;
+        state.plans.close().await;
+        Ok(served?)
     };
-    match served {
-        Ok(()) => tracing::info!("bye"),
-        Err(err) => {
-            eprintln!("plan generator: {err}");
-            std::process::exit(1);
-        }
-    }
+    finish("plan generator", served.await);
 }
