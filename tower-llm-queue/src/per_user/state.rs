@@ -231,6 +231,10 @@ impl Slot for UserSlot {
         )
     }
 
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+
     fn set_finish(&mut self, finish: Finish) {
         self.finish = finish;
     }
