@@ -21,10 +21,6 @@ use crate::waiter::Waiter;
 use super::schedule::Position;
 use super::RequestId;
 
-/// One in this many requests admitted at once reads the clock, to measure how long requests
-/// hold their slots.
-const SAMPLE_EVERY: u32 = 8;
-
 /// How a running request learns that it was cancelled through the handle.
 #[derive(Debug)]
 pub(super) enum Cancel {
@@ -110,7 +106,7 @@ impl Book {
     /// Whether a request admitted at once now is one whose service time is measured.
     pub(super) fn sample(&mut self) -> Option<Instant> {
         self.starts = self.starts.wrapping_add(1);
-        (self.starts % SAMPLE_EVERY == 0).then(Instant::now)
+        crate::service_time::sampled(self.starts)
     }
 
     /// Counts the end of a running request that was not cancelled through the handle.
