@@ -2,62 +2,20 @@
 //! `ConcurrencyLimit` in the same run.
 //!
 //! * `uncontended/*`: one request at a time through each stack; overhead = time − bare time.
+//!   `readme_upstream_stack` is the README's stack around the upstream client (retry, breaker,
+//!   queue, token bucket).
 //! * `contended/*`: 1,000 concurrent tasks through a limit of 50, on a two-thread runtime; the
-//!   inner call yields three times, as a stand-in for I/O.
+//!   inner call yields three times, as a stand-in for I/O. (Not the per-user limit over one
+//!   user: its 1,000 requests are refused beyond the 50th.)
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
+use tower::ServiceExt;
 
-use tower_llm_queue_servers::bench::{current_thread, immediate, two_threads, yielding, Boxed};
-
-fn stacks<S>(inner: S) -> Vec<(&'static str, Boxed)>
-where
-    S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    vec![
-        ("bare", Boxed::new(inner.clone())),
-        (
-            "concurrency_limit",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .concurrency_limit(50)
-                    .service(inner.clone()),
-            ),
-        ),
-        (
-            "priority_queue",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(PriorityQueueLayer::new(50).capacity(10_000))
-                    .service(inner.clone()),
-            ),
-        ),
-        (
-            "priority_queue_fair_100_users",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(
-                        PriorityQueueLayer::new(50)
-                            .capacity(10_000)
-                            .fair_by(|n: &u64| n % 100),
-                    )
-                    .service(inner.clone()),
-            ),
-        ),
-        (
-            "per_user_100_users",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(PerUserConcurrencyLayer::new(50, |n: &u64| n % 100))
-                    .service(inner),
-            ),
-        ),
-    ]
-}
+use tower_llm_queue_servers::bench::{
+    current_thread, immediate, scheduling_stacks, two_threads, upstream_stack, yielding,
+};
 
 fn uncontended(c: &mut Criterion) {
     let runtime = current_thread();
@@ -65,7 +23,9 @@ fn uncontended(c: &mut Criterion) {
     group
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    for (name, svc) in stacks(immediate()) {
+    let mut stacks = scheduling_stacks(immediate());
+    stacks.push(("readme_upstream_stack", upstream_stack(immediate())));
+    for (name, svc) in stacks {
         let mut n = 0u64;
         group.bench_function(name, |b| {
             b.to_async(&runtime).iter(|| {
@@ -86,8 +46,9 @@ fn contended(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4))
         .sample_size(20)
         .throughput(Throughput::Elements(1_000));
-    for (name, svc) in stacks(yielding(3)) {
-        if name == "bare" {
+    for (name, svc) in scheduling_stacks(yielding(3)) {
+        // One user's 1,000 requests against a per-user limit of 50 are refused, by design.
+        if name == "bare" || name == "per_user_one_user" {
             continue;
         }
         group.bench_function(name, |b| {

@@ -1,37 +1,13 @@
 //! Overhead on the success path of `RetryBackoffLayer` and `CircuitBreakerLayer`, beside a bare
 //! service and tower's own `Retry`, in the same run.
 
-use std::future::{ready, Ready};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tower::retry::Policy;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_queue::{CircuitBreakerLayer, RetryBackoffLayer};
 
-use tower_llm_queue_servers::bench::{current_thread, immediate as upstream, Boxed};
-
-/// tower's `Retry` with a policy that retries errors up to three times.
-#[derive(Clone)]
-struct Attempts(u32);
-
-impl Policy<u64, u64, BoxError> for Attempts {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _: &mut u64, result: &mut Result<u64, BoxError>) -> Option<Self::Future> {
-        match result {
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-}
+use tower_llm_queue_servers::bench::{current_thread, immediate as upstream, tower_retry, Boxed};
 
 fn success_path(c: &mut Criterion) {
     let runtime = current_thread();
@@ -41,10 +17,7 @@ fn success_path(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     let stacks: Vec<(&str, Boxed)> = vec![
         ("bare", Boxed::new(upstream())),
-        (
-            "tower_retry",
-            Boxed::new(ServiceBuilder::new().retry(Attempts(3)).service(upstream())),
-        ),
+        ("tower_retry", tower_retry(upstream())),
         (
             "retry_backoff",
             Boxed::new(

@@ -58,4 +58,138 @@ pub mod bench {
             .build()
             .expect("a tokio runtime")
     }
+
+    /// The scheduling layers beside their anchors, each around `inner` and each with a limit of
+    /// 50, by name: `bare`, tower's `concurrency_limit`, the queue without and with `fair_by`,
+    /// and the per-user limit over 100 users taking turns, over users who each arrive once
+    /// (the request's number is its user), and over one user.
+    pub fn scheduling_stacks<S>(inner: S) -> Vec<(&'static str, Boxed)>
+    where
+        S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        use tower::ServiceBuilder;
+        use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
+        vec![
+            ("bare", Boxed::new(inner.clone())),
+            (
+                "concurrency_limit",
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .concurrency_limit(50)
+                        .service(inner.clone()),
+                ),
+            ),
+            (
+                "priority_queue",
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(PriorityQueueLayer::new(50).capacity(10_000))
+                        .service(inner.clone()),
+                ),
+            ),
+            (
+                "priority_queue_fair_100_users",
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(
+                            PriorityQueueLayer::new(50)
+                                .capacity(10_000)
+                                .fair_by(|n: &u64| n % 100),
+                        )
+                        .service(inner.clone()),
+                ),
+            ),
+            (
+                "per_user_100_users",
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(PerUserConcurrencyLayer::new(50, |n: &u64| n % 100))
+                        .service(inner.clone()),
+                ),
+            ),
+            (
+                "per_user_distinct_users",
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(PerUserConcurrencyLayer::new(50, |n: &u64| *n))
+                        .service(inner.clone()),
+                ),
+            ),
+            (
+                "per_user_one_user",
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(PerUserConcurrencyLayer::new(50, |_: &u64| 0u64))
+                        .service(inner),
+                ),
+            ),
+        ]
+    }
+
+    /// tower's own `Retry`, with a policy that retries errors up to three times: the anchor of
+    /// the retry and breaker layers.
+    pub fn tower_retry<S>(inner: S) -> Boxed
+    where
+        S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        Boxed::new(
+            tower::ServiceBuilder::new()
+                .retry(Attempts(3))
+                .service(inner),
+        )
+    }
+
+    #[derive(Clone)]
+    struct Attempts(u32);
+
+    impl tower::retry::Policy<u64, u64, BoxError> for Attempts {
+        type Future = std::future::Ready<()>;
+
+        fn retry(
+            &mut self,
+            _: &mut u64,
+            result: &mut Result<u64, BoxError>,
+        ) -> Option<Self::Future> {
+            match result {
+                Err(_) if self.0 > 0 => {
+                    self.0 -= 1;
+                    Some(std::future::ready(()))
+                }
+                _ => None,
+            }
+        }
+
+        fn clone_request(&mut self, req: &u64) -> Option<u64> {
+            Some(*req)
+        }
+    }
+
+    /// The README's stack around the upstream client ("Where the layers go"): retry, circuit
+    /// breaker, queue and token bucket, with a quota far above what a benchmark can spend, so
+    /// that every decision is made and none waits.
+    pub fn upstream_stack<S>(inner: S) -> Boxed
+    where
+        S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        use std::time::Duration;
+        use tower::ServiceBuilder;
+        use tower_llm_queue::rate::Rate;
+        use tower_llm_queue::{
+            CircuitBreakerLayer, PriorityQueueLayer, RetryBackoffLayer, TokenBucketLayer,
+        };
+        Boxed::new(
+            ServiceBuilder::new()
+                .layer(RetryBackoffLayer::new(3))
+                .layer(CircuitBreakerLayer::new())
+                .layer(PriorityQueueLayer::new(5).queue_timeout(Duration::from_secs(30)))
+                .layer(
+                    TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000)
+                        .wait(Duration::from_secs(5)),
+                )
+                .service(inner),
+        )
+    }
 }

@@ -16,7 +16,7 @@ use crate::rejected::{Rejected, RejectionKind};
 use crate::waiter::Outcome;
 
 use crate::call::CallWhenReady;
-use crate::hold::Permit;
+use crate::hold::{Guard, Permit};
 use crate::waiter::Waiter;
 
 /// How a request that held a slot ended, as its slot records it.
@@ -30,9 +30,16 @@ pub(crate) enum Finish {
 
 /// A request's place in a layer's shared state: waiting, then holding a slot. Dropping it at any
 /// moment gives the place or the slot up.
-pub(crate) trait Slot: Into<Permit> {
-    /// The hand-off with the layer; `None` for a slot taken at once that cannot be cancelled.
+///
+/// Once the slot is held, [`Guard::poll_cancelled`] tells whether the request was cancelled
+/// through a handle and registers the task to be woken if it is.
+pub(crate) trait Slot: Into<Permit> + Guard {
+    /// The hand-off with the layer while the request waits; `None` for a slot taken at once.
     fn waiter(&self) -> Option<&Waiter>;
+
+    /// Whether the running request was cancelled through a handle, without registering for a
+    /// wake-up: the cheap check made before each poll of the call.
+    fn is_cancelled(&self) -> bool;
 
     /// The wait has lasted too long: leave, and say why, unless the slot was granted meanwhile.
     fn time_out(&mut self) -> Option<Rejected>;
@@ -157,12 +164,25 @@ where
             }
         }
 
-        if ticket.waiter().is_some_and(|w| w.poll_cancelled(cx)) {
+        // A cancellation is looked for before each poll of the call; the task registers to be
+        // woken by one only when the call is pending, and looks again after registering, so
+        // that a cancellation that comes meanwhile is not missed.
+        if ticket.is_cancelled() {
             this.call.set(CallWhenReady::none());
             this.ticket.take();
             return Poll::Ready(Err(cancelled()));
         }
-        let result = ready!(this.call.as_mut().poll(cx));
+        let result = match this.call.as_mut().poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                if ticket.poll_cancelled(cx) {
+                    this.call.set(CallWhenReady::none());
+                    this.ticket.take();
+                    return Poll::Ready(Err(cancelled()));
+                }
+                return Poll::Pending;
+            }
+        };
         let Some(mut ticket) = this.ticket.take() else {
             return Poll::Ready(Err(polled_after_completion()));
         };

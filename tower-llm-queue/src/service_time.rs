@@ -1,14 +1,23 @@
 //! How long requests hold their slots, smoothed, for the `retry_after` of a refusal: when is a
 //! slot likely to free?
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+#[cfg(test)]
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 /// One request in `SAMPLE_EVERY` reads the clock when it starts, to measure how long it holds
-/// its slot; the others cost no clock read.
+/// its slot; the others cost no clock read. Layers count their starts where they count anything
+/// else (per shard, under a lock they hold anyway) and ask [`sampled`].
 const SAMPLE_EVERY: u32 = 8;
+
+/// When the request that is the `count`-th start of its counter started, if it is one of the
+/// sampled.
+pub(crate) fn sampled(count: u32) -> Option<Instant> {
+    (count % SAMPLE_EVERY == 0).then(Instant::now)
+}
 
 /// The estimate while nothing has been measured.
 const UNKNOWN: Duration = Duration::from_secs(1);
@@ -18,14 +27,15 @@ const UNKNOWN: Duration = Duration::from_secs(1);
 pub(crate) struct ServiceTime {
     /// Nanoseconds; 0 while nothing has been measured.
     nanos: AtomicU64,
+    #[cfg(test)]
     starts: AtomicU32,
 }
 
 impl ServiceTime {
     /// When the request starting now started, if it is one of the sampled.
+    #[cfg(test)]
     pub(crate) fn sample(&self) -> Option<Instant> {
-        let n = self.starts.fetch_add(1, Relaxed).wrapping_add(1);
-        (n % SAMPLE_EVERY == 0).then(Instant::now)
+        sampled(self.starts.fetch_add(1, Relaxed).wrapping_add(1))
     }
 
     /// A request that started at `started` has released its slot.

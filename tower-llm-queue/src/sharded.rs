@@ -130,21 +130,6 @@ impl<V> Sharded<V> {
 }
 
 #[cfg(test)]
-impl<V> Sharded<V> {
-    /// The number of shards.
-    pub(crate) fn shard_count(&self) -> usize {
-        self.shards.len()
-    }
-
-    /// The room all shards have allocated, in entries.
-    pub(crate) fn capacity(&self) -> usize {
-        let mut total = 0;
-        self.for_each_shard(|map| total += map.capacity());
-        total
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -37,6 +37,7 @@ impl Waiter {
     }
 
     /// A waiter that already holds its slot.
+    #[cfg(test)]
     pub(crate) fn granted() -> Self {
         Waiter {
             status: AtomicU8::new(GRANTED),
@@ -84,6 +85,11 @@ impl Waiter {
         self.status
             .compare_exchange(WAITING, GONE, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// Neither granted, cancelled nor gone yet.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.status.load(Ordering::Acquire) == WAITING
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {

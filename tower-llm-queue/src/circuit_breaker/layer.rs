@@ -170,6 +170,7 @@ impl<S, C: Clone, E: Clone> Layer<S> for CircuitBreakerLayer<C, E> {
             shared: self.shared.clone(),
             classify: self.classify.clone(),
             key: self.key.clone(),
+            settings: self.shared.settings(),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The breakers of one layer, one per key, and their state machine.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 use crate::classify::Outcome;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
-use crate::sharded::Sharded;
+use crate::sharded::{lock, FastMap, Sharded};
 
 use super::{BreakerState, BreakerStats, Window};
 
@@ -161,10 +162,37 @@ struct Counters {
 #[derive(Debug)]
 pub(crate) struct Shared {
     config: RwLock<Config>,
+    /// Rises with every change of the settings, so that services know when to read them again.
+    version: AtomicU64,
     forced: AtomicU8,
+    /// The breaker of the anonymous key — the only one of a layer without `keyed_by` — apart
+    /// from the others: no hashing, no sweeping.
+    anonymous: Mutex<Option<Breaker>>,
     breakers: Sharded<Breaker>,
     next_instance: AtomicU64,
     counters: Counters,
+}
+
+/// The locked place of one key's breaker.
+enum Place<'a> {
+    Anonymous(MutexGuard<'a, Option<Breaker>>),
+    Keyed(MutexGuard<'a, FastMap<Key, Breaker>>),
+}
+
+impl Place<'_> {
+    fn get(&mut self, key: &Key) -> Option<&mut Breaker> {
+        match self {
+            Place::Anonymous(breaker) => breaker.as_mut(),
+            Place::Keyed(shard) => shard.get_mut(key),
+        }
+    }
+
+    fn get_or_insert_with(&mut self, key: &Key, new: impl FnOnce() -> Breaker) -> &mut Breaker {
+        match self {
+            Place::Anonymous(breaker) => breaker.get_or_insert_with(new),
+            Place::Keyed(shard) => shard.entry(key.clone()).or_insert_with(new),
+        }
+    }
 }
 
 /// A call let through: normal, or one of the half-open probes.
@@ -193,7 +221,9 @@ impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         Shared {
             config: RwLock::new(config),
+            version: AtomicU64::new(0),
             forced: AtomicU8::new(NOT_FORCED),
+            anonymous: Mutex::new(None),
             breakers: Sharded::new(),
             next_instance: AtomicU64::new(0),
             counters: Counters::default(),
@@ -201,26 +231,49 @@ impl Shared {
     }
 
     pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) {
-        f(&mut self.config.write().unwrap_or_else(PoisonError::into_inner));
+        let mut config = self.config.write().unwrap_or_else(PoisonError::into_inner);
+        f(&mut config);
+        self.version.fetch_add(1, Release);
     }
 
     pub(crate) fn config(&self) -> Config {
         *self.config.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn count(&self, counter: impl FnOnce(&Counters) -> &AtomicU64, n: u64) {
-        counter(&self.counters).fetch_add(n, Relaxed);
+    /// The settings and their version.
+    pub(crate) fn settings(&self) -> (Config, u64) {
+        let config = self.config.read().unwrap_or_else(PoisonError::into_inner);
+        (*config, self.version.load(Acquire))
     }
 
-    /// Lets a call through, or refuses it with `CircuitOpen`.
-    pub(crate) fn admit(&self, key: Key) -> Result<Pass, Rejected> {
+    /// The settings' version now: a service whose copy is of another version reads them again.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Acquire)
+    }
+
+    fn count(&self, counter: impl FnOnce(&Counters) -> &AtomicU64, n: u64) {
+        if n > 0 {
+            counter(&self.counters).fetch_add(n, Relaxed);
+        }
+    }
+
+    /// The locked place of `key`'s breaker; for a new key, its shard is swept first when due.
+    fn place(&self, key: &Key, sweeping: bool) -> Place<'_> {
+        match (key.is_anonymous(), sweeping) {
+            (true, _) => Place::Anonymous(lock(&self.anonymous)),
+            (false, true) => Place::Keyed(self.breakers.lock_sweeping(key, Breaker::idle)),
+            (false, false) => Place::Keyed(self.breakers.lock(key)),
+        }
+    }
+
+    /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
+    pub(crate) fn admit(&self, key: Key, config: Config) -> Result<Pass, Rejected> {
         let mut clock = Clock(None);
         let forced = self.forced.load(Relaxed);
-        let config = self.config();
-        let mut shard = self.breakers.lock_sweeping(&key, Breaker::idle);
-        let breaker = shard
-            .entry(key.clone())
-            .or_insert_with(|| Breaker::new(self.next_instance.fetch_add(1, Relaxed)));
+        let mut shard = self.place(&key, true);
+        let breaker = shard.get_or_insert_with(&key, || {
+            Breaker::new(self.next_instance.fetch_add(1, Relaxed))
+        });
         breaker.touched = true;
         let refuse = |retry_after: Option<Duration>| {
             let mut rejected = Rejected::new(RejectionKind::CircuitOpen);
@@ -302,8 +355,8 @@ impl Shared {
         };
         self.count(|c| &c.failures, u64::from(failed));
         self.count(|c| &c.slow, u64::from(slow));
-        let mut shard = self.breakers.lock(&pass.key);
-        let Some(breaker) = shard.get_mut(&pass.key) else {
+        let mut shard = self.place(&pass.key, false);
+        let Some(breaker) = shard.get(&pass.key) else {
             return;
         };
         if breaker.instance != pass.instance {
@@ -402,8 +455,8 @@ impl Shared {
             return;
         }
         pass.recorded = true;
-        let mut shard = self.breakers.lock(&pass.key);
-        let Some(breaker) = shard.get_mut(&pass.key) else {
+        let mut shard = self.place(&pass.key, false);
+        let Some(breaker) = shard.get(&pass.key) else {
             return;
         };
         if breaker.instance != pass.instance {
@@ -425,6 +478,7 @@ impl Shared {
 
     pub(crate) fn reset(&self) {
         self.forced.store(NOT_FORCED, Relaxed);
+        *lock(&self.anonymous) = None;
         self.breakers.for_each_shard(|shard| shard.clear());
         tracing::info!("circuit reset");
     }
@@ -436,7 +490,7 @@ impl Shared {
             _ => {}
         }
         let now = Instant::now();
-        let shard = self.breakers.lock(key);
+        let mut shard = self.place(key, false);
         match shard.get(key).map(|b| b.state) {
             None | Some(State::Closed) => BreakerState::Closed,
             Some(State::Open { until, .. }) if until > now => BreakerState::Open {
@@ -456,7 +510,7 @@ impl Shared {
             rejected: c.rejected.load(Relaxed),
             opened: c.opened.load(Relaxed),
             closed: c.closed.load(Relaxed),
-            keys: self.breakers.len(),
+            keys: self.breakers.len() + usize::from(lock(&self.anonymous).is_some()),
         }
     }
 }

@@ -23,8 +23,10 @@
 //! * **Ids.** Every request gets a [`RequestId`]: read it from the response future
 //!   ([`ResponseFuture::request_id`]), or, for HTTP, let [`RequestIdExtension`] take it from —
 //!   or put it into — the request's extensions, so that a handler can hand it to the client.
-//! * **Cost.** Admission and release take O(log n) in the number of waiting requests; an
-//!   uncontended request takes one lock to enter and one to leave.
+//! * **Cost.** While nobody waits, a request is admitted with one atomic operation and
+//!   registered in one of several shards of requests (by id), and never takes the queue's lock;
+//!   only a request that must wait, and a release that hands its slot to a waiter, do. Those
+//!   take O(log n) in the number of waiting requests.
 //!
 //! # Example
 //!
@@ -61,6 +63,7 @@
 mod future;
 mod layer;
 mod priority;
+mod registry;
 mod request_id;
 mod schedule;
 mod service;

@@ -1,6 +1,20 @@
 //! The state one queue shares among its layer, services, futures and handle.
+//!
+//! # Admission
+//!
+//! One atomic word holds the number of running requests, a flag that says that requests wait,
+//! and a count of the requests admitted at once. While nobody waits, a request is admitted with
+//! one compare-and-swap on that word and registered in its shard of the [`Registry`]; it ends
+//! the same way. Only a request that must wait takes the queue's lock, and so does a release
+//! that finds the flag set: it hands its slot to the next waiter under the lock, so that the
+//! running count never exceeds the concurrency and no waiter is forgotten.
+//!
+//! The flag changes only under the queue's lock, and is set only while every slot is taken; the
+//! compare-and-swap of a request admitted at once, and of a release without the lock, fails
+//! whenever the flag is set. Lock order: the queue, then a registry shard.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Context;
 use std::time::Duration;
 
@@ -11,12 +25,24 @@ use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, FastMap};
+use crate::sharded::{lock, shrink, FastMap};
 use crate::waiter::Waiter;
 
-use super::schedule::{Position, Schedule};
+use super::registry::{Book, Cancel, Entry, Phase, Registry};
+use super::schedule::Schedule;
 use super::stats::{EntryState, QueueEntry, QueueStats, RecentWaits};
 use super::RequestId;
+
+/// The admission word: running requests in the low bits, then the flag, then a count of the
+/// requests admitted at once, which wraps around.
+const RUNNING_BITS: u32 = 24;
+const RUNNING: u64 = (1 << RUNNING_BITS) - 1;
+const WAITING: u64 = 1 << RUNNING_BITS;
+const AT_ONCE: u64 = WAITING << 1;
+const AT_ONCE_MODULUS: u64 = 1 << (64 - RUNNING_BITS - 1);
+
+/// The most requests the word can count as running; a larger concurrency is this one.
+const MAX_CONCURRENCY: usize = RUNNING as usize;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -27,59 +53,44 @@ pub(crate) struct Config {
     pub(crate) oldest_every: u32,
 }
 
-impl Config {
-    fn level_index(&self, priority: u8) -> usize {
-        (priority.max(1) as usize).min(self.levels) - 1
-    }
+fn level_index(levels: usize, priority: u8) -> usize {
+    (priority.max(1) as usize).min(levels) - 1
 }
 
-#[derive(Debug)]
-enum Phase {
-    Queued {
-        position: Position,
-        since: Instant,
-    },
-    Running {
-        waited: Duration,
-        /// When it was admitted, for the service-time estimate: requests that waited read the
-        /// clock anyway; of those admitted at once, only sampled ones do.
-        started: Option<Instant>,
-    },
-}
-
-#[derive(Debug)]
-struct Entry {
-    user: Option<Key>,
-    level: usize,
-    phase: Phase,
-    waiter: Arc<Waiter>,
-}
-
+/// Counts kept under the queue's lock; the registry's shards keep the others.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Admitted after waiting.
     admitted: u64,
     rejected: u64,
     timed_out: u64,
-    cancelled: u64,
-    completed: u64,
-    failed: u64,
 }
 
+/// What only requests that wait need, under one lock.
 #[derive(Debug)]
-struct State {
+struct Queue {
     config: Config,
     schedule: Schedule,
-    entries: FastMap<RequestId, Entry>,
-    running: usize,
     counters: Counters,
     waits: RecentWaits,
-    /// How long a request holds its slot, for the `retry_after` of `QueueFull`.
-    service_time: ServiceTime,
 }
+
+/// The admission word on a cache line of its own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Word(AtomicU64);
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    state: Mutex<State>,
+    word: Word,
+    /// The concurrency the word enforces.
+    concurrency: u64,
+    /// The number of levels, readable without the lock.
+    levels: AtomicUsize,
+    queue: Mutex<Queue>,
+    registry: Registry,
+    /// How long a request holds its slot, for the `retry_after` of `QueueFull`.
+    service_time: ServiceTime,
 }
 
 /// A request's registration in the queue. Dropping it — at any moment — takes the request out of
@@ -88,7 +99,11 @@ pub(crate) struct Shared {
 pub(crate) struct Ticket {
     shared: Arc<Shared>,
     id: RequestId,
-    waiter: Arc<Waiter>,
+    /// The hand-off with the queue, for a request that waited.
+    waiter: Option<Arc<Waiter>>,
+    /// For a request admitted at once: its shard's cancellation count when it last looked at
+    /// its flag.
+    cancels_seen: AtomicU64,
     finish: Finish,
     released: bool,
 }
@@ -100,38 +115,111 @@ pub(crate) enum Enqueued {
     Waiting(Ticket, Option<Duration>),
 }
 
+fn duplicate(id: RequestId) -> Rejected {
+    Rejected::new(RejectionKind::MissingKey)
+        .with_message(format!("request id {id} is already in use"))
+}
+
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         let schedule = Schedule::new(config.levels, config.oldest_every);
         Shared {
-            state: Mutex::new(State {
+            word: Word(AtomicU64::new(0)),
+            concurrency: config.concurrency.min(MAX_CONCURRENCY) as u64,
+            levels: AtomicUsize::new(config.levels),
+            queue: Mutex::new(Queue {
                 config,
                 schedule,
-                entries: FastMap::default(),
-                running: 0,
                 counters: Counters::default(),
                 waits: RecentWaits::default(),
-                service_time: ServiceTime::default(),
             }),
+            registry: Registry::new(),
+            service_time: ServiceTime::default(),
         }
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        lock(&self.queue)
     }
 
     /// Changes the configuration; false (and nothing changed) if the number of levels cannot
     /// change because requests are queued.
     pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) -> bool {
-        let mut state = lock(&self.state);
-        let before = state.config.clone();
-        f(&mut state.config);
-        let (levels, oldest_every) = (state.config.levels, state.config.oldest_every);
-        if !state.schedule.reconfigure(levels, oldest_every) {
-            state.config = before;
+        let mut queue = self.lock_queue();
+        let before = queue.config.clone();
+        f(&mut queue.config);
+        let (levels, oldest_every) = (queue.config.levels, queue.config.oldest_every);
+        if !queue.schedule.reconfigure(levels, oldest_every) {
+            queue.config = before;
             return false;
         }
+        self.levels.store(levels, Ordering::Relaxed);
         true
     }
 
     pub(crate) fn config(&self) -> Config {
-        lock(&self.state).config.clone()
+        self.lock_queue().config.clone()
+    }
+
+    /// Takes a slot if one is free and nobody waits.
+    fn try_admit(&self) -> bool {
+        let mut word = self.word.0.load(Ordering::Relaxed);
+        while word & WAITING == 0 && word & RUNNING < self.concurrency {
+            match self.word.0.compare_exchange_weak(
+                word,
+                word.wrapping_add(1 + AT_ONCE),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => word = actual,
+            }
+        }
+        false
+    }
+
+    fn ticket(self: &Arc<Self>, id: RequestId, waiter: Option<Arc<Waiter>>) -> Ticket {
+        Ticket {
+            shared: self.clone(),
+            id,
+            waiter,
+            cancels_seen: AtomicU64::new(0),
+            finish: Finish::Dropped,
+            released: false,
+        }
+    }
+
+    /// Registers a request admitted at once.
+    fn register_running(
+        self: &Arc<Self>,
+        book: &mut Book,
+        id: RequestId,
+        user: Option<Key>,
+        level: usize,
+    ) -> Ticket {
+        tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
+        let started = book.sample();
+        book.counts.admitted += 1;
+        book.entries.insert(
+            id,
+            Entry {
+                user,
+                level,
+                phase: Phase::Running {
+                    waited: Duration::ZERO,
+                    started,
+                    cancel: Cancel::Direct {
+                        cancelled: false,
+                        waker: None,
+                    },
+                },
+            },
+        );
+        let ticket = self.ticket(id, None);
+        ticket
+            .cancels_seen
+            .store(self.registry.cancels(id), Ordering::Relaxed);
+        ticket
     }
 
     pub(crate) fn enqueue(
@@ -140,111 +228,263 @@ impl Shared {
         user: Option<Key>,
         priority: u8,
     ) -> Result<Enqueued, Rejected> {
-        let mut state = lock(&self.state);
-        let level = state.config.level_index(priority);
-        if state.entries.contains_key(&id) {
-            state.counters.rejected += 1;
-            return Err(Rejected::new(RejectionKind::MissingKey)
-                .with_message(format!("request id {id} is already in use")));
+        let level = level_index(self.levels.load(Ordering::Relaxed), priority);
+        if user.is_none() {
+            let mut book = self.registry.lock(id);
+            if book.entries.contains_key(&id) {
+                book.counts.rejected += 1;
+                return Err(duplicate(id));
+            }
+            if self.try_admit() {
+                return Ok(Enqueued::Running(
+                    self.register_running(&mut book, id, None, level),
+                ));
+            }
         }
-        if state.running < state.config.concurrency && state.schedule.len() == 0 {
-            state.schedule.admit_directly(level, user.as_ref());
-            state.running += 1;
-            state.counters.admitted += 1;
-            state.waits.record(Duration::ZERO);
-            tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
-            let started = state.service_time.sample();
-            let entry = Entry {
-                user,
-                level,
-                phase: Phase::Running {
-                    waited: Duration::ZERO,
-                    started,
-                },
-                waiter: Arc::new(Waiter::granted()),
-            };
-            let ticket = self.register(&mut state, id, entry);
-            return Ok(Enqueued::Running(ticket));
-        }
-        if state.schedule.len() >= state.config.capacity {
-            state.counters.rejected += 1;
-            let retry_after = state.estimate_wait();
-            tracing::debug!(%id, user = ?user, level = level + 1, "rejected: queue full");
-            return Err(Rejected::new(RejectionKind::QueueFull).with_retry_after(retry_after));
-        }
-        let pos = state.schedule.push(level, user.as_ref(), id);
-        tracing::debug!(%id, user = ?user, level = level + 1, waiting = state.schedule.len(), "queued");
-        let entry = Entry {
-            user,
-            level,
-            phase: Phase::Queued {
-                position: pos,
-                since: Instant::now(),
-            },
-            waiter: Arc::new(Waiter::new()),
-        };
-        let ticket = self.register(&mut state, id, entry);
-        Ok(Enqueued::Waiting(ticket, state.config.queue_timeout))
+        self.enqueue_locked(id, user, level)
     }
 
-    fn register(self: &Arc<Self>, state: &mut State, id: RequestId, entry: Entry) -> Ticket {
-        let waiter = entry.waiter.clone();
-        state.entries.insert(id, entry);
-        Ticket {
-            shared: self.clone(),
+    /// Admits or queues a request under the queue's lock.
+    fn enqueue_locked(
+        self: &Arc<Self>,
+        id: RequestId,
+        user: Option<Key>,
+        level: usize,
+    ) -> Result<Enqueued, Rejected> {
+        let mut queue = self.lock_queue();
+        let mut book = self.registry.lock(id);
+        if book.entries.contains_key(&id) {
+            book.counts.rejected += 1;
+            return Err(duplicate(id));
+        }
+        let mut word = self.word.0.load(Ordering::Relaxed);
+        loop {
+            if word & WAITING == 0 && word & RUNNING < self.concurrency {
+                match self.word.0.compare_exchange_weak(
+                    word,
+                    word.wrapping_add(1 + AT_ONCE),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        queue.schedule.admit_directly(level, user.as_ref());
+                        drop(queue);
+                        let ticket = self.register_running(&mut book, id, user, level);
+                        return Ok(Enqueued::Running(ticket));
+                    }
+                    Err(actual) => {
+                        word = actual;
+                        continue;
+                    }
+                }
+            }
+            if queue.schedule.len() >= queue.config.capacity {
+                drop(book);
+                queue.counters.rejected += 1;
+                let retry_after = self.service_time.next_free((word & RUNNING) as usize);
+                tracing::debug!(%id, user = ?user, level = level + 1, "rejected: queue full");
+                return Err(Rejected::new(RejectionKind::QueueFull).with_retry_after(retry_after));
+            }
+            if word & WAITING != 0 {
+                break;
+            }
+            match self.word.0.compare_exchange_weak(
+                word,
+                word | WAITING,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(actual) => word = actual,
+            }
+        }
+        let position = queue.schedule.push(level, user.as_ref(), id);
+        tracing::debug!(%id, user = ?user, level = level + 1, waiting = queue.schedule.len(), "queued");
+        let waiter = Arc::new(Waiter::new());
+        book.entries.insert(
             id,
-            waiter,
-            finish: Finish::Dropped,
-            released: false,
+            Entry {
+                user,
+                level,
+                phase: Phase::Queued {
+                    position,
+                    since: Instant::now(),
+                    waiter: waiter.clone(),
+                },
+            },
+        );
+        drop(book);
+        let timeout = queue.config.queue_timeout;
+        drop(queue);
+        Ok(Enqueued::Waiting(self.ticket(id, Some(waiter)), timeout))
+    }
+
+    /// Gives a slot back: to the next waiter if there is one, otherwise to the pool.
+    fn release(&self) {
+        let mut word = self.word.0.load(Ordering::Relaxed);
+        while word & WAITING == 0 {
+            match self.word.0.compare_exchange_weak(
+                word,
+                word - 1,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
+        }
+        let mut queue = self.lock_queue();
+        self.release_locked(&mut queue);
+    }
+
+    /// [`Shared::release`] under the queue's lock: hands the slot to the next waiter, and
+    /// clears the flag once nobody waits.
+    fn release_locked(&self, queue: &mut Queue) {
+        let now = Instant::now();
+        let mut handed = false;
+        while let Some(id) = queue.schedule.pop() {
+            if let Some(waited) = self.grant(id, now) {
+                let at_once = self.word.0.load(Ordering::Relaxed) >> (RUNNING_BITS + 1);
+                queue.counters.admitted += 1;
+                queue.waits.admitted_at_once(at_once, AT_ONCE_MODULUS);
+                queue.waits.record(waited);
+                handed = true;
+                break;
+            }
+        }
+        let empty = queue.schedule.len() == 0;
+        if handed && !empty {
+            return;
+        }
+        let mut word = self.word.0.load(Ordering::Relaxed);
+        loop {
+            let mut new = word;
+            if !handed {
+                new -= 1;
+            }
+            if empty {
+                new &= !WAITING;
+            }
+            match self
+                .word
+                .0
+                .compare_exchange_weak(word, new, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// Gives the slot to waiting request `id`; how long it waited, or `None` if it had gone.
+    fn grant(&self, id: RequestId, now: Instant) -> Option<Duration> {
+        let mut book = self.registry.lock(id);
+        let entry = book.entries.get_mut(&id)?;
+        let Phase::Queued { since, waiter, .. } = &entry.phase else {
+            return None;
+        };
+        if !waiter.grant() {
+            return None;
+        }
+        let waited = now.saturating_duration_since(*since);
+        tracing::debug!(%id, user = ?entry.user, level = entry.level + 1, waited_ms = waited.as_millis() as u64, "admitted");
+        let waiter = waiter.clone();
+        entry.phase = Phase::Running {
+            waited,
+            started: Some(now),
+            cancel: Cancel::Waiter(waiter),
+        };
+        Some(waited)
+    }
+
+    /// Clears the flag if the last waiter has gone.
+    fn left(&self, queue: &Queue) {
+        if queue.schedule.len() == 0 {
+            self.word.0.fetch_and(!WAITING, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a waiting request out of the queue (it left, timed out or was cancelled).
+    fn remove_waiting(&self, queue: &mut Queue, book: &mut Book, id: RequestId) {
+        let Some(entry) = book.entries.remove(&id) else {
+            return;
+        };
+        shrink(&mut book.entries);
+        if let Phase::Queued { position, .. } = entry.phase {
+            queue.schedule.remove(position, entry.user.as_ref());
+            self.left(queue);
         }
     }
 
     /// Cancels a queued or running request — with `owner`, only one of that user. False if no
     /// such request is in the queue.
     pub(crate) fn cancel(&self, id: RequestId, owner: Option<&Key>) -> bool {
-        let mut state = lock(&self.state);
-        let Some(entry) = state.entries.get(&id) else {
+        let mut queue = self.lock_queue();
+        let mut book = self.registry.lock(id);
+        let Some(entry) = book.entries.get(&id) else {
             return false;
         };
         if owner.is_some_and(|owner| entry.user.as_ref() != Some(owner)) {
             return false;
         }
-        if !entry.waiter.cancel() {
-            return false;
-        }
-        tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
-        let queued = match entry.phase {
-            Phase::Queued { position, .. } => Some(position),
-            Phase::Running { .. } => None,
-        };
-        state.counters.cancelled += 1;
-        if let Some(pos) = queued {
-            if let Some(entry) = state.entries.remove(&id) {
-                state.schedule.remove(pos, entry.user.as_ref());
+        match &entry.phase {
+            Phase::Queued { waiter, .. } => {
+                if !waiter.cancel() {
+                    return false;
+                }
+                tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
+                book.counts.cancelled += 1;
+                self.remove_waiting(&mut queue, &mut book, id);
+            }
+            Phase::Running {
+                cancel: Cancel::Waiter(waiter),
+                ..
+            } => {
+                if !waiter.cancel() {
+                    return false;
+                }
+                tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
+                book.counts.cancelled += 1;
+            }
+            Phase::Running { .. } => {
+                drop(queue);
+                tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
+                let Some(waker) = self.registry.cancel_direct(id, &mut book) else {
+                    return false;
+                };
+                drop(book);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
             }
         }
         true
     }
 
     pub(crate) fn stats(&self) -> QueueStats {
-        let state = lock(&self.state);
-        let (p50, p95, p99) = state.waits.percentiles();
-        let c = &state.counters;
+        let counts = self.registry.counts();
+        let mut queue = self.lock_queue();
+        let word = self.word.0.load(Ordering::Relaxed);
+        queue
+            .waits
+            .admitted_at_once(word >> (RUNNING_BITS + 1), AT_ONCE_MODULUS);
+        let (p50, p95, p99) = queue.waits.percentiles();
+        let c = &queue.counters;
         QueueStats {
-            concurrency: state.config.concurrency,
-            capacity: state.config.capacity,
-            running: state.running,
-            waiting: state.schedule.len(),
-            waiting_per_level: (0..state.schedule.levels())
-                .map(|l| state.schedule.len_at(l))
+            concurrency: queue.config.concurrency,
+            capacity: queue.config.capacity,
+            running: (word & RUNNING) as usize,
+            waiting: queue.schedule.len(),
+            waiting_per_level: (0..queue.schedule.levels())
+                .map(|l| queue.schedule.len_at(l))
                 .collect(),
-            users: state.schedule.flow_count(),
-            admitted: c.admitted,
-            rejected: c.rejected,
+            users: queue.schedule.flow_count(),
+            admitted: c.admitted + counts.admitted,
+            rejected: c.rejected + counts.rejected,
             timed_out: c.timed_out,
-            cancelled: c.cancelled,
-            completed: c.completed,
-            failed: c.failed,
+            cancelled: counts.cancelled,
+            completed: counts.completed,
+            failed: counts.failed,
             wait_p50: p50,
             wait_p95: p95,
             wait_p99: p99,
@@ -253,88 +493,71 @@ impl Shared {
 
     /// The place of a waiting request in the queue (0: admitted next).
     pub(crate) fn position(&self, id: RequestId) -> Option<usize> {
-        let state = lock(&self.state);
-        match state.entries.get(&id)?.phase {
-            Phase::Queued { position, .. } => Some(state.schedule.rank(position)),
+        let queue = self.lock_queue();
+        let book = self.registry.lock(id);
+        match book.entries.get(&id)?.phase {
+            Phase::Queued { position, .. } => Some(queue.schedule.rank(position)),
             Phase::Running { .. } => None,
         }
     }
 
     pub(crate) fn entries(&self) -> Vec<QueueEntry> {
         let now = Instant::now();
-        let state = lock(&self.state);
-        let places: FastMap<RequestId, usize> = state
+        let queue = self.lock_queue();
+        let places: FastMap<RequestId, usize> = queue
             .schedule
             .order()
             .enumerate()
             .map(|(place, id)| (id, place))
             .collect();
-        let mut entries: Vec<QueueEntry> = state
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.waiter.is_cancelled())
-            .map(|(id, e)| {
-                let (state, waited) = match e.phase {
-                    Phase::Queued { since, .. } => {
-                        (EntryState::Queued, now.saturating_duration_since(since))
-                    }
-                    Phase::Running { waited, .. } => (EntryState::Running, waited),
-                };
-                QueueEntry {
-                    id: *id,
-                    user: e.user.clone(),
-                    level: e.level as u8 + 1,
-                    state,
-                    waited,
-                    position: places.get(id).copied(),
-                }
-            })
-            .collect();
+        let mut entries = Vec::new();
+        self.registry.for_each(|book| {
+            entries.extend(
+                book.entries
+                    .iter()
+                    .filter(|(_, e)| !e.is_cancelled())
+                    .map(|(id, e)| {
+                        let (state, waited) = match e.phase {
+                            Phase::Queued { since, .. } => {
+                                (EntryState::Queued, now.saturating_duration_since(since))
+                            }
+                            Phase::Running { waited, .. } => (EntryState::Running, waited),
+                        };
+                        QueueEntry {
+                            id: *id,
+                            user: e.user.clone(),
+                            level: e.level as u8 + 1,
+                            state,
+                            waited,
+                            position: places.get(id).copied(),
+                        }
+                    }),
+            )
+        });
+        drop(queue);
         entries.sort_by_key(|e| e.id);
         entries
     }
 }
 
-impl State {
-    /// Admits waiting requests while slots are free.
-    fn dispatch(&mut self) {
-        let now = Instant::now();
-        while self.running < self.config.concurrency {
-            let Some(id) = self.schedule.pop() else { break };
-            let Some(entry) = self.entries.get_mut(&id) else {
-                continue;
-            };
-            if !entry.waiter.grant() {
-                let user = entry.user.clone();
-                let level = entry.level;
-                self.entries.remove(&id);
-                self.schedule.finish(level, user.as_ref());
-                continue;
-            }
-            let waited = match entry.phase {
-                Phase::Queued { since, .. } => now.saturating_duration_since(since),
-                Phase::Running { waited, .. } => waited,
-            };
-            entry.phase = Phase::Running {
-                waited,
-                started: Some(now),
-            };
-            tracing::debug!(%id, user = ?entry.user, level = entry.level + 1, waited_ms = waited.as_millis() as u64, "admitted");
-            self.running += 1;
-            self.counters.admitted += 1;
-            self.waits.record(waited);
-        }
-    }
-
-    /// When a waiting place is likely to free: the next time one of the running requests ends.
-    fn estimate_wait(&self) -> Duration {
-        self.service_time.next_free(self.running)
-    }
-}
-
 impl Slot for Ticket {
     fn waiter(&self) -> Option<&Waiter> {
-        Some(&self.waiter)
+        self.waiter.as_deref()
+    }
+
+    fn is_cancelled(&self) -> bool {
+        match &self.waiter {
+            Some(waiter) => waiter.is_cancelled(),
+            None => {
+                let registry = &self.shared.registry;
+                let cancels = registry.cancels(self.id);
+                if cancels == self.cancels_seen.load(Ordering::Relaxed) {
+                    return false;
+                }
+                self.cancels_seen.store(cancels, Ordering::Relaxed);
+                registry.direct_cancelled(self.id, None)
+            }
+        }
     }
 
     fn set_finish(&mut self, finish: Finish) {
@@ -343,18 +566,14 @@ impl Slot for Ticket {
 
     /// Takes the request out of the queue, unless it was admitted (or cancelled) meanwhile.
     fn time_out(&mut self) -> Option<Rejected> {
-        let mut state = lock(&self.shared.state);
-        let entry = state.entries.get(&self.id)?;
-        let Phase::Queued { position: pos, .. } = entry.phase else {
-            return None;
-        };
-        if !entry.waiter.leave() {
+        let waiter = self.waiter.as_ref()?;
+        let mut queue = self.shared.lock_queue();
+        let mut book = self.shared.registry.lock(self.id);
+        if !waiter.leave() {
             return None;
         }
-        if let Some(entry) = state.entries.remove(&self.id) {
-            state.schedule.remove(pos, entry.user.as_ref());
-        }
-        state.counters.timed_out += 1;
+        self.shared.remove_waiting(&mut queue, &mut book, self.id);
+        queue.counters.timed_out += 1;
         tracing::debug!(id = %self.id, "rejected: queue timeout");
         self.released = true;
         Some(Rejected::new(RejectionKind::QueueTimeout))
@@ -366,43 +585,43 @@ impl Drop for Ticket {
         if self.released {
             return;
         }
-        let panicking = std::thread::panicking();
-        let mut state = lock(&self.shared.state);
-        let Some(entry) = state.entries.remove(&self.id) else {
-            return;
-        };
-        let cancelled_by_handle = entry.waiter.is_cancelled();
-        match entry.phase {
-            Phase::Queued { position: pos, .. } => {
-                entry.waiter.leave();
-                state.schedule.remove(pos, entry.user.as_ref());
-                if !cancelled_by_handle {
-                    state.counters.cancelled += 1;
-                }
-            }
-            Phase::Running { started, .. } => {
-                state.running -= 1;
-                state.schedule.finish(entry.level, entry.user.as_ref());
-                if let Some(started) = started {
-                    state.service_time.observe(started);
-                }
-                if !cancelled_by_handle {
-                    let c = &mut state.counters;
-                    match (panicking, self.finish) {
-                        (true, _) | (false, Finish::Failed) => c.failed += 1,
-                        (false, Finish::Completed) => c.completed += 1,
-                        (false, Finish::Dropped) => c.cancelled += 1,
-                    }
-                }
-                state.dispatch();
+        let shared = &self.shared;
+        if let Some(waiter) = self.waiter.as_ref().filter(|w| w.is_waiting()) {
+            let mut queue = shared.lock_queue();
+            let mut book = shared.registry.lock(self.id);
+            if waiter.leave() {
+                book.counts.cancelled += 1;
+                shared.remove_waiting(&mut queue, &mut book, self.id);
+                return;
             }
         }
+        let panicking = std::thread::panicking();
+        let Some(ended) = shared.registry.end(self.id, self.finish, panicking) else {
+            return;
+        };
+        if let Some(started) = ended.started {
+            shared.service_time.observe(started);
+        }
+        if ended.user.is_some() {
+            let mut queue = shared.lock_queue();
+            queue.schedule.finish(ended.level, ended.user.as_ref());
+            let word = shared.word.0.load(Ordering::Relaxed);
+            if word & WAITING != 0 {
+                shared.release_locked(&mut queue);
+                return;
+            }
+            drop(queue);
+        }
+        shared.release();
     }
 }
 
 impl Guard for Ticket {
     fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
-        self.waiter.poll_cancelled(cx)
+        match &self.waiter {
+            Some(waiter) => waiter.poll_cancelled(cx),
+            None => self.shared.registry.direct_cancelled(self.id, Some(cx)),
+        }
     }
 }
 

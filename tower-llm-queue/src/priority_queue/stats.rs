@@ -1,3 +1,4 @@
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -84,29 +85,60 @@ pub struct QueueEntry {
 const RECENT: usize = 1024;
 
 /// The most recent admission waits, for percentiles.
+///
+/// Requests admitted at once waited zero, and are not recorded one by one: the queue only
+/// counts them (see [`RecentWaits::admitted_at_once`]). A recorded wait keeps the number of
+/// such zeros that came just before it, so that the window is still the last 1,024 admissions
+/// in the order they happened.
 #[derive(Debug, Default)]
 pub(crate) struct RecentWaits {
-    samples: Vec<Duration>,
-    next: usize,
+    /// Recorded waits, oldest first, each with the number of zero waits just before it.
+    samples: VecDeque<(Duration, u64)>,
+    /// Zero waits since the last recorded wait.
+    zeros: u64,
+    /// The queue's count of requests admitted at once, as last seen.
+    at_once_seen: u64,
 }
 
 impl RecentWaits {
     pub(crate) fn record(&mut self, wait: Duration) {
-        if self.samples.len() < RECENT {
-            self.samples.push(wait);
-        } else {
-            self.samples[self.next] = wait;
+        if self.samples.len() == RECENT {
+            self.samples.pop_front();
         }
-        self.next = (self.next + 1) % RECENT;
+        self.samples
+            .push_back((wait, std::mem::take(&mut self.zeros)));
+    }
+
+    /// Catches up with the queue's count of requests admitted at once: a count that wraps
+    /// around at `modulus` (a power of two), read from the queue's admission word.
+    pub(crate) fn admitted_at_once(&mut self, count: u64, modulus: u64) {
+        let new = count.wrapping_sub(self.at_once_seen) & (modulus - 1);
+        self.at_once_seen = count;
+        self.zeros = self.zeros.saturating_add(new);
     }
 
     pub(crate) fn percentiles(&self) -> (Duration, Duration, Duration) {
-        if self.samples.is_empty() {
+        let zero = |n: u64| usize::try_from(n).unwrap_or(RECENT).min(RECENT);
+        let mut zeros = zero(self.zeros);
+        let mut waits = Vec::new();
+        for &(wait, before) in self.samples.iter().rev() {
+            if zeros + waits.len() >= RECENT {
+                break;
+            }
+            waits.push(wait);
+            zeros += zero(before).min(RECENT - zeros - waits.len());
+        }
+        if zeros + waits.len() == 0 {
             return (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         }
-        let mut sorted = self.samples.clone();
-        sorted.sort_unstable();
-        let at = |p: usize| sorted[((sorted.len() - 1) * p + 50) / 100];
+        waits.sort_unstable();
+        let len = zeros + waits.len();
+        let at = |p: usize| {
+            let place = ((len - 1) * p + 50) / 100;
+            place
+                .checked_sub(zeros)
+                .map_or(Duration::ZERO, |i| waits[i])
+        };
         (at(50), at(95), at(99))
     }
 }
@@ -131,5 +163,33 @@ mod tests {
         }
         let ms7 = Duration::from_millis(7);
         assert_eq!(w.percentiles(), (ms7, ms7, ms7));
+    }
+
+    #[test]
+    fn requests_admitted_at_once_count_as_zero_waits_in_order() {
+        let mut w = RecentWaits::default();
+        for _ in 0..RECENT {
+            w.record(Duration::from_millis(9));
+        }
+        // 600 admitted at once, then 100 that waited 1 ms: 324 waits of 9 ms remain in the
+        // window of 1,024.
+        w.admitted_at_once(600, 1 << 20);
+        for _ in 0..100 {
+            w.record(Duration::from_millis(1));
+        }
+        let (p50, p95, p99) = w.percentiles();
+        assert_eq!(p50, Duration::ZERO);
+        assert_eq!(
+            (p95, p99),
+            (Duration::from_millis(9), Duration::from_millis(9))
+        );
+        // The count wraps around.
+        w.admitted_at_once(5, 1 << 20);
+        w.admitted_at_once(1 << 20, 1 << 20);
+        w.admitted_at_once(1_000, 1 << 20);
+        assert_eq!(
+            w.percentiles(),
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO)
+        );
     }
 }

@@ -100,8 +100,16 @@ impl BudgetLedger {
         &mut self.seconds[len - 1]
     }
 
+    #[cfg(test)]
     pub(super) fn first_attempt(&mut self, now: Instant) {
-        self.current(now).firsts += 1;
+        self.first_attempts(now, 1);
+    }
+
+    /// Takes in `n` first attempts made at `now`.
+    pub(super) fn first_attempts(&mut self, now: Instant, n: u64) {
+        if n > 0 {
+            self.current(now).firsts += n;
+        }
     }
 
     /// Takes one retry from the budget; false when it is spent.

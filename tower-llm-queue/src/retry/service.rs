@@ -9,6 +9,7 @@ use crate::classify::{Classify, Outcome};
 use crate::rejected::Rejected;
 
 use super::state::{Ending, Shared};
+use super::Config;
 use super::ResponseFuture;
 use super::RetryHandle;
 
@@ -19,6 +20,8 @@ pub struct RetryBackoff<S, C> {
     pub(super) inner: S,
     pub(super) shared: Arc<Shared>,
     pub(super) classify: C,
+    /// The layer's settings as last read, and their version.
+    pub(super) settings: (Config, u64),
 }
 
 impl<S, C> RetryBackoff<S, C> {
@@ -48,10 +51,14 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
+        if self.shared.version() != self.settings.1 {
+            self.settings = self.shared.settings();
+        }
         ResponseFuture::new(attempts(
             self.inner.clone(),
             request,
             self.shared.clone(),
+            self.settings.0,
             self.classify.clone(),
         ))
     }
@@ -61,6 +68,7 @@ async fn attempts<S, C, Req>(
     template: S,
     request: Req,
     shared: Arc<Shared>,
+    config: Config,
     classify: C,
 ) -> Result<S::Response, tower::BoxError>
 where
@@ -69,7 +77,7 @@ where
     C: Classify<S::Response>,
     Req: Clone,
 {
-    let config = shared.first_attempt();
+    shared.first_attempt();
     let mut inner = template.clone();
     let mut retries = 0u32;
     let mut previous = config.backoff.initial();
@@ -77,7 +85,9 @@ where
         if config.cooldown {
             if let Some(until) = shared.cooldown() {
                 shared.waited_for_cooldown();
-                tokio::time::sleep_until(until).await;
+                // Boxed, as the backoff's sleep below: a timer is large, and held in the state
+                // of every call, most of which never wait.
+                Box::pin(tokio::time::sleep_until(until)).await;
             }
         }
         let ready: Result<(), tower::BoxError> = std::future::poll_fn(|cx| inner.poll_ready(cx))
@@ -137,7 +147,7 @@ where
             delay_ms = delay.as_millis() as u64,
             "retry: attempt failed; trying again"
         );
-        tokio::time::sleep(delay).await;
+        Box::pin(tokio::time::sleep(delay)).await;
     }
 }
 

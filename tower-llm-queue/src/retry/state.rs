@@ -1,5 +1,6 @@
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,19 +21,41 @@ struct Counters {
     cooled_down: AtomicU64,
 }
 
-/// The settings and the budget's ledger, read together under one lock when a call starts.
+/// The budget's ledger takes in the first attempts counted since it last looked every this many
+/// calls, and before every retry: a first attempt costs no lock and no clock read.
+const FIRSTS_EVERY: u64 = 16;
+
+/// The settings and the budget's ledger, under one lock.
 #[derive(Debug)]
 struct Book {
     config: Config,
     ledger: BudgetLedger,
+    /// First attempts the ledger has taken in.
+    firsts_seen: u64,
+}
+
+impl Book {
+    /// Takes in the first attempts counted since the last look, as made now.
+    fn catch_up(&mut self, calls: u64, now: Instant) {
+        let new = calls.saturating_sub(self.firsts_seen);
+        self.firsts_seen = self.firsts_seen.max(calls);
+        self.ledger.first_attempts(now, new);
+    }
 }
 
 /// What every service of one retry layer shares: the settings, the budget, the cool-down and the
 /// counters.
+///
+/// A call that succeeds at once touches two counters and reads one word for the cool-down (and,
+/// in its service, one for the settings' version); the locks are for retries and settings.
 #[derive(Debug)]
 pub(crate) struct Shared {
     book: Mutex<Book>,
-    cooldown_until: Mutex<Option<Instant>>,
+    /// Rises with every change of the settings, so that services know when to read them again.
+    version: AtomicU64,
+    /// The end of the cool-down, in nanoseconds after `cooldown_base` (plus one); 0 for none.
+    cooldown_until: AtomicU64,
+    cooldown_base: OnceLock<Instant>,
     counters: Counters,
 }
 
@@ -52,8 +75,11 @@ impl Shared {
             book: Mutex::new(Book {
                 config,
                 ledger: BudgetLedger::new(RetryBudget::default()),
+                firsts_seen: 0,
             }),
-            cooldown_until: Mutex::new(None),
+            version: AtomicU64::new(0),
+            cooldown_until: AtomicU64::new(0),
+            cooldown_base: OnceLock::new(),
             counters: Counters::default(),
         }
     }
@@ -63,23 +89,40 @@ impl Shared {
     }
 
     pub(super) fn configure(&self, f: impl FnOnce(&mut Config)) {
-        f(&mut lock(&self.book).config);
+        let mut book = lock(&self.book);
+        f(&mut book.config);
+        self.version.fetch_add(1, Release);
     }
 
     pub(super) fn config(&self) -> Config {
         lock(&self.book).config
     }
 
-    /// Counts a call's first attempt, and gives the settings it runs with.
-    pub(super) fn first_attempt(&self) -> Config {
-        self.counters.calls.fetch_add(1, Relaxed);
-        let mut book = lock(&self.book);
-        book.ledger.first_attempt(Instant::now());
-        book.config
+    /// The settings and their version.
+    pub(super) fn settings(&self) -> (Config, u64) {
+        let book = lock(&self.book);
+        (book.config, self.version.load(Acquire))
+    }
+
+    /// The settings' version now: a service whose copy is of another version reads them again.
+    pub(super) fn version(&self) -> u64 {
+        self.version.load(Acquire)
+    }
+
+    /// Counts a call's first attempt.
+    pub(super) fn first_attempt(&self) {
+        let calls = self.counters.calls.fetch_add(1, Relaxed) + 1;
+        if calls % FIRSTS_EVERY == 0 {
+            lock(&self.book).catch_up(calls, Instant::now());
+        }
     }
 
     pub(super) fn try_retry(&self) -> bool {
-        let granted = lock(&self.book).ledger.try_retry(Instant::now());
+        let now = Instant::now();
+        let mut book = lock(&self.book);
+        book.catch_up(self.counters.calls.load(Relaxed), now);
+        let granted = book.ledger.try_retry(now);
+        drop(book);
         if granted {
             self.counters.retries.fetch_add(1, Relaxed);
         }
@@ -100,10 +143,14 @@ impl Shared {
     /// The upstream asked not to be called before `delay` from now: every request through the
     /// layer waits until then.
     pub(super) fn cool_down(&self, delay: Duration) {
-        let until = crate::clock::later(Instant::now(), delay);
-        let mut current = lock(&self.cooldown_until);
-        if current.is_none_or(|c| c < until) {
-            *current = Some(until);
+        let now = Instant::now();
+        let base = *self.cooldown_base.get_or_init(|| now);
+        let until = crate::clock::later(now, delay);
+        let nanos = u64::try_from(until.saturating_duration_since(base).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        let before = self.cooldown_until.fetch_max(nanos, Relaxed);
+        if before < nanos {
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "retry: upstream cool-down"
@@ -113,15 +160,19 @@ impl Shared {
 
     /// When the cool-down ends, if one is in force.
     pub(super) fn cooldown(&self) -> Option<Instant> {
-        let mut current = lock(&self.cooldown_until);
-        match *current {
-            Some(until) if until > Instant::now() => Some(until),
-            Some(_) => {
-                *current = None;
-                None
-            }
-            None => None,
+        let nanos = self.cooldown_until.load(Relaxed);
+        if nanos == 0 {
+            return None;
         }
+        let base = *self.cooldown_base.get()?;
+        let until = base + Duration::from_nanos(nanos - 1);
+        if until > Instant::now() {
+            return Some(until);
+        }
+        let _ = self
+            .cooldown_until
+            .compare_exchange(nanos, 0, Relaxed, Relaxed);
+        None
     }
 
     pub(super) fn waited_for_cooldown(&self) {

@@ -1,0 +1,77 @@
+//! Runs a number of requests, one at a time, through one stack: the driver for counting
+//! instructions per request with callgrind, which, unlike wall-clock time, does not depend on
+//! what else the machine is doing.
+//!
+//! ```text
+//! cargo bench --bench instructions --no-run
+//! valgrind --tool=callgrind target/release/deps/instructions-* priority_queue 20000
+//! ```
+//!
+//! Run each stack twice with different counts: the difference of the two totals divided by the
+//! difference of the counts is the cost of one request, start-up excluded. Without arguments it
+//! runs every stack briefly and prints the names.
+
+use tower::ServiceExt;
+
+use tower_llm_queue_servers::bench::{
+    current_thread, immediate, scheduling_stacks, tower_retry, upstream_stack, yielding, Boxed,
+};
+
+fn stacks() -> Vec<(&'static str, Boxed)> {
+    use tower::ServiceBuilder;
+    use tower_llm_queue::{CircuitBreakerLayer, DedupLayer, RetryBackoffLayer};
+    let mut stacks = scheduling_stacks(immediate());
+    stacks.extend([
+        ("tower_retry", tower_retry(immediate())),
+        (
+            "retry_backoff",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(RetryBackoffLayer::new(3))
+                    .service(immediate()),
+            ),
+        ),
+        (
+            "circuit_breaker",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(CircuitBreakerLayer::new())
+                    .service(immediate()),
+            ),
+        ),
+        ("readme_upstream_stack", upstream_stack(immediate())),
+        ("yielding_bare", Boxed::new(yielding(1))),
+        (
+            "dedup_miss",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(DedupLayer::new(|n: &u64| Some(*n)))
+                    .service(yielding(1)),
+            ),
+        ),
+    ]);
+    stacks
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let only = args.first().cloned();
+    let count: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1_000);
+    let runtime = current_thread();
+    for (name, svc) in stacks() {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
+        runtime.block_on(async {
+            for n in 0..count {
+                svc.clone().oneshot(n).await.unwrap();
+            }
+        });
+        if only.is_none() {
+            println!("{name}");
+        }
+    }
+}
