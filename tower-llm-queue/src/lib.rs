@@ -89,6 +89,8 @@ mod rejected;
 pub mod retry;
 mod service_time;
 mod sharded;
+#[cfg(feature = "redis")]
+pub mod store;
 mod waiter;
 
 pub use boxed::BoxedFuture;

@@ -80,7 +80,7 @@ use crate::key::{ExtractKey, Key};
 pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
 pub use self::reconcile::{Meter, MeterBody, Metered, NoReconcile, Reconcile, Settle};
 #[cfg(feature = "redis")]
-pub use self::redis::{OnRedisFailure, RedisStore};
+pub use crate::store::{OnRedisFailure, RedisStore};
 pub use self::service::RateLimit;
 
 use self::service::Shared;
