@@ -82,6 +82,7 @@ pub mod grpc;
 pub mod hold;
 pub mod http;
 pub mod key;
+pub mod lease;
 pub mod per_user;
 pub mod priority_queue;
 pub mod rate;

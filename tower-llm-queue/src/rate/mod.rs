@@ -79,9 +79,9 @@ use crate::key::{ExtractKey, Key};
 
 pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
 pub use self::reconcile::{Meter, MeterBody, Metered, NoReconcile, Reconcile, Settle};
+pub use self::service::RateLimit;
 #[cfg(feature = "redis")]
 pub use crate::store::{OnRedisFailure, RedisStore};
-pub use self::service::RateLimit;
 
 use self::service::Shared;
 
