@@ -63,7 +63,10 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! With the `redis` feature:
+//!
+#![cfg_attr(feature = "redis", doc = "```no_run")]
+#![cfg_attr(not(feature = "redis"), doc = "```ignore")]
 //! use std::time::Duration;
 //! use tower_llm_queue::store::RedisStore;
 //! use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
