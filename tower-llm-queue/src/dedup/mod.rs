@@ -29,7 +29,7 @@
 //!
 //! # Across processes
 //!
-//! With [`store`](DedupLayer::store) (feature `redis`), the cache is kept in Redis too, so that
+//! With `DedupLayer::store` (feature `redis`), the cache is kept in Redis too, so that
 //! a result computed by one process is served by the others until it expires; responses are
 //! stored as bytes by a [`Codec`] ([`HttpResponseCodec`] for buffered HTTP responses,
 //! [`JsonCodec`] for `serde` types). Calls in flight are still shared within one process only,

@@ -16,7 +16,7 @@ use super::{PerUserConcurrency, PerUserHandle};
 ///
 /// Every service this layer builds, and every clone of the layer, shares one set of limits.
 ///
-/// With [`store`](Self::store) (feature `redis`), the limit holds across every process that
+/// With `store` (feature `redis`), the limit holds across every process that
 /// shares the store: see [`lease`](crate::lease).
 #[derive(Clone)]
 pub struct PerUserConcurrencyLayer<E, H = ReleaseOnResponse, G = Local> {
@@ -55,7 +55,7 @@ impl<E, H, G> PerUserConcurrencyLayer<E, H, G> {
     /// is the user's own load, not the upstream's), and so is one that finds the user's waiting
     /// line full.
     ///
-    /// With a [`store`](PerUserConcurrencyLayer::store), a request of a user whose slots are
+    /// With a `store` (feature `redis`), a request of a user whose slots are
     /// taken on other processes waits up to `timeout` for one of them (and is refused with
     /// `UserLimit` then), whatever `max_waiting_per_user`; in reject mode it is refused at once.
     pub fn wait(self, max_waiting_per_user: usize, timeout: Duration) -> Self {

@@ -17,7 +17,7 @@ use super::{NewRequestId, PriorityQueue, PriorityQueueHandle};
 ///
 /// Every service this layer builds, and every clone of the layer, shares one queue.
 ///
-/// With [`store`](Self::store) (feature `redis`), the concurrency holds across every process
+/// With `store` (feature `redis`), the concurrency holds across every process
 /// that shares the store: see [`lease`](crate::lease).
 #[derive(Clone)]
 pub struct PriorityQueueLayer<
