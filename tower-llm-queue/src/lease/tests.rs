@@ -356,3 +356,42 @@ async fn a_user_over_the_limit_is_refused_or_waits() {
         .unwrap_err();
     assert_eq!(err.kind(), RejectionKind::UserLimit);
 }
+
+#[tokio::test]
+async fn a_process_that_dies_in_line_holds_the_others_back_no_longer_than_a_lease() {
+    let Some(url) = redis_url() else { return };
+    let lease_time = Duration::from_millis(400);
+    let store = store(&url, "dead-in-line").lease_time(lease_time);
+    assert_eq!(attempt(&store, "a", "1", 1, true).await[0], 1);
+    // "dead" joins the line first, then never asks again.
+    assert_eq!(attempt(&store, "dead", "2", 1, true).await[0], 0);
+    let joined = Instant::now();
+    let behind = attempt(&store, "b", "3", 1, true).await;
+    assert_eq!(behind[0], 0);
+    assert!(
+        Duration::from_micros(behind[1] as u64) <= lease_time,
+        "the hint says when the place ahead ends"
+    );
+    assert_eq!(release(&store, "1").await, 1);
+    assert_eq!(
+        attempt(&store, "b", "3", 1, true).await[0],
+        0,
+        "dead is ahead"
+    );
+    let deadline = Instant::now() + lease_time * 3;
+    loop {
+        if attempt(&store, "b", "3", 1, true).await[0] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead process's place never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waited = joined.elapsed();
+    assert!(
+        waited >= lease_time - Duration::from_millis(50),
+        "b went ahead after {waited:?}"
+    );
+}
