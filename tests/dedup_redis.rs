@@ -43,8 +43,9 @@ fn counting() -> (
     (calls, svc)
 }
 
-fn by_prompt(prompt: &String) -> Option<(u64, String)> {
-    Some((7, prompt.clone()))
+/// The key of a prompt: (user 7, the prompt).
+fn by_prompt() -> impl Fn(&String) -> Option<(u64, String)> + Clone {
+    |prompt: &String| Some((7, prompt.clone()))
 }
 
 fn exists(url: &str, key: &str) -> bool {
@@ -68,7 +69,7 @@ async fn child_asking_for_a_cached_result() {
     };
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let (calls, upstream) = counting();
-    let layer = DedupLayer::new(by_prompt)
+    let layer = DedupLayer::new(by_prompt())
         .ttl(Duration::from_secs(60))
         .store(
             RedisStore::new(&url, prefix).unwrap(),
@@ -90,7 +91,7 @@ async fn a_result_cached_by_one_process_is_served_by_another() {
     let Some(url) = redis_url() else { return };
     let prefix = fresh_prefix("dedup-process");
     let (calls, upstream) = counting();
-    let layer = DedupLayer::new(by_prompt)
+    let layer = DedupLayer::new(by_prompt())
         .ttl(Duration::from_secs(60))
         .store(
             RedisStore::new(&url, prefix.clone()).unwrap(),
@@ -180,7 +181,7 @@ async fn failures_are_not_shared_and_results_expire_with_their_ttl() {
     let ttl = Duration::from_millis(400);
     let build = || {
         let (calls, upstream) = counting();
-        let layer = DedupLayer::new(by_prompt).ttl(ttl).store(
+        let layer = DedupLayer::new(by_prompt()).ttl(ttl).store(
             RedisStore::new(&url, prefix.clone()).unwrap(),
             JsonCodec::<String>::new(),
         );
@@ -248,7 +249,7 @@ async fn with_redis_down_the_cache_in_memory_answers() {
         .unwrap()
         .timeout(timeout);
     let (calls, upstream) = counting();
-    let layer = DedupLayer::new(by_prompt)
+    let layer = DedupLayer::new(by_prompt())
         .ttl(Duration::from_secs(60))
         .store(store, JsonCodec::<String>::new());
     let handle = layer.handle();
