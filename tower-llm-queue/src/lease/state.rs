@@ -422,9 +422,10 @@ impl LeaseState {
             .run::<Vec<i64>>(script(&ACQUIRE_SCRIPT, ACQUIRE), &keys, &args)
             .await;
         match answer.as_deref() {
-            Ok([1, ..]) => {
+            Ok([1, held, ..]) => {
                 pending.armed = false;
                 self.counters.acquired.fetch_add(1, Relaxed);
+                tracing::trace!(key = %scope.name, held, "admitted: a shared slot");
                 Attempt::Granted(self.grant(scope, id, true, false))
             }
             Ok([0, hint, ..]) => {
