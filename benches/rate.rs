@@ -1,6 +1,10 @@
 //! The cost of one rate-limit decision, in memory, globally and keyed over 1,000 keys, beside
 //! `governor` in the same run. Both sides are tower services around the same bare upstream, so
 //! the figures include one service call each.
+//!
+//! Through Redis (when it can be reached at `REDIS_URL`), in one group so that the figures come
+//! from the same run: the token bucket's decisions, and the concurrency limits' acquisition and
+//! release of a leased slot, 50 tasks on one connection.
 
 use std::future::{ready, Ready};
 use std::num::NonZeroU32;
@@ -12,6 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use governor::{Quota, RateLimiter};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_queue::rate::Rate;
+use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
 use tower_llm_queue::{SlidingWindowLayer, TokenBucketLayer};
 
 use tower_llm_queue_servers::bench::{current_thread, immediate as upstream, two_threads, Boxed};
@@ -116,8 +121,9 @@ fn decisions(c: &mut Criterion) {
     group.finish();
 }
 
-/// Decisions per second through Redis: 50 concurrent tasks, one connection (a `RedisStore`
-/// multiplexes), 1,000 requests per iteration. Skipped when Redis is not reachable.
+/// Through Redis: 50 concurrent tasks, one connection (a `RedisStore` multiplexes), 1,000
+/// requests per iteration, each one rate decision — or one slot acquired and released (two
+/// scripts). Skipped when Redis is not reachable.
 fn redis_decisions(c: &mut Criterion) {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let reachable = redis::Client::open(url.as_str())
@@ -128,43 +134,83 @@ fn redis_decisions(c: &mut Criterion) {
         return;
     }
     let runtime = two_threads();
-    let mut group = c.benchmark_group("rate_redis_50_tasks");
+    let mut group = c.benchmark_group("redis_50_tasks");
     group
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
         .sample_size(10)
         .throughput(criterion::Throughput::Elements(1_000));
     let prefix = format!("tlq-bench:{}", std::process::id());
-    let store = tower_llm_queue::rate::RedisStore::new(&url, prefix).unwrap();
-    let svc = Boxed::new(
-        ServiceBuilder::new()
-            .layer(
-                TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000_000)
-                    .keyed_by(|n: &u64| n % 1_000)
-                    .store(store),
+    let store = tower_llm_queue::store::RedisStore::new(&url, prefix).unwrap();
+    let stacks = [
+        (
+            "token_bucket_keyed",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000_000)
+                            .keyed_by(|n: &u64| n % 1_000)
+                            .store(store.scope("bucket")),
+                    )
+                    .service(upstream()),
+            ),
+        ),
+        // Room for all 50: every request takes a slot at once and gives it back.
+        (
+            "queue_slot_acquire_release",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(PriorityQueueLayer::new(100).store(store.scope("queue")))
+                    .service(upstream()),
+            ),
+        ),
+        (
+            "per_user_slot_acquire_release_1000_users",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        PerUserConcurrencyLayer::new(100, |n: &u64| n % 1_000)
+                            .store(store.scope("per-user")),
+                    )
+                    .service(upstream()),
+            ),
+        ),
+    ];
+    let stacks = stacks.into_iter().map(|(name, svc)| (name, vec![svc]));
+    // Two queues (two processes, as far as Redis knows) of 10 sharing 10 slots, 25 tasks each:
+    // half the requests wait in line for a slot the other process frees, woken by pub/sub.
+    let contended = (0..2)
+        .map(|_| {
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(PriorityQueueLayer::new(10).store(store.scope("queue-10")))
+                    .service(upstream()),
             )
-            .service(upstream()),
-    );
-    group.bench_function("token_bucket_keyed", |b| {
-        b.to_async(&runtime).iter(|| {
-            let svc = svc.clone();
-            async move {
-                let tasks: Vec<_> = (0..50u64)
-                    .map(|t| {
-                        let svc = svc.clone();
-                        tokio::spawn(async move {
-                            for n in 0..20u64 {
-                                svc.clone().oneshot(t * 20 + n).await.unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
-                }
-            }
         })
-    });
+        .collect();
+    let stacks = stacks.chain([("two_queues_sharing_10_slots", contended)]);
+    for (name, services) in stacks {
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter(|| {
+                let services = services.clone();
+                async move {
+                    let tasks: Vec<_> = (0..50u64)
+                        .map(|t| {
+                            let svc = services[t as usize % services.len()].clone();
+                            tokio::spawn(async move {
+                                for n in 0..20u64 {
+                                    svc.clone().oneshot(t * 20 + n).await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
+            })
+        });
+    }
     group.finish();
 }
 

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod errors;
 pub mod mock;
+pub mod scale_out;
 pub mod serve;
 pub mod upstream;
 pub mod user;

@@ -19,8 +19,10 @@ use crate::errors::ApiError;
 /// The header that names the user.
 pub const USER_HEADER: &str = "x-user-id";
 
-/// The user a request belongs to, as a request extension for the layers and the handlers.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The user a request belongs to, as a request extension for the layers and the handlers; a
+/// string in JSON (as in a cache key kept in Redis).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
 pub struct UserId(pub Arc<str>);
 
 impl From<UserId> for Key {

@@ -45,7 +45,15 @@ async fn start(mock: MockConfig, settings: &[(&str, &str)]) -> Server {
     let mock = MockProvider::start(mock, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("the mock starts");
-    let base = format!("{}/v1", mock.url());
+    let (addr, upstream) = (mock.addr(), mock.handle());
+    let mut server = start_on(addr, upstream, settings).await;
+    server.mock = Some(mock);
+    server
+}
+
+/// A chat server in front of the mock at `addr`, whose handle is `upstream`.
+async fn start_on(addr: SocketAddr, upstream: MockHandle, settings: &[(&str, &str)]) -> Server {
+    let base = format!("http://{addr}/v1");
     let mut env = vec![("OPENAI_BASE_URL", base.as_str()), ("PORT", "0")];
     env.extend_from_slice(settings);
     let config = chat_server::ChatConfig::from_env(&Env::fixed(env)).expect("a valid setting");
@@ -55,9 +63,9 @@ async fn start(mock: MockConfig, settings: &[(&str, &str)]) -> Server {
     tokio::spawn(bound.serve(std::future::pending()));
     Server {
         http,
-        mock_addr: mock.addr(),
-        upstream: mock.handle(),
-        mock: Some(mock),
+        mock_addr: addr,
+        upstream,
+        mock: None,
         state,
     }
 }
@@ -187,6 +195,57 @@ async fn six_chats_run_five_at_a_time() {
         "the sixth started before any reply had ended"
     );
     assert!(eventually(|| idle(&server)).await);
+}
+
+#[tokio::test]
+async fn two_instances_behind_one_redis_share_their_limits() {
+    let Some(url) = support::own_redis::redis_url() else {
+        return;
+    };
+    let prefix = support::own_redis::fresh_prefix("chat");
+    let settings = [
+        ("MAX_CONCURRENT_CHATS", "2"),
+        ("MAX_CONCURRENT_PER_USER", "1"),
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+        ("REDIS_INSTANCES", "2"),
+    ];
+    let a = start(streaming(40.0), &settings).await;
+    let b = start_on(a.mock_addr, a.upstream.clone(), &settings).await;
+
+    // Six users, three on each instance: two replies at a time at the upstream, for both.
+    let chats = futures_util::future::join_all((0..6).map(|n| {
+        let server = if n % 2 == 0 { &a } else { &b };
+        let user = format!("u{n}");
+        async move { chat(server, &user, format!("hello from {user}")).await }
+    }))
+    .await;
+    for chat in &chats {
+        assert!(chat.done(), "{:?}", chat.last());
+    }
+    assert_eq!(a.upstream.stats().peak_concurrency, 2);
+    let status = a.http.get("/api/ai/status", "ops").await.json();
+    assert_eq!(status["shared"]["prefix"], prefix.as_str());
+    assert!(status["shared"]["queue"]["acquired"].as_u64().unwrap() >= 3);
+
+    // One chat per user: ann's reply streams on one instance; her next one, on the other, is
+    // refused until it ends.
+    a.upstream.set_config(streaming(5.0));
+    let first = a.http.send(chat_request(&a, "ann", "a long one")).await;
+    assert_eq!(first.status(), 200);
+    let second = chat(&b, "ann", "and another").await;
+    assert_eq!(second.status, 429);
+    assert_eq!(second.body["error"], "user_limit");
+    drop(first);
+    assert!(eventually(|| idle(&a) && idle(&b)).await);
+    let leases = |server: &Server| {
+        let queue = server.state.handles.queue_leases.as_ref().unwrap().stats();
+        let users = server.state.user_leases.as_ref().unwrap().stats();
+        queue.held + queue.held_locally + users.held + users.held_locally
+    };
+    assert!(eventually(|| leases(&a) + leases(&b) == 0).await);
+    a.upstream.set_config(streaming(0.0));
+    assert!(chat(&b, "ann", "and another").await.done());
 }
 
 #[tokio::test]

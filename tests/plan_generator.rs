@@ -175,6 +175,7 @@ on_both_databases!(
     a_plan_is_cached_for_its_ttl_and_not_after,
     bad_input_is_refused_and_nothing_is_stored,
     requests_per_address_are_limited,
+    two_servers_behind_one_redis_share_the_cache_and_the_limits,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -341,6 +342,70 @@ async fn a_third_request_of_one_user_is_refused(db: TestDb) {
     // Somebody else is not held back.
     assert_eq!(per_user.stats().rejected, 1);
     assert_eq!(per_user.in_flight(&"bob".into()), 0);
+    for task in running {
+        task.abort();
+    }
+}
+
+async fn two_servers_behind_one_redis_share_the_cache_and_the_limits(db: TestDb) {
+    let Some(url) = support::own_redis::redis_url() else {
+        return;
+    };
+    let prefix = support::own_redis::fresh_prefix("plans");
+    let mock = mock(Duration::from_millis(300)).await;
+    let upstream = mock.handle();
+    let settings = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+        ("RATE_LIMIT_PER_MINUTE", "5"),
+    ];
+    let a = start(&db, &mock, &settings).await;
+    let b = start(&db, &mock, &settings).await;
+
+    // A plan generated through one server is served by the other from the cache in Redis.
+    let body = plan_request("A sourdough bakery");
+    let id = plan_from(&submit(&a, "ann", &body).await, "llm");
+    let mut redis = support::own_redis::connection(&url);
+    let cached = || -> usize {
+        redis::cmd("KEYS")
+            .arg(format!("{prefix}:plans:d:*"))
+            .query::<Vec<String>>(&mut redis)
+            .map_or(0, |keys| keys.len())
+    };
+    let mut cached = cached;
+    assert!(
+        eventually(|| cached() == 1).await,
+        "the plan never reached Redis"
+    );
+    assert_eq!(plan_from(&submit(&b, "ann", &body).await, "llm"), id);
+    assert_eq!(received(&upstream), 1, "one upstream call for both servers");
+    assert_eq!(b.state.handles.dedup.stats().remote_hits, 1);
+
+    // Two plans in flight per user, on both servers together.
+    upstream.set_config(mock_config(Duration::from_secs(3)));
+    let running: Vec<_> = [(&a, "A bike shop"), (&b, "A café")]
+        .into_iter()
+        .map(|(server, idea)| {
+            let http = server.http.clone();
+            tokio::spawn(async move {
+                http.post_json("/api/plans", "ann", &plan_request(idea))
+                    .await
+            })
+        })
+        .collect();
+    let (on_a, on_b) = (
+        a.state.handles.per_user.clone(),
+        b.state.handles.per_user.clone(),
+    );
+    assert!(eventually(|| on_a.stats().in_flight == 1 && on_b.stats().in_flight == 1).await);
+    let third = submit(&a, "ann", &plan_request("A bookshop")).await;
+    assert_eq!(third.status, 429);
+    assert_eq!(third.json()["message"], plan_generator::TOO_MANY_MESSAGE);
+
+    // The per-address window (5 a minute) is one for both: the sixth request is refused.
+    let sixth = submit(&b, "cy", &plan_request("A florist")).await;
+    assert_eq!(sixth.status, 429, "{:?}", sixth.json());
+    assert_eq!(sixth.json()["error"], "rate_limited");
     for task in running {
         task.abort();
     }

@@ -153,11 +153,52 @@ check_layer!(
         .layer(TokenBucketLayer::new(Rate::per_second(10), 20).wait(Duration::from_secs(5)))
 );
 
+/// Spawns `$stack` (an HTTP stack over `http_echo!()`) and calls it from an axum handler.
+macro_rules! check_http_stack {
+    ($stack:expr) => {{
+        let stack = $stack;
+        let mut svc = stack.clone();
+        let spawned = tokio::spawn(async move {
+            let response = ServiceExt::<Request<Body>>::ready(&mut svc)
+                .await?
+                .call(Request::new(Body::from("hello")))
+                .await?;
+            let body = http_body_util::BodyExt::collect(response.into_body()).await?;
+            Ok::<_, BoxError>(body.to_bytes())
+        });
+        assert_eq!(&spawned.await.unwrap().unwrap()[..], b"hello");
+
+        let app = Router::new().route(
+            "/",
+            post(move |req: Request<Body>| {
+                let mut svc = stack.clone();
+                async move {
+                    let called = match ServiceExt::<Request<Body>>::ready(&mut svc).await {
+                        Ok(ready) => ready.call(req).await,
+                        Err(err) => Err(err),
+                    };
+                    match called {
+                        Ok(response) => response.map(Body::new),
+                        Err(err) => tower_llm_queue::http::handle_error(err)
+                            .await
+                            .into_response(),
+                    }
+                }
+            }),
+        );
+        let response = app
+            .oneshot(Request::post("/").body(Body::from("hi")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }};
+}
+
 /// The README's upstream stack over an HTTP client, with streamed bodies held and buffering
 /// for retries and dedup, spawned and called from an axum handler.
 #[tokio::test]
 async fn http_upstream_stack() {
-    let stack = ServiceBuilder::new()
+    check_http_stack!(ServiceBuilder::new()
         .layer(PerUserConcurrencyLayer::new(2, HeaderKey::new("x-user-id")).hold_until_body_end())
         .layer(BufferRequestLayer::new(1 << 20))
         .layer(DedupLayer::new(|r: &Request<Full<Bytes>>| {
@@ -169,40 +210,72 @@ async fn http_upstream_stack() {
         .layer(PriorityQueueLayer::new(5).hold_until_body_end())
         .layer(TokenBucketLayer::new(Rate::per_second(10), 20))
         .layer(TimeoutLayer::new(Duration::from_secs(5)))
-        .service(http_echo!());
-
-    let mut svc = stack.clone();
-    let spawned = tokio::spawn(async move {
-        let response = ServiceExt::<Request<Body>>::ready(&mut svc)
-            .await?
-            .call(Request::new(Body::from("hello")))
-            .await?;
-        let body = http_body_util::BodyExt::collect(response.into_body()).await?;
-        Ok::<_, BoxError>(body.to_bytes())
-    });
-    assert_eq!(&spawned.await.unwrap().unwrap()[..], b"hello");
-
-    let app = Router::new().route(
-        "/",
-        post(move |req: Request<Body>| {
-            let mut svc = stack.clone();
-            async move {
-                let called = match ServiceExt::<Request<Body>>::ready(&mut svc).await {
-                    Ok(ready) => ready.call(req).await,
-                    Err(err) => Err(err),
-                };
-                match called {
-                    Ok(response) => response.map(Body::new),
-                    Err(err) => tower_llm_queue::http::handle_error(err)
-                        .await
-                        .into_response(),
-                }
-            }
-        }),
-    );
-    let response = app
-        .oneshot(Request::post("/").body(Body::from("hi")).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+        .service(http_echo!()));
 }
+
+/// The same with every layer that can keep its state in Redis doing so.
+#[tokio::test]
+async fn http_upstream_stack_with_stores() {
+    check_http_stack!(ServiceBuilder::new()
+        .layer(
+            PerUserConcurrencyLayer::new(2, HeaderKey::new("x-user-id"))
+                .store(store("http-per-user"))
+                .hold_until_body_end()
+        )
+        .layer(BufferRequestLayer::new(1 << 20))
+        .layer(
+            DedupLayer::new(|r: &Request<Full<Bytes>>| Some(r.uri().to_string()))
+                .ttl(Duration::from_secs(1))
+                .store(
+                    store("http-dedup"),
+                    tower_llm_queue::dedup::HttpResponseCodec
+                )
+        )
+        .layer(BufferResponseLayer::new(1 << 20))
+        .layer(RetryBackoffLayer::new(3).classify(HttpClassifier))
+        .layer(CircuitBreakerLayer::new().classify(HttpClassifier))
+        .layer(
+            PriorityQueueLayer::new(5)
+                .hold_until_body_end()
+                .store(store("http-queue"))
+        )
+        .layer(TokenBucketLayer::new(Rate::per_second(10), 20).store(store("http-bucket")))
+        .layer(TimeoutLayer::new(Duration::from_secs(5)))
+        .service(http_echo!()));
+}
+
+/// A store whose keys no other run uses. Without a server at `REDIS_URL` the layers decide on
+/// their local share, so these checks pass either way.
+fn store(name: &str) -> tower_llm_queue::store::RedisStore {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!(
+        "tlq-send:{name}:{}:{}",
+        std::process::id(),
+        fastrand::u64(..)
+    );
+    tower_llm_queue::store::RedisStore::new(&url, prefix).unwrap()
+}
+
+// The slot layers with their shared stage in Redis.
+check_layer!(
+    priority_queue_with_a_store,
+    PriorityQueueLayer::new(2)
+        .fair_by(|p: &String| p.clone())
+        .queue_timeout(Duration::from_secs(1))
+        .store(store("queue"))
+);
+check_layer!(
+    per_user_with_a_store,
+    PerUserConcurrencyLayer::new(2, |p: &String| p.clone())
+        .wait(1, Duration::from_secs(1))
+        .store(store("per-user"))
+);
+check_layer!(
+    dedup_with_a_store,
+    DedupLayer::new(|p: &String| Some(p.clone()))
+        .ttl(Duration::from_secs(1))
+        .store(
+            store("dedup"),
+            tower_llm_queue::dedup::JsonCodec::<String>::new()
+        )
+);

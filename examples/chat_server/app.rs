@@ -5,8 +5,10 @@ use std::sync::Arc;
 use axum::error_handling::HandleErrorLayer;
 use axum::routing::{delete, get, post};
 use axum::Router;
+use tower::util::Either;
 use tower::ServiceBuilder;
 use tower_llm_queue::key::ExtensionKey;
+use tower_llm_queue::lease::LeaseHandle;
 use tower_llm_queue::{PerUserConcurrencyLayer, PerUserHandle, SlidingWindowLayer};
 use tower_llm_queue_servers::upstream::Upstream;
 
@@ -28,6 +30,8 @@ pub struct AppState {
     pub handles: Handles,
     /// The per-user limit's handle.
     pub users: PerUserHandle,
+    /// Its slots shared with the other instances, with Redis.
+    pub user_leases: Option<LeaseHandle>,
     /// Times and outcomes.
     pub metrics: Arc<Metrics>,
     /// What the server runs against, for the status endpoint.
@@ -47,10 +51,22 @@ pub fn router(config: ChatConfig, upstream: &Upstream) -> (Router, AppState) {
     let per_user =
         PerUserConcurrencyLayer::new(config.max_concurrent_per_user as usize, user.clone())
             .hold_until_body_end();
-    let per_minute =
+    let mut per_minute =
         SlidingWindowLayer::new(config.requests_per_minute, config.rate_window).keyed_by(user);
+    let users = per_user.handle();
+    // With Redis, both hold for every instance together.
+    let (per_user, user_leases) = match &config.redis {
+        Some(store) => {
+            per_minute = per_minute.store(store.scope("per-minute"));
+            let per_user = per_user.store(store.scope("per-user"));
+            let leases = per_user.lease_handle();
+            (Either::Left(per_user), Some(leases))
+        }
+        None => (Either::Right(per_user), None),
+    };
     let state = AppState {
-        users: per_user.handle(),
+        users,
+        user_leases,
         config: Arc::new(config),
         llm,
         handles,

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use tower_llm_queue::store::RedisStore;
 use tower_llm_queue_servers::config::{ConfigError, Env};
 use tower_llm_queue_servers::mock::MockConfig;
 use tower_llm_queue_servers::upstream::{mock_quota, Provider, UpstreamConfig};
@@ -45,7 +46,15 @@ pub struct ChatConfig {
     /// The in-process mock's settings, when no upstream is configured: a modest quota
     /// ([`mock_quota`]), which every `MOCK_*` variable can change.
     pub mock: MockConfig,
+    /// `REDIS_URL`, `REDIS_PREFIX` (default [`REDIS_PREFIX`]) and the other `REDIS_*`
+    /// variables: with them, every limit — the queue of upstream calls, the per-user limits,
+    /// the upstream's quota — is shared with the other instances on the same Redis and
+    /// prefix.
+    pub redis: Option<RedisStore>,
 }
+
+/// The keys' prefix in Redis when `REDIS_PREFIX` is unset.
+pub const REDIS_PREFIX: &str = "tlq:chat";
 
 impl ChatConfig {
     /// Reads every setting; a bad value is an error naming its variable.
@@ -76,6 +85,7 @@ impl ChatConfig {
             shutdown_grace: env.millis("SHUTDOWN_GRACE_MS", Duration::from_secs(30))?,
             upstream,
             mock,
+            redis: tower_llm_queue_servers::scale_out::store_from_env(env, REDIS_PREFIX)?,
         })
     }
 }

@@ -245,6 +245,11 @@ pub async fn status(State(app): State<AppState>) -> Json<Value> {
         "retries": app.handles.retry.stats(),
         "upstream_rpm": app.handles.rpm.as_ref().map(|h| h.stats()),
         "upstream_tpm": app.handles.tpm.as_ref().map(|h| h.stats()),
+        "shared": app.config.redis.as_ref().map(|store| json!({
+            "prefix": store.prefix(),
+            "queue": app.handles.queue_leases.as_ref().map(|h| h.stats()),
+            "users": app.user_leases.as_ref().map(|h| h.stats()),
+        })),
     }))
 }
 

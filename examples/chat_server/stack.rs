@@ -15,6 +15,10 @@
 //!   requests per minute, and tokens per minute — an estimate reserved up front, corrected by the
 //!   usage the upstream reports at the end of the stream.
 //! * The first token: a stream that fails before any text is an error the retry layer retries.
+//!
+//! With `REDIS_URL`, the queue's concurrency and the quota hold for every instance on the same
+//! Redis and prefix: each instance keeps its own queue, order and fairness, and a call it admits
+//! also takes one of the slots leased in Redis.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use tower::{Layer, ServiceBuilder};
 use tower_llm_queue::circuit_breaker::{CircuitBreakerHandle, Window};
 use tower_llm_queue::classify::HttpClassifier;
 use tower_llm_queue::key::ExtensionKey;
+use tower_llm_queue::lease::LeaseHandle;
 use tower_llm_queue::priority_queue::RequestIdExtension;
 use tower_llm_queue::rate::{MeterBody, RateHandle};
 use tower_llm_queue::retry::{Backoff, Jitter, RetryHandle};
@@ -59,6 +64,8 @@ pub struct Estimate {
 pub struct Handles {
     /// The queue of upstream calls.
     pub queue: PriorityQueueHandle,
+    /// Its slots shared with the other instances, with Redis.
+    pub queue_leases: Option<LeaseHandle>,
     /// The breaker in front of the upstream.
     pub breaker: CircuitBreakerHandle,
     /// The retries.
@@ -108,6 +115,14 @@ pub fn upstream(
     let rpm = config
         .upstream_rpm
         .map(|rpm| SlidingWindowLayer::new(rpm, window).wait(max_wait));
+    // With Redis, the quota is the upstream's for every instance together.
+    let (tpm, rpm) = match &config.redis {
+        Some(store) => (
+            tpm.map(|layer| layer.store(store.scope("upstream-tpm"))),
+            rpm.map(|layer| layer.store(store.scope("upstream-rpm"))),
+        ),
+        None => (tpm, rpm),
+    };
     let tpm_handle = tpm.as_ref().map(|l| l.handle());
     let rpm_handle = rpm.as_ref().map(|l| l.handle());
     let metered = match tpm {
@@ -145,8 +160,19 @@ pub fn upstream(
             Backoff::exponential(Duration::from_millis(500), 2.0, Duration::from_secs(8))
                 .jitter(Jitter::Full),
         );
+    // With Redis, MAX_CONCURRENT_CHATS holds for every instance together: a call this
+    // instance's queue admits also takes one of the slots leased there.
+    let (queued, queue_leases) = match &config.redis {
+        Some(store) => {
+            let queue = queue.clone().store(store.scope("queue"));
+            let leases = queue.lease_handle();
+            (boxed(queue.layer(quota)), Some(leases))
+        }
+        None => (boxed(queue.layer(quota)), None),
+    };
     let handles = Handles {
         queue: queue.handle(),
+        queue_leases,
         breaker: breaker.handle(),
         retry: retry.handle(),
         rpm: rpm_handle,
@@ -156,8 +182,7 @@ pub fn upstream(
         ServiceBuilder::new()
             .layer(retry)
             .layer(breaker)
-            .layer(queue)
-            .service(quota),
+            .service(queued),
     );
     (llm, handles)
 }

@@ -9,6 +9,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use http::StatusCode;
+use tower::util::Either;
 use tower::{BoxError, ServiceBuilder};
 use tower_llm_queue::dedup::DedupHandle;
 use tower_llm_queue::http::{json_error, ErrorFormat};
@@ -104,20 +105,30 @@ pub fn router(config: PlanConfig, upstream: &Upstream, plans: Plans) -> (Router,
         model,
         config.max_tokens,
         config.cache_ttl,
+        config.redis.as_ref(),
     );
 
     // At the edge, around the handler that generates: requests per client address, then plans
     // in flight per user. Refused here, a request costs nothing further.
-    let per_ip = SlidingWindowLayer::new(config.rate_limit_per_minute, Duration::from_secs(60))
+    let mut per_ip = SlidingWindowLayer::new(config.rate_limit_per_minute, Duration::from_secs(60))
         .keyed_by(ClientIp::new());
     let per_user = PerUserConcurrencyLayer::new(
         config.max_concurrent_per_user as usize,
         ExtensionKey::<UserId>::new().or_reject(),
     );
+    let per_user_handle = per_user.handle();
+    // With Redis, both hold for every instance together.
+    let per_user = match &config.redis {
+        Some(store) => {
+            per_ip = per_ip.store(store.scope("per-address"));
+            Either::Left(per_user.store(store.scope("per-user")))
+        }
+        None => Either::Right(per_user),
+    };
     let state = AppState {
         handles: Handles {
             dedup,
-            per_user: per_user.handle(),
+            per_user: per_user_handle,
             per_ip: per_ip.handle(),
             upstream: upstream_handles,
         },

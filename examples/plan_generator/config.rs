@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use tower_llm_queue::store::RedisStore;
 use tower_llm_queue_servers::config::{ConfigError, Env};
 use tower_llm_queue_servers::mock::MockConfig;
 use tower_llm_queue_servers::upstream::{mock_quota, UpstreamConfig};
@@ -49,7 +50,14 @@ pub struct PlanConfig {
     /// The in-process mock's settings, when no upstream is configured: the chat server's
     /// modest quota, which every `MOCK_*` variable can change.
     pub mock: MockConfig,
+    /// `REDIS_URL`, `REDIS_PREFIX` (default [`REDIS_PREFIX`]) and the other `REDIS_*`
+    /// variables: with them, the per-user limit, the per-address window and the plan cache
+    /// are shared with the other instances on the same Redis and prefix.
+    pub redis: Option<RedisStore>,
 }
+
+/// The keys' prefix in Redis when `REDIS_PREFIX` is unset.
+pub const REDIS_PREFIX: &str = "tlq:plans";
 
 impl PlanConfig {
     /// Reads every setting; a bad value is an error naming its variable.
@@ -83,6 +91,7 @@ impl PlanConfig {
             shutdown_grace: env.millis("SHUTDOWN_GRACE_MS", Duration::from_secs(30))?,
             upstream: UpstreamConfig::from_env(env)?,
             mock: mock_quota().overridden(env)?,
+            redis: tower_llm_queue_servers::scale_out::store_from_env(env, REDIS_PREFIX)?,
         })
     }
 }

@@ -37,7 +37,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const LIST_LIMIT: i64 = 100;
 
 /// Who wrote a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
     /// The upstream LLM.
     Llm,
@@ -55,8 +55,8 @@ impl Source {
     }
 }
 
-/// A plan as stored.
-#[derive(Debug, Clone, PartialEq)]
+/// A plan as stored; as JSON in the plan cache in Redis.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StoredPlan {
     /// Its id.
     pub id: i64,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod own_redis;
+
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -160,3 +160,84 @@ where
         self.inner.size_hint()
     }
 }
+
+/// The hold policy of a stage inside a slot layer — the slot that
+/// [`PriorityQueueLayer::store`](crate::PriorityQueueLayer::store) and
+/// [`PerUserConcurrencyLayer::store`](crate::PerUserConcurrencyLayer::store) lease in Redis —
+/// and of the layer around it (feature `redis`).
+///
+/// The stage holds its slot as the layer's policy says; the layer then adds its own slot to
+/// what the stage returns, so that a response holding both is the same type as one holding the
+/// layer's slot alone: [`ReleaseOnResponse`] stays itself, and [`HoldUntilBodyEnd`] puts both
+/// slots in one [`HeldBody`] with [`AddToHeldBody`].
+#[cfg(feature = "redis")]
+pub trait NestedHold: Clone {
+    /// The policy of the layer around the stage.
+    type Outer: Clone;
+
+    /// That policy.
+    fn outer(&self) -> Self::Outer;
+}
+
+#[cfg(feature = "redis")]
+impl NestedHold for ReleaseOnResponse {
+    type Outer = ReleaseOnResponse;
+
+    fn outer(&self) -> ReleaseOnResponse {
+        ReleaseOnResponse
+    }
+}
+
+#[cfg(feature = "redis")]
+impl NestedHold for HoldUntilBodyEnd {
+    type Outer = AddToHeldBody;
+
+    fn outer(&self) -> AddToHeldBody {
+        AddToHeldBody
+    }
+}
+
+/// Adds a slot to a [`HeldBody`] that already holds one, so that the body holds both until it
+/// ends or is dropped (feature `redis`). The policy of a layer whose inner stage holds its own
+/// slot until the body ends; see [`NestedHold`].
+///
+/// When the body ends, fails or is dropped, the inner stage's slot is given back first, then the
+/// layer's, so that the request the layer admits next finds the inner slot free. A cancellation
+/// through either slot's handle ends the body.
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddToHeldBody;
+
+#[cfg(feature = "redis")]
+impl<B> HoldPolicy<http::Response<HeldBody<B>>> for AddToHeldBody {
+    type Output = http::Response<HeldBody<B>>;
+
+    fn attach<G: Into<Permit>>(
+        &self,
+        response: http::Response<HeldBody<B>>,
+        permit: G,
+    ) -> Self::Output {
+        let outer = permit.into();
+        response.map(|mut body| {
+            body.permit = Some(match body.permit.take() {
+                Some(inner) => Permit::new(Both { inner, outer }),
+                None => outer,
+            });
+            body
+        })
+    }
+}
+
+/// Two slots held together. Fields drop in order: the inner stage's slot first.
+#[cfg(feature = "redis")]
+struct Both {
+    inner: Permit,
+    outer: Permit,
+}
+
+#[cfg(feature = "redis")]
+impl Guard for Both {
+    fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
+        self.outer.0.poll_cancelled(cx) || self.inner.0.poll_cancelled(cx)
+    }
+}

@@ -82,6 +82,7 @@ pub mod grpc;
 pub mod hold;
 pub mod http;
 pub mod key;
+pub mod lease;
 pub mod per_user;
 pub mod priority_queue;
 pub mod rate;
@@ -89,6 +90,8 @@ mod rejected;
 pub mod retry;
 mod service_time;
 mod sharded;
+#[cfg(feature = "redis")]
+pub mod store;
 mod waiter;
 
 pub use boxed::BoxedFuture;

@@ -56,6 +56,9 @@ impl<R: Send + 'static> Waiters for Senders<R> {
 /// How the inner call ended.
 pub(super) enum Ended<R> {
     Ok(R),
+    /// Found in the shared cache, where it stays this long.
+    #[cfg(feature = "redis")]
+    Cached(R, Duration),
     Err(tower::BoxError),
     Panicked(CallFailed),
 }
@@ -84,6 +87,8 @@ struct Counters {
     bypassed: AtomicU64,
     failed: AtomicU64,
     panicked: AtomicU64,
+    remote_hits: AtomicU64,
+    remote_failures: AtomicU64,
 }
 
 pub(super) struct Shared<K> {
@@ -94,6 +99,8 @@ pub(super) struct Shared<K> {
     negative_ttl: AtomicDuration,
     next_id: AtomicU64,
     counters: Counters,
+    #[cfg(feature = "redis")]
+    remote: OnceLock<super::remote::Remote<K>>,
 }
 
 /// A request's place among the waiters of a flight.
@@ -128,7 +135,32 @@ where
             negative_ttl: AtomicDuration::new(None),
             next_id: AtomicU64::new(0),
             counters: Counters::default(),
+            #[cfg(feature = "redis")]
+            remote: OnceLock::new(),
         }
+    }
+
+    /// Keeps the cache in Redis too; false if it already was.
+    #[cfg(feature = "redis")]
+    pub(super) fn set_remote(&self, remote: super::remote::Remote<K>) -> bool {
+        self.remote.set(remote).is_ok()
+    }
+
+    /// The shared cache's entry for `key`, for responses of type `R`: none without a store or a
+    /// TTL, or when the store's codec is for another type.
+    #[cfg(feature = "redis")]
+    pub(super) fn remote_entry<R: 'static>(&self, key: &K) -> Option<super::remote::Entry<R>> {
+        self.ttl.get()?;
+        self.remote.get()?.entry(key)
+    }
+
+    #[cfg(feature = "redis")]
+    pub(super) fn count_remote(&self, hit: bool) {
+        let counter = match hit {
+            true => &self.counters.remote_hits,
+            false => &self.counters.remote_failures,
+        };
+        counter.fetch_add(1, Relaxed);
     }
 
     pub(super) fn set_ttl(&self, ttl: Duration) {
@@ -271,6 +303,8 @@ where
             let negative_ttl = self.negative_ttl.get();
             let (result, ttl) = match ended {
                 Ended::Ok(response) => (Ok(response), self.ttl.get()),
+                #[cfg(feature = "redis")]
+                Ended::Cached(response, left) => (Ok(response), Some(left)),
                 Ended::Err(err) if senders.len() == 1 && negative_ttl.is_none() => {
                     self.counters.failed.fetch_add(1, Relaxed);
                     drop(flights);
@@ -317,6 +351,8 @@ where
             bypassed: c.bypassed.load(Relaxed),
             failed: c.failed.load(Relaxed),
             panicked: c.panicked.load(Relaxed),
+            remote_hits: c.remote_hits.load(Relaxed),
+            remote_failures: c.remote_failures.load(Relaxed),
             in_flight: lock(&self.flights).len(),
             entries: self.cache.get().map_or(0, |c| c.len()),
         }

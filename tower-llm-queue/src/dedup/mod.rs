@@ -27,6 +27,14 @@
 //! The cache's expiry follows `tokio::time`, so it can be tested with paused time; the cache
 //! itself is [`quick_cache`], which bounds its size and evicts the least useful entries first.
 //!
+//! # Across processes
+//!
+//! With `DedupLayer::store` (feature `redis`), the cache is kept in Redis too, so that
+//! a result computed by one process is served by the others until it expires; responses are
+//! stored as bytes by a [`Codec`] ([`HttpResponseCodec`] for buffered HTTP responses,
+//! [`JsonCodec`] for `serde` types). Calls in flight are still shared within one process only,
+//! and a Redis that fails or does not answer leaves the in-memory cache to answer alone.
+//!
 //! # Example
 //!
 //! ```
@@ -57,14 +65,18 @@
 //! # }
 //! ```
 
+mod codec;
 mod error;
 mod flight;
 mod layer;
+#[cfg(feature = "redis")]
+mod remote;
 mod service;
 
 use std::hash::Hash;
 use std::sync::Arc;
 
+pub use self::codec::{Codec, HttpResponseCodec, JsonCodec};
 pub use self::error::CallFailed;
 /// The response future of [`Dedup`]: dropping it leaves the shared call, which goes on while
 /// anybody else waits for it and is dropped when the last waiter goes.
@@ -90,6 +102,12 @@ pub struct DedupStats {
     pub failed: u64,
     /// Shared calls whose inner service panicked.
     pub panicked: u64,
+    /// Shared calls answered from the cache in Redis (feature `redis`) instead of the inner
+    /// service; each is counted in `misses` too, as the call it answered.
+    pub remote_hits: u64,
+    /// Lookups and writes of the cache in Redis that failed or timed out (the in-memory cache
+    /// and the inner service answered).
+    pub remote_failures: u64,
     /// Calls in flight now.
     pub in_flight: usize,
     /// Results in the cache now (expired ones included until they are looked up or evicted).

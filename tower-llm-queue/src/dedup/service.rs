@@ -12,6 +12,8 @@ use tracing::Instrument;
 
 use super::error::CallFailed;
 use super::flight::{Delivery, Ended, Joined, Outcome, Seat, Shared};
+#[cfg(feature = "redis")]
+use super::remote::Lookup;
 use super::DedupHandle;
 use super::ResponseFuture;
 
@@ -88,9 +90,31 @@ where
         }
         Joined::Waiting(seat, answer) => wait(shared, key, seat, answer).await,
         Joined::Lead(seat, answer) => {
+            #[cfg(feature = "redis")]
+            let remote = shared.remote_entry::<S::Response>(&key);
             let task_shared = shared.clone();
             let task_key = key.clone();
             let call = async move {
+                #[cfg(feature = "redis")]
+                if let Some(entry) = &remote {
+                    match entry.get().await {
+                        Lookup::Hit(response, left) => {
+                            task_shared.count_remote(true);
+                            tracing::trace!("dedup: served from the cache in Redis");
+                            task_shared.finish(
+                                &task_key,
+                                seat.flight,
+                                Ended::Cached(response, left),
+                            );
+                            return;
+                        }
+                        Lookup::Miss => {}
+                        Lookup::Failed(err) => {
+                            task_shared.count_remote(false);
+                            tracing::warn!(error = %err, "dedup: the cache in Redis cannot be read; calling");
+                        }
+                    }
+                }
                 let ended = match AssertUnwindSafe(inner.oneshot(request))
                     .catch_unwind()
                     .await
@@ -99,7 +123,20 @@ where
                     Ok(Err(err)) => Ended::Err(err.into()),
                     Err(payload) => Ended::Panicked(CallFailed::panicked(&*payload)),
                 };
+                #[cfg(feature = "redis")]
+                let stored = match (&ended, &remote) {
+                    (Ended::Ok(response), Some(entry)) => entry.encode(response),
+                    _ => None,
+                };
                 task_shared.finish(&task_key, seat.flight, ended);
+                #[cfg(feature = "redis")]
+                if let (Some(bytes), Some(entry), Some(ttl)) = (stored, &remote, task_shared.ttl())
+                {
+                    if let Err(err) = entry.put(bytes, ttl).await {
+                        task_shared.count_remote(false);
+                        tracing::warn!(error = %err, "dedup: a result cannot be stored in Redis");
+                    }
+                }
             };
             // The shared call runs in the span of the request that started it.
             let task = runtime.spawn(call.instrument(tracing::Span::current()));

@@ -79,9 +79,9 @@ use crate::key::{ExtractKey, Key};
 
 pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
 pub use self::reconcile::{Meter, MeterBody, Metered, NoReconcile, Reconcile, Settle};
-#[cfg(feature = "redis")]
-pub use self::redis::{OnRedisFailure, RedisStore};
 pub use self::service::RateLimit;
+#[cfg(feature = "redis")]
+pub use crate::store::{OnRedisFailure, RedisStore};
 
 use self::service::Shared;
 

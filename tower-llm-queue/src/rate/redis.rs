@@ -1,112 +1,15 @@
-//! Rate limits kept in Redis, so that several server processes share one limit exactly.
+//! Rate limits kept in Redis, so that several server processes share one limit exactly: the
+//! scripts, and the decisions [`RedisStore`] makes with them.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Script;
-use tokio::sync::OnceCell;
 
 use crate::key::Key;
+use crate::store::{script, RedisStore, RELEASE_ATTEMPTS};
 
 use super::limiter::{Decision, Limit};
-
-/// What a layer does while Redis cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnRedisFailure {
-    /// Decide in memory with this process's share of the limit: the limit divided by
-    /// [`RedisStore::instances`] (the default).
-    #[default]
-    LocalShare,
-    /// Refuse every request with
-    /// [`RejectionKind::RateLimited`](crate::RejectionKind::RateLimited).
-    Refuse,
-}
-
-/// A store for [`SlidingWindowLayer`](super::SlidingWindowLayer) and
-/// [`TokenBucketLayer`](super::TokenBucketLayer) in Redis (feature `redis`).
-///
-/// Each decision is one Lua script, atomic in Redis, reading Redis's own clock (`TIME`), never
-/// the caller's; every key carries an expiry. Several processes — or several layers — with the
-/// same `prefix` share one limit. The connection is redis-rs's `ConnectionManager`, which
-/// reconnects by itself. Every call has a timeout (default 200 ms); while Redis fails, the layer
-/// falls back as [`OnRedisFailure`] says, and goes back to Redis as soon as it answers again.
-///
-/// Redis counts time in whole microseconds: a window or interval is rounded down to one (at
-/// least 1 µs). Numbers stay within [`MAX_PERIOD`](super::MAX_PERIOD) and
-/// [`MAX_COST`](super::MAX_COST), where the scripts' doubles are exact.
-///
-/// # Giving admissions back
-///
-/// Each decision carries an admission id, drawn before the call, and the request holds a
-/// reservation for it from before the round trip. Whenever that admission is not to count, the
-/// layer sends Redis a release for the id, from a task of the current Tokio runtime:
-///
-/// * the caller leaves (its response future is dropped) during the round trip, or while it
-///   waits for a reserved start;
-/// * the decision fails or times out, since the script may have run, or may still run, in
-///   Redis. The fallback then decides (or the request is refused), so the request counts once:
-///   in this process's local share, not also in Redis.
-///
-/// A release for an id Redis never recorded changes nothing, and so does a repeated one; a
-/// release is tried up to 5 times, one timeout apart. Redis runs the commands of one
-/// connection in order, and the release follows the decision on the same connection, so a
-/// late-running script is undone. This is exact, except where it cannot be, and then always on
-/// the side of the limit (an admission stays counted that should not, never the reverse):
-///
-/// * a release that does not reach Redis (it is down for all 5 attempts; or the response future
-///   was dropped outside a Tokio runtime, where nothing can be sent): the admission counts until
-///   it leaves the window, or the bucket's schedule passes it;
-/// * a connection re-established between the decision and its release: Redis may run the
-///   release on the new connection before the script still queued on the old one, if it runs
-///   it at all; the late admission then stays counted as above. A script that runs later than
-///   the last release attempt is likewise not undone;
-/// * a token bucket gives an admission back exactly while it is a reservation still ahead, or
-///   the latest admission of its key to have started; an older one (say, one that started, whose
-///   release arrives after later admissions of the same key) is left as it is, since the
-///   schedule after it has been built on it;
-/// * between a late script and its release, other processes see the admission (for at most the
-///   time the release takes).
-///
-/// ```no_run
-/// use std::time::Duration;
-/// use tower_llm_queue::rate::{OnRedisFailure, RedisStore};
-/// use tower_llm_queue::SlidingWindowLayer;
-///
-/// let store = RedisStore::new("redis://127.0.0.1:6379", "llm:quota")?
-///     .instances(3)                         // three servers: each falls back to a third
-///     .on_failure(OnRedisFailure::LocalShare)
-///     .timeout(Duration::from_millis(100));
-/// let quota = SlidingWindowLayer::new(30, Duration::from_secs(60)).store(store);
-/// # Ok::<(), redis::RedisError>(())
-/// ```
-#[derive(Clone)]
-pub struct RedisStore {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    client: redis::Client,
-    prefix: String,
-    connection: OnceCell<ConnectionManager>,
-    timeout: Duration,
-    instances: u32,
-    on_failure: OnRedisFailure,
-}
-
-impl std::fmt::Debug for RedisStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("prefix", &self.inner.prefix)
-            .field("timeout", &self.inner.timeout)
-            .field("instances", &self.inner.instances)
-            .field("on_failure", &self.inner.on_failure)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How many times a release is sent before it is given up.
-const RELEASE_ATTEMPTS: u32 = 5;
 
 /// The longest wait a script reports, in microseconds: 2^53 − 1, so that every wait is an exact
 /// integer in Lua.
@@ -310,11 +213,6 @@ static BUCKET_SCRIPT: OnceLock<Script> = OnceLock::new();
 static WINDOW_ADJUST_SCRIPT: OnceLock<Script> = OnceLock::new();
 static BUCKET_ADJUST_SCRIPT: OnceLock<Script> = OnceLock::new();
 
-/// A script, hashed once.
-fn script(cell: &'static OnceLock<Script>, code: &str) -> &'static Script {
-    cell.get_or_init(|| Script::new(code))
-}
-
 /// A duration in whole microseconds, at most [`MAX_PERIOD`](super::MAX_PERIOD)'s: exact in
 /// the doubles of Lua.
 fn micros(d: Duration) -> u64 {
@@ -322,112 +220,33 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl RedisStore {
-    /// A store at `url` (`redis://host:port/db`) whose keys all start with `prefix`.
-    ///
-    /// # Errors
-    ///
-    /// When the URL is malformed. Nothing is connected yet: the first decision connects.
-    pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self, redis::RedisError> {
-        Ok(Self::from_client(redis::Client::open(url)?, prefix))
-    }
-
-    /// A store over an existing client.
-    pub fn from_client(client: redis::Client, prefix: impl Into<String>) -> Self {
-        RedisStore {
-            inner: Arc::new(Inner {
-                client,
-                prefix: prefix.into(),
-                connection: OnceCell::new(),
-                timeout: Duration::from_millis(200),
-                instances: 1,
-                on_failure: OnRedisFailure::LocalShare,
-            }),
-        }
-    }
-
-    fn with(self, f: impl FnOnce(&mut Inner)) -> Self {
-        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
-            client: shared.client.clone(),
-            prefix: shared.prefix.clone(),
-            connection: OnceCell::new(),
-            timeout: shared.timeout,
-            instances: shared.instances,
-            on_failure: shared.on_failure,
-        });
-        f(&mut inner);
-        RedisStore {
-            inner: Arc::new(inner),
-        }
-    }
-
-    /// The longest a decision may wait for Redis (default 200 ms) before the fallback decides.
-    pub fn timeout(self, timeout: Duration) -> Self {
-        self.with(|i| i.timeout = timeout)
-    }
-
-    /// How many processes share the limit; while Redis is down each keeps `1 / instances` of
-    /// it (default 1).
-    pub fn instances(self, instances: u32) -> Self {
-        self.with(|i| i.instances = instances.max(1))
-    }
-
-    /// What to do while Redis cannot be reached (default: [`OnRedisFailure::LocalShare`]).
-    pub fn on_failure(self, on_failure: OnRedisFailure) -> Self {
-        self.with(|i| i.on_failure = on_failure)
-    }
-
-    pub(crate) fn failure_mode(&self) -> OnRedisFailure {
-        self.inner.on_failure
-    }
-
     /// This process's share of `limit`, for deciding while Redis is down.
     pub(crate) fn local_share(&self, limit: Limit) -> Limit {
-        let n = u64::from(self.inner.instances);
+        let n = u64::from(self.instance_count());
         match limit {
             // A limit of 0 refuses everything, here too.
             Limit::Window { limit, window } => {
                 Limit::window(if limit == 0 { 0 } else { (limit / n).max(1) }, window)
             }
             Limit::Bucket { interval, burst } => Limit::bucket(
-                interval.saturating_mul(self.inner.instances),
+                interval.saturating_mul(self.instance_count()),
                 (burst / n).max(1),
             ),
         }
     }
 
     fn redis_key(&self, key: &Key) -> String {
-        format!("{}:{}", self.inner.prefix, key.storage_name())
+        self.key(&key.storage_name())
     }
 
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let timeout = self.inner.timeout;
-        self.inner
-            .connection
-            .get_or_try_init(|| async {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
-            })
-            .await
-            .cloned()
-    }
-
-    async fn run(&self, script: &Script, key: &Key, args: &[String]) -> Result<Vec<i64>, String> {
-        let call = async {
-            let mut connection = self.connection().await?;
-            let mut invocation = script.key(self.redis_key(key));
-            for arg in args {
-                invocation.arg(arg);
-            }
-            invocation.invoke_async::<Vec<i64>>(&mut connection).await
-        };
-        match tokio::time::timeout(self.inner.timeout, call).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.inner.timeout)),
-        }
+    async fn run_limit(
+        &self,
+        script: &Script,
+        key: &Key,
+        args: &[String],
+    ) -> Result<Vec<i64>, String> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(script, &[&self.redis_key(key)], &args).await
     }
 
     /// One decision in Redis; `Err` when Redis failed or did not answer in time.
@@ -449,7 +268,8 @@ impl RedisStore {
                     max_wait,
                     id.to_string(),
                 ];
-                self.run(script(&WINDOW_SCRIPT, WINDOW), key, &args).await?
+                self.run_limit(script(&WINDOW_SCRIPT, WINDOW), key, &args)
+                    .await?
             }
             Limit::Bucket { interval, burst } => {
                 let args = [
@@ -459,7 +279,8 @@ impl RedisStore {
                     max_wait,
                     id.to_string(),
                 ];
-                self.run(script(&BUCKET_SCRIPT, BUCKET), key, &args).await?
+                self.run_limit(script(&BUCKET_SCRIPT, BUCKET), key, &args)
+                    .await?
             }
         };
         let wait = answer
@@ -502,7 +323,7 @@ impl RedisStore {
                 }
                 Err(_) => {
                     attempt += 1;
-                    tokio::time::sleep(self.inner.timeout).await;
+                    tokio::time::sleep(self.call_timeout()).await;
                 }
             }
         }
@@ -534,6 +355,6 @@ impl RedisStore {
             new.to_string(),
             last.to_string(),
         ];
-        self.run(script, key, &args).await
+        self.run_limit(script, key, &args).await
     }
 }
