@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod errors;
+pub mod loadgen;
 pub mod mock;
 pub mod serve;
 pub mod upstream;
