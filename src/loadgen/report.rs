@@ -45,6 +45,8 @@ pub struct Series {
     pub throttled: Vec<u64>,
     /// At each sample (scenario seconds): requests waiting before the upstream.
     pub waiting: Vec<(f64, usize)>,
+    /// The latencies of served requests per class, in scenario seconds, sorted.
+    pub latency_s: BTreeMap<Class, Vec<f64>>,
 }
 
 /// What one target did in one scenario.
@@ -68,6 +70,8 @@ pub struct TargetReport {
     pub upstream_attempts: usize,
     /// 429s the upstream sent.
     pub upstream_429s: usize,
+    /// Those 429s by the limit they hit: `requests`, `tokens`, `concurrency`.
+    pub upstream_429s_by_limit: BTreeMap<String, usize>,
     /// `upstream_attempts / served`.
     pub attempts_per_served: f64,
     /// Over the windows inside the scenario's saturated intervals, the mean share of Q's
@@ -148,6 +152,14 @@ impl TargetReport {
                 }
             }
         }
+        let latency_s: BTreeMap<Class, Vec<f64>> = times
+            .iter()
+            .map(|(class, (_, latency, _, _))| {
+                let mut seconds: Vec<f64> = latency.iter().map(Duration::as_secs_f64).collect();
+                seconds.sort_by(f64::total_cmp);
+                (*class, seconds)
+            })
+            .collect();
         let classes = times
             .into_iter()
             .map(|(class, (mut report, latency, wait, first))| {
@@ -193,6 +205,11 @@ impl TargetReport {
             .iter()
             .filter(|a| a.outcome == "throttled")
             .count();
+        let mut upstream_429s_by_limit = BTreeMap::new();
+        for attempt in data.attempts.iter().filter(|a| a.outcome == "throttled") {
+            let limit = attempt.limit.clone().unwrap_or_default();
+            *upstream_429s_by_limit.entry(limit).or_insert(0) += 1;
+        }
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let requests: Vec<f64> = got.iter().map(|g| g.0).collect();
         let tokens: Vec<f64> = got.iter().map(|g| g.1).collect();
@@ -209,6 +226,7 @@ impl TargetReport {
             errors,
             upstream_attempts,
             upstream_429s,
+            upstream_429s_by_limit,
             attempts_per_served: ratio(upstream_attempts as f64, served as f64),
             q_used_requests,
             q_used_tokens,
@@ -220,7 +238,10 @@ impl TargetReport {
             classes,
             peak_memory_mib: None,
             wall_s: data.wall.as_secs_f64(),
-            series: series(scenario, scale, data, &admitted),
+            series: Series {
+                latency_s,
+                ..series(scenario, scale, data, &admitted)
+            },
         }
     }
 }
@@ -258,6 +279,7 @@ fn series(scenario: &Scenario, scale: Scale, data: &RunData, admitted: &WindowCo
             .iter()
             .map(|s| (scale.scenario(s.at), s.waiting()))
             .collect(),
+        latency_s: BTreeMap::new(),
     }
 }
 
@@ -282,6 +304,19 @@ fn errors(report: &TargetReport) -> String {
         true => "—".to_string(),
         false => text.join(", "),
     }
+}
+
+/// The 429s with the limits they hit: `12 (10 requests, 2 concurrency)`, or `0`.
+fn throttled(report: &TargetReport) -> String {
+    if report.upstream_429s == 0 {
+        return "0".to_string();
+    }
+    let limits: Vec<String> = report
+        .upstream_429s_by_limit
+        .iter()
+        .map(|(limit, n)| format!("{n} {limit}"))
+        .collect();
+    format!("{} ({})", report.upstream_429s, limits.join(", "))
 }
 
 fn class_cell(report: &TargetReport, pick: impl Fn(&ClassReport) -> String) -> String {
@@ -321,7 +356,7 @@ pub fn markdown(reports: &[TargetReport]) -> String {
             r.issued,
             percent(r.served_share),
             errors(r),
-            r.upstream_429s,
+            throttled(r),
             r.attempts_per_served,
             r.q_used.map_or("—".to_string(), percent),
             r.jain_requests,
@@ -460,6 +495,7 @@ mod tests {
             tag: tag.into(),
             outcome: outcome.into(),
             tokens: 20,
+            limit: (outcome == "throttled").then(|| "requests".to_string()),
         };
         let mut attempts = vec![
             attempt(0.5, "a#0", "throttled"),
@@ -490,6 +526,7 @@ mod tests {
         assert_eq!((report.issued, report.served), (3, 2));
         assert_eq!(report.errors["timeout"], 1);
         assert_eq!(report.upstream_429s, 1);
+        assert_eq!(report.upstream_429s_by_limit["requests"], 1);
         assert_eq!(report.upstream_attempts, 23);
         let interactive = &report.classes[&Class::Interactive];
         assert_eq!(
@@ -509,7 +546,7 @@ mod tests {
         assert_eq!(report.jain_requests, 1.0);
         let table = markdown(std::slice::from_ref(&report));
         assert!(
-            table.contains("| priority | ours | 2 of 3 (67%) | 1 timeout | 1 |"),
+            table.contains("| priority | ours | 2 of 3 (67%) | 1 timeout | 1 (1 requests) |"),
             "{table}"
         );
         let checks = checks(&report);

@@ -59,6 +59,8 @@ pub struct Attempt {
     pub outcome: String,
     /// Its prompt and reply tokens, as charged at arrival.
     pub tokens: u64,
+    /// For a 429, the limit it hit: `requests`, `tokens` or `concurrency`.
+    pub limit: Option<String>,
 }
 
 impl Attempt {
@@ -134,6 +136,7 @@ impl MockUpstream {
                     tag: arrival.user,
                     outcome: arrival.outcome,
                     tokens: arrival.prompt_tokens + arrival.completion_tokens,
+                    limit: arrival.limit,
                 });
             }
         }
