@@ -35,6 +35,9 @@ pub struct ChatConfig {
     /// (the mock's `MOCK_WINDOW_MS` by default against the mock); shorter in a load test that
     /// runs its clock faster.
     pub upstream_window: Duration,
+    /// `UPSTREAM_PACE` (false): spread the quota's starts evenly over the window (see
+    /// `StackConfig::pace`).
+    pub upstream_pace: bool,
     /// `MAX_TOKENS` (512): the longest reply asked for, and the reply's share of a request's
     /// token estimate.
     pub max_tokens: u64,
@@ -75,6 +78,7 @@ impl ChatConfig {
             upstream_rpm: env.optional_positive("UPSTREAM_RPM")?.or(default_rpm),
             upstream_tpm: env.optional_positive("UPSTREAM_TPM")?.or(default_tpm),
             upstream_window: env.millis("UPSTREAM_WINDOW_MS", default_window)?,
+            upstream_pace: env.parse("UPSTREAM_PACE", false, "true or false")?,
             max_tokens: env.positive("MAX_TOKENS", 512)?,
             breaker_open_for: env.millis("BREAKER_OPEN_MS", Duration::from_secs(10))?,
             max_body_bytes: env.positive("MAX_BODY_BYTES", 64 * 1024)?,

@@ -23,7 +23,8 @@ pub const BACKGROUND: Level = Level(3);
 
 /// The stack's settings from the server's: `MAX_CONCURRENT_CHATS` calls at once,
 /// `QUEUE_CAPACITY` waiting, `CHAT_TIMEOUT` for the queue and the quota, `UPSTREAM_RPM` and
-/// `UPSTREAM_TPM` per `UPSTREAM_WINDOW_MS`, `CHAT_RETRY_ATTEMPTS`, `BREAKER_OPEN_MS`; a wait
+/// `UPSTREAM_TPM` per `UPSTREAM_WINDOW_MS` (paced with `UPSTREAM_PACE`), `CHAT_RETRY_ATTEMPTS`,
+/// `BREAKER_OPEN_MS`; a wait
 /// longer than 10 s is not worth holding a chat open for: the user gets the refusal with its
 /// `Retry-After` instead.
 pub fn settings(config: &ChatConfig) -> StackConfig {
@@ -34,6 +35,7 @@ pub fn settings(config: &ChatConfig) -> StackConfig {
         rpm: config.upstream_rpm,
         tpm: config.upstream_tpm,
         window: config.upstream_window,
+        pace: config.upstream_pace,
         retry_attempts: config.retry_attempts,
         breaker_open_for: config.breaker_open_for,
         ..StackConfig::default()

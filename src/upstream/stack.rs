@@ -2,7 +2,7 @@
 //! The chat server's gateway and the load harness's `ours` target build the same stack here.
 //!
 //! ```text
-//! retry ─ breaker ─ queue ─ requests/window ─ tokens/window ─ first token ─ client
+//! retry ─ breaker ─ queue ─ (pace) ─ requests/window ─ tokens/window ─ first token ─ client
 //! ```
 //!
 //! * Retry outermost: a retry sleeps holding nothing, and honours the upstream's `Retry-After`
@@ -14,7 +14,9 @@
 //!   (by the [`UserId`] extension); each holds its slot until its reply has streamed to the end.
 //! * The upstream's quota, inside the queue, so that the queue's order decides who spends it:
 //!   requests per window, and tokens per window — an [`Estimate`] reserved up front, corrected
-//!   by the usage the upstream reports at the end of the stream ([`UsageMeter`]).
+//!   by the usage the upstream reports at the end of the stream ([`UsageMeter`]); optionally
+//!   paced by token buckets at the same rates ([`StackConfig::pace`]), so that under sustained
+//!   excess starts spread over the window instead of bunching at its start.
 //! * The first token: a stream that fails before any text is an error the retry layer retries.
 
 use std::time::Duration;
@@ -24,11 +26,11 @@ use tower_llm_queue::circuit_breaker::{CircuitBreakerHandle, Window};
 use tower_llm_queue::classify::HttpClassifier;
 use tower_llm_queue::key::ExtensionKey;
 use tower_llm_queue::priority_queue::RequestIdExtension;
-use tower_llm_queue::rate::{MeterBody, RateHandle};
+use tower_llm_queue::rate::{MeterBody, Rate, RateHandle};
 use tower_llm_queue::retry::{Backoff, Jitter, RetryHandle};
 use tower_llm_queue::{
     CircuitBreakerLayer, PriorityQueueHandle, PriorityQueueLayer, RetryBackoffLayer,
-    SlidingWindowLayer,
+    SlidingWindowLayer, TokenBucketLayer,
 };
 
 use super::{boxed, FirstTokenLayer, Level, Llm, UpstreamClient, UpstreamRequest, UsageMeter};
@@ -74,12 +76,25 @@ pub struct StackConfig {
     pub breaker_open_for: Duration,
     /// The window over which the breaker counts failures.
     pub breaker_window: Duration,
+    /// Whether the quota is also paced: token buckets at the quota's own rates (bursts of
+    /// `concurrency` requests, and of a `concurrency`th of the tokens) in front of the windows.
+    ///
+    /// Without them (the default), a request starts as soon as the windows have room: a burst
+    /// after a quiet time is served at once, as far as the upstream's window allows. But under
+    /// sustained excess, a window filled in a burst is followed by a pause, and every later
+    /// window repeats that burst and that pause (the windows free room as the burst leaves
+    /// them): whoever arrives in a pause — at any priority — waits for the next burst, up to
+    /// most of a window, or is refused past `timeout`. Paced, starts spread evenly over the
+    /// window, the next free unit is never far, and the queue's order decides who takes it;
+    /// the price is that a burst beyond `concurrency` is spread too, even when the upstream's
+    /// window has room for it.
+    pub pace: bool,
 }
 
 impl Default for StackConfig {
     /// The chat server's defaults: 5 calls at once, 500 waiting, 300 s, no quota, a minute's
     /// window, 2 retries after 0.5 s to 8 s, `Retry-After` up to 10 s, the breaker open 10 s
-    /// after failures over 30 s.
+    /// after failures over 30 s, no pacing.
     fn default() -> Self {
         StackConfig {
             concurrency: 5,
@@ -94,6 +109,7 @@ impl Default for StackConfig {
             max_retry_after: Duration::from_secs(10),
             breaker_open_for: Duration::from_secs(10),
             breaker_window: Duration::from_secs(30),
+            pace: false,
         }
     }
 }
@@ -146,21 +162,25 @@ pub fn layered(
     // The upstream's quota; without one configured, no layer at all.
     let window = config.quota_window();
     let max_wait = config.timeout;
+    let estimate = |request: &UpstreamRequest| {
+        request
+            .extensions()
+            .get::<Estimate>()
+            .map_or(1, |e| e.prompt + e.max_reply)
+    };
+    let meter = || {
+        MeterBody::new(|request: &UpstreamRequest| {
+            let prompt = request
+                .extensions()
+                .get::<Estimate>()
+                .map_or(0, |e| e.prompt);
+            UsageMeter::new(prompt)
+        })
+    };
     let tpm = config.tpm.map(|tpm| {
         SlidingWindowLayer::new(tpm, window)
-            .cost(|request: &UpstreamRequest| {
-                request
-                    .extensions()
-                    .get::<Estimate>()
-                    .map_or(1, |e| e.prompt + e.max_reply)
-            })
-            .reconcile(MeterBody::new(|request: &UpstreamRequest| {
-                let prompt = request
-                    .extensions()
-                    .get::<Estimate>()
-                    .map_or(0, |e| e.prompt);
-                UsageMeter::new(prompt)
-            }))
+            .cost(estimate)
+            .reconcile(meter())
             .wait(max_wait)
     });
     let rpm = config
@@ -168,14 +188,28 @@ pub fn layered(
         .map(|rpm| SlidingWindowLayer::new(rpm, window).wait(max_wait));
     let tpm_handle = tpm.as_ref().map(|l| l.handle());
     let rpm_handle = rpm.as_ref().map(|l| l.handle());
-    let metered = match tpm {
-        Some(layer) => boxed(layer.layer(counted)),
-        None => boxed(counted),
-    };
-    let quota = match rpm {
-        Some(layer) => boxed(layer.layer(metered)),
-        None => metered,
-    };
+    let mut quota = boxed(counted);
+    if let Some(layer) = tpm {
+        quota = boxed(layer.layer(quota));
+    }
+    if let Some(layer) = rpm {
+        quota = boxed(layer.layer(quota));
+    }
+    if config.pace {
+        let per_window = |n: u64| Rate::per(u32::try_from(n).unwrap_or(u32::MAX), window);
+        let burst = config.concurrency.max(1) as u64;
+        if let Some(tpm) = config.tpm {
+            let paced = TokenBucketLayer::new(per_window(tpm), (tpm / burst).max(1))
+                .cost(estimate)
+                .reconcile(meter())
+                .wait(max_wait);
+            quota = boxed(paced.layer(quota));
+        }
+        if let Some(rpm) = config.rpm {
+            let paced = TokenBucketLayer::new(per_window(rpm), burst).wait(max_wait);
+            quota = boxed(paced.layer(quota));
+        }
+    }
 
     let queue = PriorityQueueLayer::new(config.concurrency)
         .capacity(config.queue_capacity)
