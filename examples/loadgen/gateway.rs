@@ -52,7 +52,8 @@ impl Gateway {
     }
 
     /// Starts it for `scenario` at `scale`: Q as `UPSTREAM_RPM`, `UPSTREAM_TPM` and
-    /// `MAX_CONCURRENT_CHATS`, the scaled minute as `UPSTREAM_WINDOW_MS`, the user's patience
+    /// `MAX_CONCURRENT_CHATS`, the scaled minute as `UPSTREAM_WINDOW_MS`, paced as `ours` is
+    /// (`UPSTREAM_PACE`), the user's patience
     /// as `CHAT_TIMEOUT`, the breaker's 10 s scaled, and the scenario's per-user limits (or none
     /// that could bind).
     pub async fn for_scenario(
@@ -67,6 +68,7 @@ impl Gateway {
             ("UPSTREAM_RPM", scenario.quota.rpm.to_string()),
             ("UPSTREAM_TPM", scenario.quota.tpm.to_string()),
             ("UPSTREAM_WINDOW_MS", ms(60.0)),
+            ("UPSTREAM_PACE", "true".into()),
             (
                 "MAX_CONCURRENT_CHATS",
                 scenario.quota.concurrency.to_string(),

@@ -57,6 +57,9 @@ struct Args {
     out: PathBuf,
     scenarios: Vec<Scenario>,
     cost: Option<cost::Options>,
+    /// Internal: play one scenario (a JSON file) against one target in this process, and write
+    /// its report to a file.
+    child: Option<(PathBuf, String, PathBuf)>,
 }
 
 fn usage() -> String {
@@ -84,6 +87,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         out: default_out(),
         scenarios: Vec::new(),
         cost: None,
+        child: None,
     };
     let value = |args: &mut dyn Iterator<Item = String>, flag: &str| {
         args.next().ok_or_else(|| format!("{flag} needs a value"))
@@ -119,6 +123,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 options.set(&arg, &text)?;
             }
             "gateway-cost" => parsed.cost = Some(cost::Options::default()),
+            "--child" => {
+                let scenario = value(&mut args, "--child")?;
+                let target = value(&mut args, "--child")?;
+                let report = value(&mut args, "--child")?;
+                parsed.child = Some((scenario.into(), target, report.into()));
+                return Ok(parsed);
+            }
             "all" => {
                 for (name, text) in SCENARIOS {
                     let scenario = Scenario::parse(text).map_err(|e| format!("{name}: {e}"))?;
@@ -136,6 +147,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.scenarios.push(scenario);
             }
         }
+    }
+    if let Some(bad) = parsed
+        .targets
+        .iter()
+        .find(|t| !TARGETS.contains(&t.as_str()))
+    {
+        return Err(format!("--targets: unknown target {bad:?}"));
     }
     if parsed.scenarios.is_empty() && parsed.cost.is_none() {
         return Err("name a scenario, `all`, or `gateway-cost`".into());
@@ -173,6 +191,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = runtime.block_on(async {
+        if let Some((scenario, target, report)) = &args.child {
+            return child(args.scale, scenario, target, report).await;
+        }
         if let Some(options) = &args.cost {
             cost::run(options, &args.out).await?;
         }
@@ -196,7 +217,7 @@ async fn suite(args: &Args) -> Result<(), tower::BoxError> {
     for scenario in &args.scenarios {
         let mut reports = Vec::new();
         for target in &args.targets {
-            let report = play(scenario, args.scale, target).await?;
+            let report = in_child(scenario, args.scale, target, &args.out).await?;
             reports.push(report);
         }
         let json = serde_json::to_string_pretty(&reports)?;
@@ -245,6 +266,50 @@ async fn suite(args: &Args) -> Result<(), tower::BoxError> {
     Ok(())
 }
 
+/// Plays `scenario` against `target` in a process of its own, so that each run starts from the
+/// same state and its peak memory is its own (the harness, the mock and the target together).
+async fn in_child(
+    scenario: &Scenario,
+    scale: Scale,
+    target: &str,
+    out: &Path,
+) -> Result<TargetReport, tower::BoxError> {
+    let scenario_file = out.join(format!(".{}.scenario.json", scenario.name));
+    let report_file = out.join(format!(".{}.{target}.report.json", scenario.name));
+    std::fs::write(&scenario_file, serde_json::to_vec(scenario)?)?;
+    let status = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--scale")
+        .arg(scale.factor().to_string())
+        .arg("--child")
+        .arg(&scenario_file)
+        .arg(target)
+        .arg(&report_file)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await?;
+    if !status.success() {
+        return Err(format!("{} against {target} failed: {status}", scenario.name).into());
+    }
+    let report = serde_json::from_slice(&std::fs::read(&report_file)?)?;
+    let _ = std::fs::remove_file(&report_file);
+    let _ = std::fs::remove_file(&scenario_file);
+    Ok(report)
+}
+
+/// The child's side of [`in_child`].
+async fn child(
+    scale: Scale,
+    scenario: &Path,
+    target: &str,
+    report: &Path,
+) -> Result<(), tower::BoxError> {
+    let scenario: Scenario = serde_json::from_slice(&std::fs::read(scenario)?)?;
+    scenario.check()?;
+    let played = play(&scenario, scale, target).await?;
+    std::fs::write(report, serde_json::to_vec(&played)?)?;
+    Ok(())
+}
+
 /// This machine, for the reports: its CPU model and count.
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -286,7 +351,6 @@ async fn play(
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("{} {target}", scenario.name));
-    memory::reset_peak();
     let data = loadgen::run(scenario, scale, upstream.clone(), send, |sample| {
         bar.set_position((sample.at.min(total)).as_millis() as u64);
         bar.set_message(format!(

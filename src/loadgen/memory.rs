@@ -11,13 +11,6 @@ pub fn resident_mib() -> Option<f64> {
     status_kib("VmRSS:").map(|kib| kib as f64 / 1024.0)
 }
 
-/// Starts measuring the peak again from the memory in use now (writes 5 to
-/// `/proc/self/clear_refs`); false where that is not possible, and the peak is then the
-/// process's since it started.
-pub fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with(field))?;

@@ -46,12 +46,17 @@ pub use self::targets::TargetSettings;
 pub use self::window::WindowCounter;
 pub use self::workload::{exponential, Ask, Asks, User};
 
-/// What the targets need of `scenario` at `scale`; the mean tokens of a request are those of
-/// the first 200 requests of each user.
+/// What the targets need of `scenario` at `scale`. The mean tokens of a request are those of
+/// the workload as it will be sent: each open-loop user's scheduled requests, and for a
+/// closed-loop user as many as fit in the run with its pauses.
 pub fn target_settings(scenario: &Scenario, scale: Scale) -> TargetSettings {
     let (mut tokens, mut n) = (0u64, 0u64);
     for user in User::all(scenario) {
-        for ask in user.asks(scenario.seed).take(200) {
+        let count = match user.think() {
+            Some((think_s, _)) => (scenario.duration_s / think_s.max(1.0)).ceil() as usize,
+            None => user.arrivals(scenario).len(),
+        };
+        for ask in user.asks(scenario.seed).take(count) {
             tokens += ask.tokens();
             n += 1;
         }

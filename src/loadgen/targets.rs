@@ -247,8 +247,9 @@ pub fn ours(client: UpstreamClient, settings: &TargetSettings) -> (Llm, Handles)
 }
 
 /// The stack's settings for a scenario: the chat server's defaults, every time divided by the
-/// scale, the quota Q, as many calls at once as the upstream allows streams, and the user's
-/// patience as the longest wait.
+/// scale, the quota Q, as many calls at once as the upstream allows streams, the user's
+/// patience as the longest wait, and the quota paced (see [`StackConfig::pace`]: under the
+/// sustained excess of most scenarios, it is what lets priority and fairness act).
 pub fn stack_config(settings: &TargetSettings) -> StackConfig {
     let scale = settings.scale;
     let defaults = StackConfig::default();
@@ -264,6 +265,7 @@ pub fn stack_config(settings: &TargetSettings) -> StackConfig {
         max_retry_after: scale.real_duration(defaults.max_retry_after),
         breaker_open_for: scale.real_duration(defaults.breaker_open_for),
         breaker_window: scale.real_duration(defaults.breaker_window),
+        pace: true,
         ..defaults
     }
 }
