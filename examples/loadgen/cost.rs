@@ -1,6 +1,7 @@
 //! `gateway-cost`: what the chat server's gateway adds to a call, against the same clients
 //! calling the mock directly — the mock with no limits answering after a fixed 2 ms, open-loop
-//! arrivals at each rate, streamed and not, both paths in the same run.
+//! arrivals at each rate, streamed and not, both paths in the same run, alternating three times
+//! (each figure the median of three; errors summed).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -80,6 +81,33 @@ struct Row {
     throughput_ratio: f64,
 }
 
+/// The longest a call may take before it counts as an error: an open loop that the path cannot
+/// keep up with piles calls up without end.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs of each path at each rate, alternating; each figure is the median of its runs.
+const ROUNDS: usize = 3;
+
+/// The median of each figure of `runs`, taken apart.
+fn median(mut runs: Vec<Measure>) -> Measure {
+    let mid = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let mut p50: Vec<f64> = runs.iter().map(|m| m.latency.p50_ms).collect();
+    let mut p95: Vec<f64> = runs.iter().map(|m| m.latency.p95_ms).collect();
+    let mut p99: Vec<f64> = runs.iter().map(|m| m.latency.p99_ms).collect();
+    let mut throughput: Vec<f64> = runs.iter().map(|m| m.throughput).collect();
+    let errors = runs.iter().map(|m| m.errors).sum();
+    let mut first = runs.swap_remove(0);
+    first.latency.p50_ms = mid(&mut p50);
+    first.latency.p95_ms = mid(&mut p95);
+    first.latency.p99_ms = mid(&mut p99);
+    first.throughput = mid(&mut throughput);
+    first.errors = errors;
+    first
+}
+
 /// The time the mock waits before answering.
 const UPSTREAM_LATENCY: Duration = Duration::from_millis(2);
 
@@ -105,20 +133,14 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     let mut rows = Vec::new();
     for &rate in &options.rates {
         for stream in [false, true] {
-            let direct = measure(
-                &format!("{upstream}/chat/completions"),
-                rate,
-                stream,
-                options.seconds,
-            )
-            .await;
-            let through = measure(
-                &format!("{}/v1/chat/completions", gateway.url()),
-                rate,
-                stream,
-                options.seconds,
-            )
-            .await;
+            let (mut directs, mut throughs) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let direct_url = format!("{upstream}/chat/completions");
+                directs.push(measure(&direct_url, rate, stream, options.seconds).await);
+                let gateway_url = format!("{}/v1/chat/completions", gateway.url());
+                throughs.push(measure(&gateway_url, rate, stream, options.seconds).await);
+            }
+            let (direct, through) = (median(directs), median(throughs));
             eprintln!(
                 "{rate}/s {}: direct p50 {:.2} ms p99 {:.2} ms, gateway p50 {:.2} ms p99 {:.2} ms",
                 if stream { "streamed" } else { "whole" },
@@ -142,7 +164,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     mock.stop().await;
 
     let mut table = format!(
-        "The gateway's own cost: the mock answering after {} ms with no limits, open-loop clients for {} s at each rate, in one process on {}.\n\n\
+        "The gateway's own cost: the mock answering after {} ms with no limits, open-loop clients for {} s at each rate, direct and through the gateway alternately {ROUNDS} times (medians), in one process on {}.\n\n\
          | offered | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 / p99 | throughput ratio | errors (direct, gateway) |\n\
          |---|---|---|---|---|---|---|\n",
         UPSTREAM_LATENCY.as_millis(),
@@ -176,7 +198,8 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
 
 /// Sends `rate` requests a second to `url` for `seconds`, each at its scheduled time whatever
 /// the others are doing (open loop), after half a second of warm-up; latency is from the
-/// scheduled time to the reply's end, so that a late send counts against the path.
+/// scheduled time to the reply's end, so that a late send counts against the path; a call not
+/// answered within [`CALL_TIMEOUT`] is an error.
 async fn measure(url: &str, rate: u32, stream: bool, seconds: f64) -> Measure {
     let client = http_client();
     let url: Arc<str> = url.into();
@@ -222,7 +245,7 @@ async fn measure(url: &str, rate: u32, stream: bool, seconds: f64) -> Measure {
         }
         let call = send(i);
         calls.spawn(async move {
-            let ok = call.await;
+            let ok = tokio::time::timeout(CALL_TIMEOUT, call).await == Ok(true);
             (ok, at, Instant::now())
         });
     }

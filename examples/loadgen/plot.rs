@@ -53,6 +53,7 @@ pub fn timeline(reports: &[TargetReport], path: &Path) -> Result<(), Error> {
     chart
         .configure_mesh()
         .x_desc("scenario seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))
         .draw()?;
     chart
@@ -94,7 +95,12 @@ pub fn timeline(reports: &[TargetReport], path: &Path) -> Result<(), Error> {
         .x_label_area_size(28)
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..end, 0.0..waiting_max)?;
-    chart.configure_mesh().x_desc("scenario seconds").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("scenario seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
     for report in reports {
         let c = colour(&report.target);
         let points = report.series.waiting.iter().map(|&(t, n)| (t, n as f64));
@@ -112,7 +118,12 @@ pub fn timeline(reports: &[TargetReport], path: &Path) -> Result<(), Error> {
         .x_label_area_size(28)
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..end, 0.0..throttled_max)?;
-    chart.configure_mesh().x_desc("scenario seconds").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("scenario seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
     for report in reports {
         let c = colour(&report.target);
         let bin = report.series.bin_s;
@@ -166,6 +177,7 @@ pub fn latency(reports: &[TargetReport], path: &Path) -> Result<(), Error> {
         chart
             .configure_mesh()
             .x_desc("scenario seconds")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))
             .draw()?;
         for report in reports {

@@ -90,6 +90,8 @@ pub struct TargetReport {
     pub jain_tokens: f64,
     /// Plain Jain's index of served requests across users, whatever they asked.
     pub jain_plain: f64,
+    /// Per user: requests sent, and served.
+    pub per_user: BTreeMap<String, (usize, usize)>,
     /// Times per class.
     pub classes: BTreeMap<Class, ClassReport>,
     /// The process's peak memory during the run, in MiB, when known.
@@ -235,6 +237,13 @@ impl TargetReport {
             jain_requests: jain_max_min(&requests, &asked_requests),
             jain_tokens: jain_max_min(&tokens, &asked_tokens),
             jain_plain: jain(&requests),
+            per_user: users
+                .iter()
+                .map(|u| {
+                    let (asked, got) = (demand[u.index].0, got[u.index].0);
+                    (u.name.to_string(), (asked as usize, got as usize))
+                })
+                .collect(),
             classes,
             peak_memory_mib: None,
             wall_s: data.wall.as_secs_f64(),
