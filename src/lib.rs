@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod errors;
+pub mod loadgen;
 pub mod mock;
 pub mod scale_out;
 pub mod serve;

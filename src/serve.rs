@@ -115,6 +115,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Replies stream in small frames: each goes out at once, not after the peer's delayed ACK
+    // (Nagle's algorithm), which would add 40 ms to every frame after the first.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = axum::serve(
         listener,

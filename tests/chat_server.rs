@@ -631,6 +631,70 @@ async fn the_gateway_answers_what_the_upstream_answered() {
 }
 
 #[tokio::test]
+async fn a_gateway_call_can_ask_for_a_lower_level() {
+    let server = start(streaming(20.0), &[("MAX_CONCURRENT_CHATS", "1")]).await;
+    let ask = |user: &str, priority: Option<&str>| {
+        let mut request = server
+            .http
+            .request("POST", "/v1/chat/completions")
+            .header("x-user-id", user);
+        if let Some(priority) = priority {
+            request = request.header("x-priority", priority);
+        }
+        let body = json!({
+            "model": "mock-llm",
+            "messages": [{"role": "user", "content": format!("a question of {user}")}],
+            "max_tokens": 12,
+            "user": user,
+        });
+        request
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    for bad in ["0", "6", "high"] {
+        let refused = server.http.call(ask("ada", Some(bad))).await;
+        assert_eq!(refused.status, 400, "{bad}");
+        let message = refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("x-priority"), "{message}");
+    }
+
+    // Ada's call holds the only slot; a background call, then an interactive one, wait.
+    let held = tokio::spawn({
+        let (http, request) = (server.http.clone(), ask("ada", None));
+        async move { http.call(request).await }
+    });
+    assert!(eventually(|| server.upstream.stats().in_flight == 1).await);
+    let background = tokio::spawn({
+        let (http, request) = (server.http.clone(), ask("bob", Some("3")));
+        async move { http.call(request).await }
+    });
+    assert!(eventually(|| server.state.handles.queue.stats().waiting == 1).await);
+    let interactive = tokio::spawn({
+        let (http, request) = (server.http.clone(), ask("cy", Some("1")));
+        async move { http.call(request).await }
+    });
+    assert!(eventually(|| server.state.handles.queue.stats().waiting == 2).await);
+    for call in [held, background, interactive] {
+        assert_eq!(call.await.unwrap().status, 200);
+    }
+    let order: Vec<String> = server
+        .upstream
+        .stats()
+        .arrivals
+        .into_iter()
+        .map(|a| a.user)
+        .collect();
+    assert_eq!(
+        order,
+        ["ada", "cy", "bob"],
+        "the interactive call went first"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_holds_nothing() {
     let server = start(streaming(0.0), &[("MAX_BODY_BYTES", "1024")]).await;
     let raw = |path: &str, body: &'static [u8]| {

@@ -612,6 +612,43 @@ async fn rpm_limit_over_a_sliding_window_with_exact_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_shorter_window_scales_the_limits_and_their_waits() {
+    // A tenth of a minute: what a load test that runs its clock ten times faster sets.
+    let (router, handle) = MockProvider::router(MockConfig {
+        rpm: Some(2),
+        concurrency: Some(1),
+        window: Duration::from_secs(6),
+        ..fast()
+    });
+    let call = |body: &Value| route(&router, post_json("/v1/chat/completions", body));
+
+    let streaming = call(&openai_stream("long")).await;
+    assert_eq!(streaming.status(), StatusCode::OK);
+    assert_eq!(
+        streaming.headers()["x-ratelimit-reset-requests"],
+        "6s",
+        "the oldest admission leaves after the window"
+    );
+    // The concurrency limit's guess is a sixtieth of the window.
+    let busy = route_whole(&router, post_json("/v1/chat/completions", &openai("hi"))).await;
+    assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(busy.header("retry-after-ms"), "100");
+    drop(streaming);
+    until(&handle, |s| s.in_flight == 0).await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = route_whole(&router, post_json("/v1/chat/completions", &openai("hi"))).await;
+    assert_eq!(second.status, StatusCode::OK);
+    let third = route_whole(&router, post_json("/v1/chat/completions", &openai("hi"))).await;
+    assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.header("retry-after-ms"), "5000");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let fourth = route_whole(&router, post_json("/v1/chat/completions", &openai("hi"))).await;
+    assert_eq!(fourth.status, StatusCode::OK);
+    assert_eq!(handle.stats().peak_requests_per_60s, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn tpm_limit_charges_prompt_and_completion_at_arrival() {
     let (router, handle) = MockProvider::router(MockConfig {
         tpm: Some(25),
@@ -1360,6 +1397,7 @@ fn configuration_from_the_environment() {
     let config = MockConfig::from_lookup(lookup(&[
         ("MOCK_RPM", "60"),
         ("MOCK_TPM", "10000"),
+        ("MOCK_WINDOW_MS", "6000"),
         ("MOCK_CONCURRENCY", "4"),
         ("MOCK_TOKENS_PER_SECOND", "inf"),
         ("MOCK_TTFT_MS", "0"),
@@ -1378,6 +1416,7 @@ fn configuration_from_the_environment() {
         MockConfig {
             rpm: Some(60),
             tpm: Some(10000),
+            window: Duration::from_secs(6),
             concurrency: Some(4),
             tokens_per_second: f64::INFINITY,
             time_to_first_token: Duration::ZERO,
@@ -1398,6 +1437,7 @@ fn configuration_from_the_environment() {
         ("MOCK_RPM", "abc"),
         ("MOCK_RPM", "0"),
         ("MOCK_TPM", "-1"),
+        ("MOCK_WINDOW_MS", "0"),
         ("MOCK_CONCURRENCY", "1.5"),
         ("MOCK_TOKENS_PER_SECOND", "-3"),
         ("MOCK_TOKENS_PER_SECOND", "NaN"),

@@ -32,6 +32,13 @@ pub struct ChatConfig {
     pub upstream_rpm: Option<u64>,
     /// `UPSTREAM_TPM`: tokens per minute the upstream allows (as `UPSTREAM_RPM`).
     pub upstream_tpm: Option<u64>,
+    /// `UPSTREAM_WINDOW_MS` (60000): the upstream's window of `UPSTREAM_RPM` and `UPSTREAM_TPM`
+    /// (the mock's `MOCK_WINDOW_MS` by default against the mock); shorter in a load test that
+    /// runs its clock faster.
+    pub upstream_window: Duration,
+    /// `UPSTREAM_PACE` (false): spread the quota's starts evenly over the window (see
+    /// `StackConfig::pace`).
+    pub upstream_pace: bool,
     /// `MAX_TOKENS` (512): the longest reply asked for, and the reply's share of a request's
     /// token estimate.
     pub max_tokens: u64,
@@ -63,9 +70,9 @@ impl ChatConfig {
         let port: u16 = env.parse("PORT", 3000, "a port number")?;
         let upstream = UpstreamConfig::from_env(env)?;
         let mock = mock_quota().overridden(env)?;
-        let (default_rpm, default_tpm) = match upstream.provider {
-            Provider::Mock => (mock.rpm, mock.tpm),
-            _ => (None, None),
+        let (default_rpm, default_tpm, default_window) = match upstream.provider {
+            Provider::Mock => (mock.rpm, mock.tpm, mock.window),
+            _ => (None, None, Duration::from_secs(60)),
         };
         let retry_attempts = env.parse("CHAT_RETRY_ATTEMPTS", 2, "a whole number")?;
         Ok(ChatConfig {
@@ -79,6 +86,8 @@ impl ChatConfig {
             queue_capacity: env.positive("QUEUE_CAPACITY", 500)?,
             upstream_rpm: env.optional_positive("UPSTREAM_RPM")?.or(default_rpm),
             upstream_tpm: env.optional_positive("UPSTREAM_TPM")?.or(default_tpm),
+            upstream_window: env.millis("UPSTREAM_WINDOW_MS", default_window)?,
+            upstream_pace: env.parse("UPSTREAM_PACE", false, "true or false")?,
             max_tokens: env.positive("MAX_TOKENS", 512)?,
             breaker_open_for: env.millis("BREAKER_OPEN_MS", Duration::from_secs(10))?,
             max_body_bytes: env.positive("MAX_BODY_BYTES", 64 * 1024)?,

@@ -191,14 +191,42 @@ pub async fn summarize(
     Json(json!({"id": id, "summary": summary})).into_response()
 }
 
+/// The header with which a gateway call asks for a queue level: 1 (the default, as a chat) to
+/// 5.
+pub const PRIORITY_HEADER: &str = "x-priority";
+
+/// The level a gateway call asks for with [`PRIORITY_HEADER`]: [`INTERACTIVE`] without it.
+fn gateway_level(headers: &header::HeaderMap) -> Result<Level, ApiError> {
+    let Some(value) = headers.get(PRIORITY_HEADER) else {
+        return Ok(INTERACTIVE);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u8>().ok())
+        .filter(|level| (1..=5).contains(level))
+        .map(Level)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "the {PRIORITY_HEADER} header must be a level from 1 (first) to 5"
+            ))
+        })
+}
+
 /// `POST /v1/chat/completions`: the OpenAI-compatible gateway. The body goes to the upstream
 /// through the same layers, and the upstream's answer — JSON or a stream — comes back as it is.
+/// `x-priority: 3` puts a call at the level of background work ([`BACKGROUND`]).
 pub async fn completions(
     State(app): State<AppState>,
     Extension(user): Extension<UserId>,
+    headers: header::HeaderMap,
     body: Bytes,
 ) -> Response {
     let openai = ErrorFormat::OpenAi;
+    let level = match gateway_level(&headers) {
+        Ok(level) => level,
+        Err(err) => return err.response(openai),
+    };
     let request: Value = match parse(&body, "a chat-completions request in JSON") {
         Ok(request) => request,
         Err(err) => return err.response(openai),
@@ -206,7 +234,7 @@ pub async fn completions(
     if request["messages"].as_array().is_none_or(Vec::is_empty) {
         return ApiError::bad_request("`messages` must be a non-empty array").response(openai);
     }
-    let upstream = app.upstream_request(&user, INTERACTIVE, RequestId::next(), request);
+    let upstream = app.upstream_request(&user, level, RequestId::next(), request);
     match app.llm.clone().oneshot(upstream).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();

@@ -9,7 +9,8 @@ use crate::config::Env;
 /// How the mock behaves: its limits, its speed and the faults it injects.
 ///
 /// The default has no limits and no faults, streams 50 tokens per second and waits 200 ms for
-/// the first token.
+/// the first token. Its per-minute limits count over a sliding window of 60 seconds; `window`
+/// makes it shorter or longer (a load test that runs its clock faster shortens it).
 ///
 /// ```
 /// use std::time::Duration;
@@ -25,11 +26,13 @@ use crate::config::Env;
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct MockConfig {
-    /// Requests admitted in any sliding window of 60 seconds; `None` for no limit.
+    /// Requests admitted in any sliding `window` (60 seconds by default); `None` for no limit.
     pub rpm: Option<u64>,
-    /// Tokens (prompt and completion) admitted in any sliding window of 60 seconds; `None` for
-    /// no limit.
+    /// Tokens (prompt and completion) admitted in any sliding `window`; `None` for no limit.
     pub tpm: Option<u64>,
+    /// The length of the sliding window of `rpm` and `tpm`: 60 seconds by default, at least a
+    /// millisecond. The wait a refusal by the concurrency limit suggests is a sixtieth of it.
+    pub window: Duration,
     /// Requests in progress at once (a stream counts until it ends or its client goes away);
     /// `None` for no limit.
     pub concurrency: Option<usize>,
@@ -50,6 +53,7 @@ impl Default for MockConfig {
         MockConfig {
             rpm: None,
             tpm: None,
+            window: super::limits::WINDOW,
             concurrency: None,
             tokens_per_second: 50.0,
             time_to_first_token: Duration::from_millis(200),
@@ -135,6 +139,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "MOCK_TPM",
         default: "unset",
         meaning: "tokens (prompt + completion) per sliding minute, at least 1; unset for no limit",
+    },
+    EnvVar {
+        name: "MOCK_WINDOW_MS",
+        default: "60000",
+        meaning: "the sliding window of MOCK_RPM and MOCK_TPM, in milliseconds, at least 1",
     },
     EnvVar {
         name: "MOCK_CONCURRENCY",
@@ -249,6 +258,7 @@ impl MockConfig {
         Ok(MockConfig {
             rpm: env.optional_positive("MOCK_RPM")?.or(defaults.rpm),
             tpm: env.optional_positive("MOCK_TPM")?.or(defaults.tpm),
+            window: env.millis("MOCK_WINDOW_MS", defaults.window)?,
             concurrency: concurrency.or(defaults.concurrency),
             tokens_per_second: env.parse_where(
                 "MOCK_TOKENS_PER_SECOND",

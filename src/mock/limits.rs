@@ -1,4 +1,5 @@
-//! The sliding 60-second window of admissions and the rate-limit headers it yields.
+//! The sliding window of admissions (60 seconds unless configured) and the rate-limit headers it
+//! yields.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -6,22 +7,37 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
-/// The length of the window of the per-minute limits.
+/// The default length of the window of the per-minute limits.
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 
-/// The admissions of the last 60 seconds, oldest first, each with the tokens it was charged.
-/// An admission at `t` counts for the windows that end before `t + 60 s`.
-#[derive(Debug, Default)]
+/// The admissions of the last window, oldest first, each with the tokens it was charged. An
+/// admission at `t` counts for the windows that end before `t + length`.
+#[derive(Debug)]
 pub(crate) struct WindowLog {
     entries: VecDeque<(Instant, u64)>,
     tokens: u64,
+    length: Duration,
 }
 
 impl WindowLog {
+    /// An empty log of a window of `length` (at least a millisecond).
+    pub(crate) fn new(length: Duration) -> Self {
+        WindowLog {
+            entries: VecDeque::new(),
+            tokens: 0,
+            length: length.max(Duration::from_millis(1)),
+        }
+    }
+
+    /// Changes the window's length for the decisions from now on.
+    pub(crate) fn set_length(&mut self, length: Duration) {
+        self.length = length.max(Duration::from_millis(1));
+    }
+
     /// Forgets the admissions that left the window ending at `now`.
     pub(crate) fn prune(&mut self, now: Instant) {
         while let Some(&(at, tokens)) = self.entries.front() {
-            if now.saturating_duration_since(at) < WINDOW {
+            if now.saturating_duration_since(at) < self.length {
                 break;
             }
             self.entries.pop_front();
@@ -58,7 +74,7 @@ impl WindowLog {
         let index = usize::try_from(len - limit).unwrap_or(usize::MAX);
         self.entries
             .get(index)
-            .map_or(Duration::ZERO, |&(at, _)| leaves(at, now))
+            .map_or(Duration::ZERO, |&(at, _)| self.leaves(at, now))
     }
 
     /// How long until `cost` more tokens fit under `limit`; `None` if they never will.
@@ -73,7 +89,7 @@ impl WindowLog {
         for &(at, tokens) in &self.entries {
             left = left.saturating_sub(tokens);
             if left.saturating_add(cost) <= limit {
-                return Some(leaves(at, now));
+                return Some(self.leaves(at, now));
             }
         }
         Some(Duration::ZERO)
@@ -83,13 +99,14 @@ impl WindowLog {
     pub(crate) fn next_release(&self, now: Instant) -> Duration {
         self.entries
             .front()
-            .map_or(Duration::ZERO, |&(at, _)| leaves(at, now))
+            .map_or(Duration::ZERO, |&(at, _)| self.leaves(at, now))
     }
-}
 
-/// How long until an admission at `at` leaves the window, seen at `now`.
-fn leaves(at: Instant, now: Instant) -> Duration {
-    WINDOW.saturating_sub(now.saturating_duration_since(at))
+    /// How long until an admission at `at` leaves the window, seen at `now`.
+    fn leaves(&self, at: Instant, now: Instant) -> Duration {
+        self.length
+            .saturating_sub(now.saturating_duration_since(at))
+    }
 }
 
 /// The state of one per-minute limit, as the `x-ratelimit-*` headers tell it.

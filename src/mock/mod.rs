@@ -3,8 +3,8 @@
 //! APIs do, injects faults from a seeded generator, and counts everything it sees.
 //!
 //! It is the ground truth of the tests, benchmarks and examples: the limits it enforces are its
-//! own (a log of admissions over a sliding 60-second window), independent of the library's
-//! layers.
+//! own (a log of admissions over a sliding window of 60 seconds, or of
+//! [`MockConfig::window`]), independent of the library's layers.
 //!
 //! # Running it
 //!
@@ -57,9 +57,11 @@
 //! completion tokens at once. A request is refused with 429 when `concurrency` requests are in
 //! progress (a stream until it ends or its client goes away), when `rpm` requests were admitted
 //! in the last 60 seconds, or when its tokens would take the last 60 seconds' tokens above
-//! `tpm`. The 429 carries `Retry-After` (whole seconds, rounded up) and `retry-after-ms`: the
-//! exact time after which the same request would be admitted if nothing else arrived (of
-//! several limits hit, the longest; for the concurrency limit, 1 s, a guess). A request with
+//! `tpm` — or over the last [`MockConfig::window`], when it is set to something else (a load
+//! test whose clock runs ten times faster makes it 6 seconds). The 429 carries `Retry-After`
+//! (whole seconds, rounded up) and `retry-after-ms`: the exact time after which the same request
+//! would be admitted if nothing else arrived (of several limits hit, the longest; for the
+//! concurrency limit, a guess: a sixtieth of the window, 1 s by default). A request with
 //! more tokens than `tpm` is never admitted; its 429 has no `Retry-After`.
 //!
 //! Every answer to a well-formed request carries `x-ratelimit-limit-requests`,

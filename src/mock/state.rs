@@ -182,10 +182,10 @@ impl State {
     fn new(config: MockConfig) -> Self {
         State {
             rng: fastrand::Rng::with_seed(config.seed),
+            window: WindowLog::new(config.window),
             config,
             base: Instant::now(),
             generation: 0,
-            window: WindowLog::default(),
             received: 0,
             served: 0,
             throttled: 0,
@@ -262,7 +262,7 @@ impl State {
             if self.in_flight >= limit {
                 hits.push(Hit {
                     limit: Limit::Concurrency,
-                    wait: Some(Duration::from_secs(1)),
+                    wait: Some(self.config.window / 60),
                     allowed: limit as u64,
                     used: self.in_flight as u64,
                     requested: 1,
@@ -467,6 +467,7 @@ impl MockHandle {
     pub fn set_config(&self, config: MockConfig) {
         let mut state = self.lock();
         state.rng = fastrand::Rng::with_seed(config.seed);
+        state.window.set_length(config.window);
         state.config = config;
         drop(state);
         self.changed();

@@ -24,9 +24,11 @@ pub struct MockStats {
     pub in_flight: usize,
     /// The most requests in progress at once.
     pub peak_concurrency: usize,
-    /// The most requests admitted in any window of 60 seconds.
+    /// The most requests admitted in any window of 60 seconds (of the configured window, when
+    /// it is not 60 seconds).
     pub peak_requests_per_60s: u64,
-    /// The most tokens (prompt and completion) admitted in any window of 60 seconds.
+    /// The most tokens (prompt and completion) admitted in any window of 60 seconds (of the
+    /// configured window, when it is not 60 seconds).
     pub peak_tokens_per_60s: u64,
     /// Admitted requests whose client went away before the end of the reply (for a
     /// non-streamed request, before its reply was ready).

@@ -39,11 +39,16 @@ impl UpstreamClient {
             }
             None => None,
         };
+        // A request's head and body are two writes: without TCP_NODELAY the body waits for
+        // the upstream's delayed ACK of the head.
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(UpstreamClient {
             http,

@@ -15,6 +15,7 @@ mod client;
 pub mod first_token;
 mod service;
 pub mod sse;
+pub mod stack;
 mod usage;
 
 use std::fmt;
@@ -27,6 +28,7 @@ use crate::mock::{MockConfig, MockProvider, RunningMock};
 pub use self::client::{UpstreamBody, UpstreamClient};
 pub use self::first_token::{FirstTokenLayer, UpstreamStreamFailed};
 pub use self::service::{boxed, Level, Llm, UpstreamRequest};
+pub use self::stack::{Estimate, StackConfig};
 pub use self::usage::UsageMeter;
 
 /// Which kind of upstream is configured.

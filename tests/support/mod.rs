@@ -1,5 +1,5 @@
 //! What the end-to-end tests share: an HTTP client that reads JSON, server-sent events and
-//! streamed bodies, and Jain's fairness index.
+//! streamed bodies, and Jain's fairness index (the load harness's).
 
 #![allow(dead_code)]
 
@@ -146,15 +146,9 @@ pub fn events(body: hyper::body::Incoming) -> impl Stream<Item = Value> + Unpin 
     ))
 }
 
-/// Jain's fairness index of `shares`: 1 when all are equal, 1/n when one has everything.
-pub fn jain(shares: &[f64]) -> f64 {
-    let sum: f64 = shares.iter().sum();
-    let squares: f64 = shares.iter().map(|x| x * x).sum();
-    if squares == 0.0 {
-        return 1.0;
-    }
-    sum * sum / (shares.len() as f64 * squares)
-}
+/// Jain's fairness index, shared with the load harness.
+#[allow(unused_imports)]
+pub use tower_llm_queue_servers::loadgen::jain;
 
 /// Polls `check` every 20 ms until it holds, for at most `limit`.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
