@@ -103,7 +103,7 @@ async fn saturate() {
         .layer(
             PriorityQueueLayer::new(SATURATION_CONCURRENCY)
                 .queue_timeout(Duration::from_secs(30))
-                .store(store),
+                .store(store.clone()),
         )
         .service(upstream);
     let (start, stop) = (env_u64("TLQ_START_AT"), env_u64("TLQ_STOP_AT"));
@@ -132,6 +132,8 @@ async fn saturate() {
         served += s;
         failed += f;
     }
+    // The last slots' releases reach Redis before the process exits.
+    store.flush().await;
     println!("@@ SERVED {served} FAILED {failed}");
 }
 

@@ -71,8 +71,13 @@ pub async fn bind(config: ChatConfig) -> Result<Bound, tower::BoxError> {
 async fn main() {
     init_tracing();
     let config = or_exit(ChatConfig::from_env(&Env::process()));
+    let redis = config.redis.clone();
     let served = async {
         let (served, _) = bind(config).await?.serve(shutdown_signal()).await;
+        // The last requests' shared slots go back to the other instances now, not at lease end.
+        if let Some(store) = redis {
+            store.flush().await;
+        }
         Ok(served?)
     };
     finish("chat server", served.await);

@@ -99,9 +99,14 @@ pub async fn bind(config: PlanConfig) -> Result<Bound, tower::BoxError> {
 async fn main() {
     init_tracing();
     let config = or_exit(PlanConfig::from_env(&Env::process()));
+    let redis = config.redis.clone();
     let served = async {
         let (served, state) = bind(config).await?.serve(shutdown_signal()).await;
         state.plans.close().await;
+        // The last requests' shared slots go back to the other instances now, not at lease end.
+        if let Some(store) = redis {
+            store.flush().await;
+        }
         Ok(served?)
     };
     finish("plan generator", served.await);

@@ -20,13 +20,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script};
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 
 /// What a layer does while Redis cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,6 +125,8 @@ struct Backend {
     instances: u32,
     on_failure: OnRedisFailure,
     lease: Duration,
+    /// Shared by every store made from one [`RedisStore::new`], whatever its settings.
+    releases: Arc<Releases>,
 }
 
 impl Backend {
@@ -135,6 +138,33 @@ impl Backend {
             instances: self.instances,
             on_failure: self.on_failure,
             lease: self.lease,
+            releases: self.releases.clone(),
+        }
+    }
+}
+
+/// The releases sent in the background and not yet answered or given up.
+#[derive(Debug, Default)]
+struct Releases {
+    pending: AtomicUsize,
+    settled: Notify,
+}
+
+/// One release on its way: counted from before it is sent until it is answered, given up or
+/// dropped with its runtime.
+struct InFlight(Arc<Releases>);
+
+impl InFlight {
+    fn new(releases: &Arc<Releases>) -> Self {
+        releases.pending.fetch_add(1, Ordering::AcqRel);
+        InFlight(releases.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_waiters();
         }
     }
 }
@@ -185,6 +215,7 @@ impl RedisStore {
                 instances: 1,
                 on_failure: OnRedisFailure::LocalShare,
                 lease: DEFAULT_LEASE_TIME,
+                releases: Arc::default(),
             }),
             prefix: prefix.into().into(),
         }
@@ -237,6 +268,33 @@ impl RedisStore {
     /// tried again in time.
     pub fn lease_time(self, lease: Duration) -> Self {
         self.with(|b| b.lease = lease.max(MIN_LEASE_TIME))
+    }
+
+    /// Waits until every release sent in the background — a concurrency slot given back, an
+    /// admission undone — by this store and every store made from the same
+    /// [`new`](Self::new) has been answered by Redis or given up (after at most 5 attempts, a
+    /// [`timeout`](Self::timeout) apart).
+    ///
+    /// A server calls it once it has stopped serving, before it exits: the slots of its last
+    /// requests are then free for the other instances at once, rather than when their leases
+    /// end, since a runtime that shuts down drops the releases still on their way.
+    ///
+    /// ```no_run
+    /// # async fn stop(store: tower_llm_queue::store::RedisStore) {
+    /// // ... the server has stopped serving:
+    /// store.flush().await;
+    /// # }
+    /// ```
+    pub async fn flush(&self) {
+        let releases = &self.backend.releases;
+        loop {
+            let mut settled = std::pin::pin!(releases.settled.notified());
+            settled.as_mut().enable();
+            if releases.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            settled.await;
+        }
     }
 
     pub(crate) fn failure_mode(&self) -> OnRedisFailure {
@@ -340,7 +398,9 @@ impl RedisStore {
             return false;
         };
         let store = self.clone();
+        let in_flight = InFlight::new(&self.backend.releases);
         let send = async move {
+            let _in_flight = in_flight;
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut attempt = 1;

@@ -138,6 +138,26 @@ async fn slots_up_to_the_limit_then_refusals_then_releases() {
 }
 
 #[tokio::test]
+async fn a_flushed_store_has_given_every_slot_back() {
+    let Some(url) = redis_url() else { return };
+    let store = store(&url, "flush");
+    // Nothing sent: at once.
+    store.flush().await;
+    let state = Arc::new(LeaseState::new(store.scope("x"), Kind::Queue));
+    let key = Key::anonymous();
+    let mut leases = Vec::new();
+    for _ in 0..20 {
+        leases.push(state.acquire(&key, refuse(20)).await.unwrap());
+    }
+    assert_eq!(held(&url, &store.scope("x")), 20);
+    // Given back in the background; the flush of the store they were scoped from waits for
+    // every release, so nothing is left held the moment it returns.
+    drop(leases);
+    store.flush().await;
+    assert_eq!(held(&url, &store.scope("x")), 0);
+}
+
+#[tokio::test]
 async fn a_lease_nobody_renews_expires_and_one_renewed_does_not() {
     let Some(url) = redis_url() else { return };
     let lease_time = Duration::from_millis(400);
