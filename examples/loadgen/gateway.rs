@@ -56,8 +56,8 @@ impl Gateway {
 
     /// Starts it for `scenario` at `scale`: Q as `UPSTREAM_RPM`, `UPSTREAM_TPM` and
     /// `MAX_CONCURRENT_CHATS`, the scaled minute as `UPSTREAM_WINDOW_MS`, paced as `ours` is
-    /// (`UPSTREAM_PACE`), the user's patience
-    /// as `CHAT_TIMEOUT`, the breaker's 10 s scaled, and the scenario's per-user limits (or none
+    /// (`UPSTREAM_PACE`), the same longest wait as `CHAT_TIMEOUT`
+    /// ([`TargetSettings::longest_wait_s`]), the breaker's 10 s scaled, and the scenario's per-user limits (or none
     /// that could bind).
     pub async fn for_scenario(
         base_url: &str,
@@ -77,7 +77,7 @@ impl Gateway {
                 scenario.quota.concurrency.to_string(),
             ),
             ("QUEUE_CAPACITY", "1000".into()),
-            ("CHAT_TIMEOUT", ms(scenario.patience_s)),
+            ("CHAT_TIMEOUT", ms(settings.longest_wait_s())),
             ("BREAKER_OPEN_MS", ms(10.0)),
             (
                 "MAX_CONCURRENT_PER_USER",

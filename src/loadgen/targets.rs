@@ -74,6 +74,16 @@ pub struct TargetSettings {
     pub edge: Option<Edge>,
 }
 
+impl TargetSettings {
+    /// The longest `ours` and the gateway let a request wait for the upstream, in scenario
+    /// seconds: nine tenths of the user's patience. A call started later would reach its user
+    /// only in the last moments of that patience, if at all; refused instead, it leaves the
+    /// upstream to a call whose user still waits.
+    pub fn longest_wait_s(&self) -> f64 {
+        self.patience_s * 0.9
+    }
+}
+
 /// How many times seed 002's client tries a request: once, then after 1, 2 and 4 seconds.
 pub const NAIVE_ATTEMPTS: u32 = 4;
 
@@ -247,8 +257,8 @@ pub fn ours(client: UpstreamClient, settings: &TargetSettings) -> (Llm, Handles)
 }
 
 /// The stack's settings for a scenario: the chat server's defaults, every time divided by the
-/// scale, the quota Q, as many calls at once as the upstream allows streams, the user's
-/// patience as the longest wait, and the quota paced (see [`StackConfig::pace`]: under the
+/// scale, the quota Q, as many calls at once as the upstream allows streams, the longest wait
+/// [`TargetSettings::longest_wait_s`], and the quota paced (see [`StackConfig::pace`]: under the
 /// sustained excess of most scenarios, it is what lets priority and fairness act).
 pub fn stack_config(settings: &TargetSettings) -> StackConfig {
     let scale = settings.scale;
@@ -256,7 +266,7 @@ pub fn stack_config(settings: &TargetSettings) -> StackConfig {
     StackConfig {
         concurrency: settings.quota.concurrency,
         queue_capacity: 1000,
-        timeout: scale.real(settings.patience_s),
+        timeout: scale.real(settings.longest_wait_s()),
         rpm: Some(settings.quota.rpm),
         tpm: Some(settings.quota.tpm),
         window: scale.window(),
