@@ -57,8 +57,8 @@ impl Gateway {
     /// Starts it for `scenario` at `scale`: Q as `UPSTREAM_RPM`, `UPSTREAM_TPM` and
     /// `MAX_CONCURRENT_CHATS`, the scaled minute as `UPSTREAM_WINDOW_MS`, paced as `ours` is
     /// (`UPSTREAM_PACE`), the same longest wait as `CHAT_TIMEOUT`
-    /// ([`TargetSettings::longest_wait_s`]), the breaker's 10 s scaled, and the scenario's per-user limits (or none
-    /// that could bind).
+    /// ([`TargetSettings::longest_wait_s`]), the breaker's 10 s scaled, and the scenario's
+    /// per-user limits (or none that could bind).
     pub async fn for_scenario(
         base_url: &str,
         scenario: &Scenario,

@@ -34,7 +34,9 @@ mod workload;
 
 pub use self::fairness::{jain, jain_max_min, max_min};
 pub use self::outcome::{error_kind, read_reply, status_kind, Outcome};
-pub use self::report::{checks, markdown, Check, ClassReport, Series, TargetReport};
+pub use self::report::{
+    checks, checks_with, markdown, Check, ClassReport, Series, TargetReport, Q_USED_TARGET,
+};
 pub use self::run::{
     attempts_by_tag, mock_config, run, Attempt, MockUpstream, Record, RunData, Sample,
 };

@@ -402,11 +402,20 @@ pub struct Check {
     pub met: bool,
 }
 
-/// The targets a report of `ours` or `gateway` should meet: no upstream 429; at least 95% of Q
-/// used where demand exceeds it; at most 1.05 upstream attempts per served request in `storm`
-/// and `flaky`; Jain's index (max-min) at least 0.95 in `heavy-user`; in `priority`, the
-/// interactive p99 queue wait below the batch p50.
+/// The share of Q that `ours` and `gateway` should use wherever demand exceeds it.
+pub const Q_USED_TARGET: f64 = 0.95;
+
+/// The targets a report of `ours` or `gateway` should meet: no upstream 429; at least
+/// [`Q_USED_TARGET`] of Q used where demand exceeds it; at most 1.05 upstream attempts per served
+/// request in `storm` and `flaky`; Jain's index (max-min) at least 0.95 in `heavy-user`; in
+/// `priority`, the interactive p99 queue wait below the batch p50.
 pub fn checks(report: &TargetReport) -> Vec<Check> {
+    checks_with(report, Q_USED_TARGET)
+}
+
+/// [`checks`] with another least share of Q used, for runs whose pace a loaded machine can
+/// hold back (the tiny scenarios of the tests).
+pub fn checks_with(report: &TargetReport, q_used_target: f64) -> Vec<Check> {
     let check = |what: &str, value: f64, met: bool| Check {
         scenario: report.scenario.clone(),
         target: report.target.clone(),
@@ -421,9 +430,12 @@ pub fn checks(report: &TargetReport) -> Vec<Check> {
     )];
     if let Some(used) = report.q_used {
         checks.push(check(
-            "Q used >= 95% under excess demand",
+            &format!(
+                "Q used >= {:.0}% under excess demand",
+                q_used_target * 100.0
+            ),
             used,
-            used >= 0.95,
+            used >= q_used_target,
         ));
     }
     if matches!(report.scenario.as_str(), "storm" | "flaky") {
