@@ -13,8 +13,15 @@
 //! request at a time earns no more than keeping a line — and forgets it once virtual time has
 //! caught up with it or nobody waits at the level any more. Without a fairness key every
 //! request of a level is in one line, in arrival order.
+//!
+//! The structures keep their memory from one request to the next: lines are ring buffers in
+//! which a request that leaves from the middle is marked gone, and each level's turns are a
+//! binary heap in which a turn given up stays until it comes to the top (or until the heap is
+//! rebuilt, once such turns outnumber the live ones). A request waiting in a steady queue then
+//! costs no allocation of the schedule's own.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::key::Key;
 use crate::sharded::FastMap;
@@ -28,6 +35,74 @@ pub(crate) struct Position {
     seq: u64,
 }
 
+/// Items in the order of their sequence numbers, which only grow: added at the back, taken
+/// from the front, or taken out from anywhere by sequence number (found by binary search and
+/// marked gone until it reaches an end).
+#[derive(Debug)]
+struct Line<T> {
+    items: VecDeque<(u64, Option<T>)>,
+    live: usize,
+}
+
+impl<T> Default for Line<T> {
+    fn default() -> Self {
+        Line {
+            items: VecDeque::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<T> Line<T> {
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Adds an item with a sequence number above every other.
+    fn push(&mut self, seq: u64, item: T) {
+        debug_assert!(self.items.back().is_none_or(|&(last, _)| last < seq));
+        self.items.push_back((seq, Some(item)));
+        self.live += 1;
+    }
+
+    /// The first item; the front is never a gone one.
+    fn first(&self) -> Option<(u64, &T)> {
+        let (seq, item) = self.items.front()?;
+        item.as_ref().map(|item| (*seq, item))
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<T> {
+        // Most requests leave from the front (admitted in arrival order) or the back (the
+        // last to come gives up first); the rest are found by binary search.
+        let at = if self.items.front().is_some_and(|&(s, _)| s == seq) {
+            0
+        } else if self.items.back().is_some_and(|&(s, _)| s == seq) {
+            self.items.len() - 1
+        } else {
+            self.items.binary_search_by_key(&seq, |&(s, _)| s).ok()?
+        };
+        let item = self.items[at].1.take()?;
+        self.live -= 1;
+        while self.items.front().is_some_and(|(_, item)| item.is_none()) {
+            self.items.pop_front();
+        }
+        while self.items.back().is_some_and(|(_, item)| item.is_none()) {
+            self.items.pop_back();
+        }
+        Some(item)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &T)> + '_ {
+        self.items
+            .iter()
+            .filter_map(|(seq, item)| item.as_ref().map(|item| (*seq, item)))
+    }
+}
+
 /// One user's line at one level.
 #[derive(Debug)]
 struct Flow {
@@ -36,36 +111,97 @@ struct Flow {
     /// The user's requests admitted at this level and not finished yet.
     running: usize,
     /// The user's waiting requests, by arrival.
-    waiting: BTreeMap<u64, RequestId>,
+    waiting: Line<RequestId>,
     /// The user's turn, `(tag, seq)` of its first waiting request, while it has one.
     turn: Option<(u64, u64)>,
 }
 
 impl Flow {
+    fn new(next_tag: u64) -> Self {
+        Flow {
+            next_tag,
+            running: 0,
+            waiting: Line::default(),
+            turn: None,
+        }
+    }
+
     fn idle(&self) -> bool {
         self.running == 0 && self.waiting.is_empty()
     }
 }
 
+/// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user (`None`
+/// for the level's requests without a fairness key).
+type Turn = Reverse<(u64, u64, Option<Key>)>;
+
+/// The users' lines, by level and user.
+type Flows = FastMap<(usize, Key), Flow>;
+
 /// The requests of one level.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Level {
-    /// The users' turns: `(tag, seq)` of each line's first request.
-    turns: BTreeMap<(u64, u64), Option<Key>>,
+    /// The users' turns, smallest `(tag, seq)` first; a turn is current only while its user's
+    /// flow still holds it.
+    turns: BinaryHeap<Turn>,
+    /// How many of `turns` are current.
+    current_turns: usize,
+    /// The line of the requests without a fairness key: one more user, kept here rather than
+    /// looked up. Idle, it is as good as forgotten once its next tag is zero.
+    unkeyed: Flow,
     /// Users with nothing waiting or running whose next tag is still ahead of virtual time, by
     /// that tag.
-    idle: BTreeSet<(u64, Option<Key>)>,
-    /// Waiting requests at this level.
-    len: usize,
+    idle: BTreeSet<(u64, Key)>,
+    /// The level's waiting requests by arrival, for the turn of the longest-waiting one.
+    arrivals: Line<()>,
     virtual_time: u64,
+}
+
+impl Level {
+    fn new() -> Self {
+        Level {
+            turns: BinaryHeap::new(),
+            current_turns: 0,
+            unkeyed: Flow::new(0),
+            idle: BTreeSet::new(),
+            arrivals: Line::default(),
+            virtual_time: 0,
+        }
+    }
+
+    /// The line of `user` at this level, among `flows`.
+    fn flow<'a>(&'a self, flows: &'a Flows, level: usize, user: Option<&Key>) -> Option<&'a Flow> {
+        match user {
+            None => Some(&self.unkeyed),
+            Some(user) => flows.get(&(level, user.clone())),
+        }
+    }
+
+    /// Whether `turn` is the one its user's line holds now.
+    fn is_current(&self, flows: &Flows, level: usize, turn: &Turn) -> bool {
+        let Reverse((tag, seq, user)) = turn;
+        self.flow(flows, level, user.as_ref())
+            .is_some_and(|flow| flow.turn == Some((*tag, *seq)))
+    }
+}
+
+/// The line of `user` at `level`, found through split borrows of the schedule.
+fn flow_mut<'a>(
+    unkeyed: &'a mut Flow,
+    flows: &'a mut Flows,
+    level: usize,
+    user: Option<&Key>,
+) -> Option<&'a mut Flow> {
+    match user {
+        None => Some(unkeyed),
+        Some(user) => flows.get_mut(&(level, user.clone())),
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Schedule {
     levels: Vec<Level>,
-    /// The level of every waiting request, by arrival.
-    by_age: BTreeMap<u64, usize>,
-    flows: FastMap<(usize, Option<Key>), Flow>,
+    flows: Flows,
     seq: u64,
     /// Every `oldest_every`-th admission from the queue goes to the level of the request that has
     /// waited longest, whatever its level. Zero: strict priority.
@@ -77,8 +213,7 @@ pub(crate) struct Schedule {
 impl Schedule {
     pub(crate) fn new(levels: usize, oldest_every: u32) -> Self {
         Schedule {
-            levels: (0..levels).map(|_| Level::default()).collect(),
-            by_age: BTreeMap::new(),
+            levels: (0..levels).map(|_| Level::new()).collect(),
             flows: FastMap::default(),
             seq: 0,
             oldest_every,
@@ -105,7 +240,7 @@ impl Schedule {
     }
 
     pub(crate) fn len_at(&self, level: usize) -> usize {
-        self.levels[level].len
+        self.levels[level].arrivals.len()
     }
 
     pub(crate) fn levels(&self) -> usize {
@@ -114,56 +249,76 @@ impl Schedule {
 
     /// Users with a request waiting or running (with a fairness key).
     pub(crate) fn flow_count(&self) -> usize {
-        self.flows
-            .iter()
-            .filter(|((_, user), flow)| user.is_some() && !flow.idle())
-            .count()
+        self.flows.values().filter(|flow| !flow.idle()).count()
     }
 
+    /// The line of `user` at `level`, made if it has none; an idle user taken back leaves the
+    /// idle set.
     fn flow(&mut self, level: usize, user: Option<&Key>) -> &mut Flow {
-        let now = self.levels[level].virtual_time;
-        if let Some(flow) = self.flows.get(&(level, user.cloned())) {
-            if flow.idle() {
-                self.levels[level]
-                    .idle
-                    .remove(&(flow.next_tag, user.cloned()));
-            }
+        let at = &mut self.levels[level];
+        let Some(user) = user else {
+            return &mut at.unkeyed;
+        };
+        let now = at.virtual_time;
+        let mut created = false;
+        let flow = self.flows.entry((level, user.clone())).or_insert_with(|| {
+            created = true;
+            Flow::new(now)
+        });
+        if !created && flow.idle() && !at.idle.is_empty() {
+            at.idle.remove(&(flow.next_tag, user.clone()));
         }
-        self.flows
-            .entry((level, user.cloned()))
-            .or_insert_with(|| Flow {
-                next_tag: now,
-                running: 0,
-                waiting: BTreeMap::new(),
-                turn: None,
-            })
+        flow
     }
 
     /// Gives the first waiting request of the user's line, if any, the user's next turn.
     fn next_turn(&mut self, level: usize, user: Option<&Key>) {
-        let now = self.levels[level].virtual_time;
-        let Some(flow) = self.flows.get_mut(&(level, user.cloned())) else {
+        let at = &mut self.levels[level];
+        let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, level, user) else {
             return;
         };
-        let Some((&seq, _)) = flow.waiting.first_key_value() else {
+        let Some((seq, _)) = flow.waiting.first() else {
             return;
         };
-        let tag = flow.next_tag.max(now);
+        let tag = flow.next_tag.max(at.virtual_time);
         flow.next_tag = tag + 1;
         flow.turn = Some((tag, seq));
-        self.levels[level].turns.insert((tag, seq), user.cloned());
+        at.turns.push(Reverse((tag, seq, user.cloned())));
+        at.current_turns += 1;
+    }
+
+    /// The user's turn is given up (its request left): it stays in the heap until it comes to
+    /// the top, or until turns given up outnumber the current ones and the heap is rebuilt.
+    fn drop_turn(&mut self, level: usize) {
+        let at = &mut self.levels[level];
+        at.current_turns -= 1;
+        if at.current_turns == 0 {
+            at.turns.clear();
+        } else if at.turns.len() > 2 * at.current_turns + 32 {
+            let mut turns = std::mem::take(&mut at.turns);
+            turns.retain(|turn| at.is_current(&self.flows, level, turn));
+            at.turns = turns;
+        }
     }
 
     /// A user's line with nothing waiting or running is forgotten, unless its next tag is still
     /// ahead of virtual time while others wait: then it is kept until virtual time catches up.
     fn forget_if_idle(&mut self, level: usize, user: Option<&Key>) {
-        let key = (level, user.cloned());
+        let at = &mut self.levels[level];
+        let Some(user) = user else {
+            if at.unkeyed.idle()
+                && (at.arrivals.is_empty() || at.unkeyed.next_tag <= at.virtual_time)
+            {
+                at.unkeyed.next_tag = 0;
+            }
+            return;
+        };
+        let key = (level, user.clone());
         let Some(flow) = self.flows.get(&key).filter(|flow| flow.idle()) else {
             return;
         };
-        let at = &mut self.levels[level];
-        if at.len > 0 && flow.next_tag > at.virtual_time {
-            at.idle.insert((flow.next_tag, user.cloned()));
+        if !at.arrivals.is_empty() && flow.next_tag > at.virtual_time {
+            at.idle.insert((flow.next_tag, key.1));
         } else {
             self.flows.remove(&key);
             crate::sharded::shrink(&mut self.flows);
@@ -174,8 +329,14 @@ impl Schedule {
     /// once nobody waits there.
     fn sweep_idle(&mut self, level: usize) {
         let at = &mut self.levels[level];
+        if at.arrivals.is_empty() && at.unkeyed.idle() {
+            at.unkeyed.next_tag = 0;
+        }
+        if at.idle.is_empty() {
+            return;
+        }
         while let Some((tag, user)) = at.idle.first().cloned() {
-            if at.len > 0 && tag > at.virtual_time {
+            if !at.arrivals.is_empty() && tag > at.virtual_time {
                 break;
             }
             at.idle.pop_first();
@@ -202,15 +363,30 @@ impl Schedule {
         self.seq += 1;
         let seq = self.seq;
         let flow = self.flow(level, user);
-        flow.waiting.insert(seq, id);
-        let first = flow.turn.is_none();
-        if first {
+        flow.waiting.push(seq, id);
+        if flow.turn.is_none() {
             self.next_turn(level, user);
         }
-        self.by_age.insert(seq, level);
-        self.levels[level].len += 1;
+        self.levels[level].arrivals.push(seq, ());
         self.len += 1;
         Position { level, seq }
+    }
+
+    /// The level whose turn it is: the highest with requests waiting, or, every
+    /// `oldest_every`-th time, the one of the request that has waited longest.
+    fn next_level(&mut self) -> Option<usize> {
+        self.turns = self.turns.wrapping_add(1);
+        let oldest_turn = self.oldest_every > 0 && self.turns % self.oldest_every == 0;
+        if oldest_turn {
+            self.levels
+                .iter()
+                .enumerate()
+                .filter_map(|(level, l)| l.arrivals.first().map(|(seq, _)| (seq, level)))
+                .min()
+                .map(|(_, level)| level)
+        } else {
+            self.levels.iter().position(|l| !l.arrivals.is_empty())
+        }
     }
 
     /// The next request to admit. Its user stays active until [`Schedule::finish`].
@@ -218,27 +394,33 @@ impl Schedule {
         if self.len == 0 {
             return None;
         }
-        self.turns = self.turns.wrapping_add(1);
-        let oldest_turn = self.oldest_every > 0 && self.turns % self.oldest_every == 0;
         // The longest-waiting request's turn goes to its level, where users still take turns:
         // it keeps every level moving without undoing fairness within one.
-        let level = if oldest_turn {
-            *self.by_age.values().next()?
-        } else {
-            self.levels.iter().position(|l| l.len > 0)?
+        let level = self.next_level()?;
+        let at = &mut self.levels[level];
+        let (tag, seq, user, id) = loop {
+            let Reverse((tag, seq, user)) = at.turns.pop()?;
+            let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, level, user.as_ref())
+            else {
+                continue;
+            };
+            if flow.turn != Some((tag, seq)) {
+                continue;
+            }
+            let id = flow.waiting.remove(seq)?;
+            flow.turn = None;
+            if user.is_some() {
+                flow.running += 1;
+            }
+            break (tag, seq, user, id);
         };
-        let ((tag, seq), user) = self.levels[level].turns.pop_first()?;
-        let flow = self.flows.get_mut(&(level, user.clone()))?;
-        let id = flow.waiting.remove(&seq)?;
-        flow.turn = None;
-        if user.is_some() {
-            flow.running += 1;
+        at.current_turns -= 1;
+        at.arrivals.remove(seq);
+        if at.arrivals.is_empty() {
+            at.turns.clear();
         }
-        self.by_age.remove(&seq);
-        self.levels[level].len -= 1;
         self.len -= 1;
-        let vt = &mut self.levels[level].virtual_time;
-        *vt = (*vt).max(tag);
+        at.virtual_time = at.virtual_time.max(tag);
         self.next_turn(level, user.as_ref());
         self.forget_if_idle(level, user.as_ref());
         self.sweep_idle(level);
@@ -248,17 +430,20 @@ impl Schedule {
     /// The waiting requests of one level in the order they would be admitted: each user's line
     /// in arrival order, the users taking turns by tag.
     fn level_order(&self, level: usize) -> Vec<(u64, u64, RequestId)> {
-        let mut order: Vec<(u64, u64, RequestId)> = self.levels[level]
+        let at = &self.levels[level];
+        let mut order: Vec<(u64, u64, RequestId)> = at
             .turns
             .iter()
-            .filter_map(|(&(tag, _), user)| {
-                self.flows.get(&(level, user.clone())).map(|f| (tag, f))
+            .filter(|turn| at.is_current(&self.flows, level, turn))
+            .filter_map(|Reverse((tag, _, user))| {
+                at.flow(&self.flows, level, user.as_ref())
+                    .map(|f| (*tag, f))
             })
             .flat_map(|(tag, flow)| {
                 flow.waiting
                     .iter()
                     .enumerate()
-                    .map(move |(i, (&seq, &id))| (tag + i as u64, seq, id))
+                    .map(move |(i, (seq, &id))| (tag + i as u64, seq, id))
             })
             .collect();
         order.sort_unstable_by_key(|&(tag, seq, _)| (tag, seq));
@@ -274,7 +459,10 @@ impl Schedule {
 
     /// How many waiting requests would be admitted before the one at `pos`.
     pub(crate) fn rank(&self, pos: Position) -> usize {
-        let above: usize = self.levels[..pos.level].iter().map(|l| l.len).sum();
+        let above: usize = self.levels[..pos.level]
+            .iter()
+            .map(|l| l.arrivals.len())
+            .sum();
         let ahead = self
             .level_order(pos.level)
             .iter()
@@ -286,23 +474,26 @@ impl Schedule {
     /// Takes a waiting request out (cancelled, timed out or dropped). Its user loses nothing:
     /// if it held the user's turn, the user's next request takes that turn.
     pub(crate) fn remove(&mut self, pos: Position, user: Option<&Key>) -> bool {
-        let Some(flow) = self.flows.get_mut(&(pos.level, user.cloned())) else {
+        let at = &mut self.levels[pos.level];
+        let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, pos.level, user) else {
             return false;
         };
-        if flow.waiting.remove(&pos.seq).is_none() {
+        if flow.waiting.remove(pos.seq).is_none() {
             return false;
         }
-        if let Some((tag, seq)) = flow.turn.filter(|&(_, seq)| seq == pos.seq) {
+        let held_turn = flow.turn.filter(|&(_, seq)| seq == pos.seq);
+        if let Some((tag, _)) = held_turn {
             flow.turn = None;
             flow.next_tag = tag;
-            self.levels[pos.level].turns.remove(&(tag, seq));
+        }
+        at.arrivals.remove(pos.seq);
+        self.len -= 1;
+        if held_turn.is_some() {
+            self.drop_turn(pos.level);
             self.next_turn(pos.level, user);
         }
-        self.by_age.remove(&pos.seq);
-        self.levels[pos.level].len -= 1;
-        self.len -= 1;
         self.forget_if_idle(pos.level, user);
-        if self.levels[pos.level].len == 0 {
+        if self.levels[pos.level].arrivals.is_empty() {
             self.sweep_idle(pos.level);
         }
         true
@@ -310,13 +501,24 @@ impl Schedule {
 
     /// A request of `user` at `level` has finished running.
     pub(crate) fn finish(&mut self, level: usize, user: Option<&Key>) {
-        if user.is_none() {
+        let Some(user) = user else {
+            return;
+        };
+        let key = (level, user.clone());
+        let Some(flow) = self.flows.get_mut(&key) else {
+            return;
+        };
+        flow.running = flow.running.saturating_sub(1);
+        if !flow.idle() {
             return;
         }
-        if let Some(flow) = self.flows.get_mut(&(level, user.cloned())) {
-            flow.running = flow.running.saturating_sub(1);
+        let at = &mut self.levels[level];
+        if !at.arrivals.is_empty() && flow.next_tag > at.virtual_time {
+            at.idle.insert((flow.next_tag, key.1));
+        } else {
+            self.flows.remove(&key);
+            crate::sharded::shrink(&mut self.flows);
         }
-        self.forget_if_idle(level, user);
     }
 }
 
