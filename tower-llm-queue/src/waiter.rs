@@ -2,7 +2,7 @@
 //! waker of the task that waits on it.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 
@@ -45,16 +45,13 @@ impl Waiter {
         }
     }
 
-    /// Gives the slot to this waiter and wakes it. False if it had already given up.
-    pub(crate) fn grant(&self) -> bool {
-        let granted = self
-            .status
+    /// Gives the slot to this waiter without waking it: the caller wakes the returned task, if
+    /// any, once it has let go of its locks. `None` if the waiter had already given up.
+    pub(crate) fn grant(&self) -> Option<Option<Waker>> {
+        self.status
             .compare_exchange(WAITING, GRANTED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if granted {
-            self.waker.wake();
-        }
-        granted
+            .ok()
+            .map(|_| self.waker.take())
     }
 
     /// Marks the request cancelled and wakes it, whether it waits or runs. False if it was
@@ -134,13 +131,13 @@ mod tests {
     #[test]
     fn grant_and_leave_exclude_each_other() {
         let w = Waiter::new();
-        assert!(w.grant());
+        assert!(w.grant().is_some());
         assert!(!w.leave());
-        assert!(!w.grant());
+        assert!(w.grant().is_none());
 
         let w = Waiter::new();
         assert!(w.leave());
-        assert!(!w.grant());
+        assert!(w.grant().is_none());
         assert!(!w.cancel());
     }
 
@@ -152,6 +149,6 @@ mod tests {
         assert!(!w.cancel());
         let w = Waiter::new();
         assert!(w.cancel());
-        assert!(!w.grant());
+        assert!(w.grant().is_none());
     }
 }

@@ -225,7 +225,11 @@ impl Shared {
         };
         let user = entry.get_mut();
         while let Some(next) = user.waiters.pop_front() {
-            if next.grant() {
+            if let Some(wake) = next.grant() {
+                drop(book);
+                if let Some(waker) = wake {
+                    waker.wake();
+                }
                 return;
             }
         }

@@ -66,6 +66,26 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// A request admitted at once, without waiting.
+    pub(super) fn running_at_once(
+        user: Option<Key>,
+        level: usize,
+        started: Option<Instant>,
+    ) -> Self {
+        Entry {
+            user,
+            level,
+            phase: Phase::Running {
+                waited: Duration::ZERO,
+                started,
+                cancel: Cancel::Direct {
+                    cancelled: false,
+                    waker: None,
+                },
+            },
+        }
+    }
+
     /// Cancelled through the handle (a cancelled entry is no longer listed).
     pub(super) fn is_cancelled(&self) -> bool {
         match &self.phase {

@@ -13,9 +13,10 @@
 //! compare-and-swap of a request admitted at once, and of a release without the lock, fails
 //! whenever the flag is set. Lock order: the queue, then a registry shard.
 
+use std::collections::hash_map;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Context;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -200,21 +201,13 @@ impl Shared {
         tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
         let started = book.sample();
         book.counts.admitted += 1;
-        book.entries.insert(
-            id,
-            Entry {
-                user,
-                level,
-                phase: Phase::Running {
-                    waited: Duration::ZERO,
-                    started,
-                    cancel: Cancel::Direct {
-                        cancelled: false,
-                        waker: None,
-                    },
-                },
-            },
-        );
+        book.entries
+            .insert(id, Entry::running_at_once(user, level, started));
+        self.running_ticket(id)
+    }
+
+    /// The ticket of a request admitted at once, registered already.
+    fn running_ticket(self: &Arc<Self>, id: RequestId) -> Ticket {
         let ticket = self.ticket(id, None);
         ticket
             .cancels_seen
@@ -231,14 +224,21 @@ impl Shared {
         let level = level_index(self.levels.load(Ordering::Relaxed), priority);
         if user.is_none() {
             let mut book = self.registry.lock(id);
-            if book.entries.contains_key(&id) {
-                book.counts.rejected += 1;
-                return Err(duplicate(id));
-            }
-            if self.try_admit() {
-                return Ok(Enqueued::Running(
-                    self.register_running(&mut book, id, None, level),
-                ));
+            let book = &mut *book;
+            let started = book.sample();
+            match book.entries.entry(id) {
+                hash_map::Entry::Occupied(_) => {
+                    book.counts.rejected += 1;
+                    return Err(duplicate(id));
+                }
+                hash_map::Entry::Vacant(place) => {
+                    if self.try_admit() {
+                        tracing::trace!(%id, level = level + 1, "admitted at once");
+                        book.counts.admitted += 1;
+                        place.insert(Entry::running_at_once(None, level, started));
+                        return Ok(Enqueued::Running(self.running_ticket(id)));
+                    }
+                }
             }
         }
         self.enqueue_locked(id, user, level)
@@ -333,17 +333,22 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let mut queue = self.lock_queue();
-        self.release_locked(&mut queue);
+        let wake = self.release_locked(&mut self.lock_queue());
+        if let Some(waker) = wake {
+            waker.wake();
+        }
     }
 
     /// [`Shared::release`] under the queue's lock: hands the slot to the next waiter, and
-    /// clears the flag once nobody waits.
-    fn release_locked(&self, queue: &mut Queue) {
+    /// clears the flag once nobody waits. Returns the task to wake once the lock is let go.
+    #[must_use]
+    fn release_locked(&self, queue: &mut Queue) -> Option<Waker> {
         let now = Instant::now();
         let mut handed = false;
+        let mut wake = None;
         while let Some(id) = queue.schedule.pop() {
-            if let Some(waited) = self.grant(id, now) {
+            if let Some((waited, waker)) = self.grant(id, now) {
+                wake = waker;
                 let at_once = self.word.0.load(Ordering::Relaxed) >> (RUNNING_BITS + 1);
                 queue.counters.admitted += 1;
                 queue.waits.admitted_at_once(at_once, AT_ONCE_MODULUS);
@@ -354,7 +359,7 @@ impl Shared {
         }
         let empty = queue.schedule.len() == 0;
         if handed && !empty {
-            return;
+            return wake;
         }
         let mut word = self.word.0.load(Ordering::Relaxed);
         loop {
@@ -370,22 +375,21 @@ impl Shared {
                 .0
                 .compare_exchange_weak(word, new, Ordering::Release, Ordering::Relaxed)
             {
-                Ok(_) => return,
+                Ok(_) => return wake,
                 Err(actual) => word = actual,
             }
         }
     }
 
-    /// Gives the slot to waiting request `id`; how long it waited, or `None` if it had gone.
-    fn grant(&self, id: RequestId, now: Instant) -> Option<Duration> {
+    /// Gives the slot to waiting request `id`: how long it waited, and its task to wake once
+    /// the locks are let go; `None` if it had gone.
+    fn grant(&self, id: RequestId, now: Instant) -> Option<(Duration, Option<Waker>)> {
         let mut book = self.registry.lock(id);
         let entry = book.entries.get_mut(&id)?;
         let Phase::Queued { since, waiter, .. } = &entry.phase else {
             return None;
         };
-        if !waiter.grant() {
-            return None;
-        }
+        let wake = waiter.grant()?;
         let waited = now.saturating_duration_since(*since);
         tracing::debug!(%id, user = ?entry.user, level = entry.level + 1, waited_ms = waited.as_millis() as u64, "admitted");
         let waiter = waiter.clone();
@@ -394,7 +398,7 @@ impl Shared {
             started: Some(now),
             cancel: Cancel::Waiter(waiter),
         };
-        Some(waited)
+        Some((waited, wake))
     }
 
     /// Clears the flag if the last waiter has gone.
@@ -607,7 +611,11 @@ impl Drop for Ticket {
             queue.schedule.finish(ended.level, ended.user.as_ref());
             let word = shared.word.0.load(Ordering::Relaxed);
             if word & WAITING != 0 {
-                shared.release_locked(&mut queue);
+                let wake = shared.release_locked(&mut queue);
+                drop(queue);
+                if let Some(waker) = wake {
+                    waker.wake();
+                }
                 return;
             }
             drop(queue);
