@@ -1,5 +1,5 @@
-//! The response future of the layers whose work is a sequence of awaits (several attempts, a
-//! shared call, reading a body), written as `async` code and boxed.
+//! The response future of the layers whose work is a sequence of awaits (a shared call, a
+//! decision that may wait, reading a body), written as `async` code and boxed.
 
 use std::fmt;
 use std::future::Future;
@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, tower::BoxError>> + Send>>;
 
 /// A boxed response future. [`dedup::ResponseFuture`](crate::dedup::ResponseFuture),
-/// [`retry::ResponseFuture`](crate::retry::ResponseFuture) and
+/// [`rate::ResponseFuture`](crate::rate::ResponseFuture) and
 /// [`buffer::BufferFuture`](crate::buffer::BufferFuture) are this type.
 ///
 /// Dropping it drops the work in progress, as any future.

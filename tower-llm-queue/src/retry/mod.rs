@@ -58,6 +58,7 @@
 
 mod backoff;
 mod budget;
+mod future;
 mod layer;
 mod service;
 mod state;
@@ -67,14 +68,11 @@ use std::time::Duration;
 
 pub use self::backoff::{Backoff, Jitter};
 pub use self::budget::RetryBudget;
+pub use self::future::ResponseFuture;
 pub use self::layer::RetryBackoffLayer;
 pub use self::service::RetryBackoff;
 
 use self::state::Shared;
-
-/// The response future of [`RetryBackoff`]: dropping it drops the attempt in flight and makes no
-/// further one.
-pub type ResponseFuture<R> = crate::boxed::BoxedFuture<R>;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Config {
