@@ -261,6 +261,27 @@ where
         }
     }
 
+    /// The caller that runs the call in its own task gives up its seat before the call is
+    /// over. True if others still wait: the call must then go on in a task of its own (and be
+    /// [`started`](Shared::started)). False if nobody else waits: the flight is over, and
+    /// dropping the call stops it; a request that comes later starts a new one.
+    pub(super) fn hand_off(&self, key: &K, seat: Seat) -> bool {
+        let mut flights = lock(&self.flights);
+        let Some(flight) = flights.get_mut(key) else {
+            return false;
+        };
+        if flight.id != seat.flight {
+            return false;
+        }
+        flight.waiters.remove(seat.waiter);
+        if flight.waiters.len() > 0 {
+            return true;
+        }
+        flights.remove(key);
+        tracing::debug!("dedup: every waiter left; the shared call is dropped");
+        false
+    }
+
     /// A waiter gives up its seat; the last one to go stops the call.
     pub(super) fn leave(&self, key: &K, seat: Seat) {
         let mut flights = lock(&self.flights);

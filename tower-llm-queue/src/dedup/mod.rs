@@ -14,8 +14,11 @@
 //!
 //! # Cancellation and failure
 //!
-//! The shared call runs in its own task. When the caller who started it goes away, the call goes
-//! on for the others; it is dropped only when every waiter has gone. An error reaches every
+//! The shared call runs in the task of the caller who started it, as that caller's future is
+//! polled: no task is spawned for it. When that caller goes away before the call is over and
+//! others wait for it, the call moves to a task of its own and goes on for them; it is dropped
+//! only when every waiter has gone. (A caller that keeps the future but stops polling it holds
+//! the others up until it polls again or drops it.) An error reaches every
 //! current waiter and is not cached (unless [`negative_ttl`](DedupLayer::negative_ttl) says so);
 //! a single waiter gets the inner error untouched, several share a [`CallFailed`]. A panic in
 //! the inner service is a [`CallFailed`] for every waiter, and the key is usable again at once.

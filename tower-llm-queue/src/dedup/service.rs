@@ -1,4 +1,5 @@
 use std::fmt;
+use std::future::Future;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -139,10 +140,85 @@ where
                 }
             };
             // The shared call runs in the span of the request that started it.
-            let task = runtime.spawn(call.instrument(tracing::Span::current()));
-            shared.started(&key, seat.flight, task.abort_handle());
-            wait(shared, key, seat, answer).await
+            let call = Box::pin(call.instrument(tracing::Span::current()));
+            lead(shared, key, seat, answer, call, runtime).await
         }
+    }
+}
+
+/// The shared call, boxed so that it can move into a task of its own.
+type Call = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The seat of the caller that started the call and runs it in its own task. Dropped before
+/// the call is over, it hands the call to a task of its own if anybody else waits for it, and
+/// otherwise drops it.
+struct Lead<K: Hash + Eq + Clone + Send + Sync + 'static> {
+    shared: Arc<Shared<K>>,
+    key: K,
+    seat: Seat,
+    call: Option<Call>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Lead<K> {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            self.shared.leave(&self.key, self.seat);
+            return;
+        };
+        if self.shared.hand_off(&self.key, self.seat) {
+            tracing::trace!(
+                "dedup: the caller that started the call left; it goes on for the others"
+            );
+            let task = self.runtime.spawn(call);
+            self.shared
+                .started(&self.key, self.seat.flight, task.abort_handle());
+        }
+    }
+}
+
+/// Runs the shared call in the caller's own task — no task is spawned while the caller stays
+/// — and waits for its answer, delivered to every waiter at once.
+async fn lead<R, K>(
+    shared: Arc<Shared<K>>,
+    key: K,
+    seat: Seat,
+    mut answer: oneshot::Receiver<Delivery<R>>,
+    call: Call,
+    runtime: tokio::runtime::Handle,
+) -> Outcome<R>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    let mut lead = Lead {
+        shared,
+        key,
+        seat,
+        call: Some(call),
+        runtime,
+    };
+    let delivery = std::future::poll_fn(|cx| {
+        if let Some(call) = lead.call.as_mut() {
+            if call.as_mut().poll(cx).is_ready() {
+                lead.call = None;
+            }
+        }
+        std::pin::Pin::new(&mut answer).poll(cx)
+    })
+    .await;
+    // What the call still does after its answer (storing it in Redis) need not delay the reply.
+    if let Some(call) = lead.call.take() {
+        lead.runtime.spawn(call);
+    }
+    drop(lead);
+    match delivery {
+        Ok((outcome, first)) => {
+            if !first {
+                crate::copies::mark();
+            }
+            outcome
+        }
+        Err(_) => Err("the shared call ended without an answer".into()),
     }
 }
 

@@ -151,6 +151,28 @@ async fn the_call_is_dropped_when_every_waiter_leaves() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_leader_alone_that_leaves_drops_its_call_at_once() {
+    // The call runs in the leader's own task: with nobody else waiting, dropping the leader
+    // drops the call then and there, and the key is free for the next request.
+    let up = Upstream::default();
+    let layer = DedupLayer::new(by_key);
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    let mut leader = Box::pin(svc.clone().oneshot((1, 60)));
+    assert!(futures_util::FutureExt::now_or_never(leader.as_mut()).is_none());
+    assert_eq!((up.calls(), handle.stats().in_flight), (1, 1));
+    drop(leader);
+    assert_eq!(
+        up.dropped.load(Ordering::SeqCst),
+        1,
+        "dropped with its leader"
+    );
+    assert_eq!(handle.stats().in_flight, 0);
+    assert_eq!(svc.oneshot((1, 1)).await.unwrap(), 1);
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_panic_fails_every_waiter_and_frees_the_key() {
     let up = Upstream::default();
     let layer = DedupLayer::new(by_key);
