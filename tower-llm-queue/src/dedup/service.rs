@@ -98,7 +98,9 @@ where
             let call = async move {
                 #[cfg(feature = "redis")]
                 if let Some(entry) = &remote {
-                    match entry.get().await {
+                    // The round trips are boxed: their state is large, and would otherwise be
+                    // carried by every shared call, with Redis or without.
+                    match Box::pin(entry.get()).await {
                         Lookup::Hit(response, left) => {
                             task_shared.count_remote(true);
                             tracing::trace!("dedup: served from the cache in Redis");
@@ -133,7 +135,7 @@ where
                 #[cfg(feature = "redis")]
                 if let (Some(bytes), Some(entry), Some(ttl)) = (stored, &remote, task_shared.ttl())
                 {
-                    if let Err(err) = entry.put(bytes, ttl).await {
+                    if let Err(err) = Box::pin(entry.put(bytes, ttl)).await {
                         task_shared.count_remote(false);
                         tracing::warn!(error = %err, "dedup: a result cannot be stored in Redis");
                     }

@@ -114,7 +114,9 @@ impl Shared {
             }
             let limit = self.limiter.limit();
             let key = reservation.key.clone();
-            match remote.store.decide(limit, &key, id, cost, max_wait).await {
+            // Boxed: the round trip's state is large, and would otherwise be carried by the
+            // future of every decision, Redis or not.
+            match Box::pin(remote.store.decide(limit, &key, id, cost, max_wait)).await {
                 Ok(decision) => return self.conclude(decision, reservation),
                 Err(err) => {
                     // The script may have run, or may still run: undo it.
@@ -387,7 +389,8 @@ where
         ResponseFuture::new(async move {
             let (reservation, start) = shared.admit(key, cost).await?;
             if let Some(at) = start {
-                tokio::time::sleep_until(at).await;
+                // Boxed, as the Redis round trip: most decisions never wait.
+                Box::pin(tokio::time::sleep_until(at)).await;
             }
             let admission = reservation.started();
             // A correction made to a shared store before the response goes out is waited for,
