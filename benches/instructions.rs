@@ -14,7 +14,8 @@
 use tower::ServiceExt;
 
 use tower_llm_queue_servers::bench::{
-    current_thread, immediate, scheduling_stacks, tower_retry, upstream_stack, yielding, Boxed,
+    current_thread, full_stack, immediate, scheduling_stacks, tower_retry, upstream_stack,
+    yielding, Boxed,
 };
 
 fn stacks() -> Vec<(&'static str, Boxed)> {
@@ -40,6 +41,7 @@ fn stacks() -> Vec<(&'static str, Boxed)> {
             ),
         ),
         ("readme_upstream_stack", upstream_stack(immediate())),
+        ("full_stack", full_stack(immediate())),
         ("yielding_bare", Boxed::new(yielding(1))),
         (
             "dedup_miss",

@@ -3,7 +3,9 @@
 //!
 //! * `uncontended/*`: one request at a time through each stack; overhead = time − bare time.
 //!   `readme_upstream_stack` is the README's stack around the upstream client (retry, breaker,
-//!   queue, token bucket).
+//!   queue, token bucket); `full_stack` is the README's recommended order in full: the edge
+//!   layers (per-user limit, per-user sliding window, dedup with every request a miss) around
+//!   that stack.
 //! * `contended/*`: 1,000 concurrent tasks through a limit of 50, on a two-thread runtime; the
 //!   inner call yields three times, as a stand-in for I/O. (Not the per-user limit over one
 //!   user: its 1,000 requests are refused beyond the 50th.)
@@ -14,7 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tower::ServiceExt;
 
 use tower_llm_queue_servers::bench::{
-    current_thread, immediate, scheduling_stacks, two_threads, upstream_stack, yielding,
+    current_thread, full_stack, immediate, scheduling_stacks, two_threads, upstream_stack, yielding,
 };
 
 fn uncontended(c: &mut Criterion) {
@@ -25,6 +27,7 @@ fn uncontended(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     let mut stacks = scheduling_stacks(immediate());
     stacks.push(("readme_upstream_stack", upstream_stack(immediate())));
+    stacks.push(("full_stack", full_stack(immediate())));
     for (name, svc) in stacks {
         let mut n = 0u64;
         group.bench_function(name, |b| {

@@ -1,6 +1,13 @@
 //! The cost of one rate-limit decision, in memory, globally and keyed over 1,000 keys, beside
-//! `governor` in the same run. Both sides are tower services around the same bare upstream, so
-//! the figures include one service call each.
+//! `governor` and tower's own `RateLimit` in the same run. Every side is a tower service around
+//! the same bare upstream, so the figures include one service call each.
+//!
+//! tower's `RateLimit` is driven differently, as its users must: it is not `Clone` (it keeps the
+//! period's count and a timer in the service itself, and makes callers wait in `poll_ready`),
+//! so one service is called again and again, `ready().await` then `call`, where the other rows
+//! clone a shared service and `oneshot` it (what a server does per request). Its overhead is
+//! measured against `bare_ready_call`, the bare upstream driven the same way, not against
+//! `bare`.
 //!
 //! Through Redis (when it can be reached at `REDIS_URL`), in one group so that the figures come
 //! from the same run: the token bucket's decisions, and the concurrency limits' acquisition and
@@ -12,8 +19,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use governor::{Quota, RateLimiter};
+use tower::util::BoxService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_queue::rate::Rate;
 use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
@@ -98,6 +106,17 @@ fn decisions(c: &mut Criterion) {
             ),
         ),
         (
+            "sliding_window_global",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(SlidingWindowLayer::new(
+                        1_000_000_000,
+                        Duration::from_millis(10),
+                    ))
+                    .service(upstream()),
+            ),
+        ),
+        (
             "sliding_window_keyed_1000",
             Boxed::new(
                 ServiceBuilder::new()
@@ -115,6 +134,46 @@ fn decisions(c: &mut Criterion) {
             b.to_async(&runtime).iter(|| {
                 n += 1;
                 svc.clone().oneshot(n)
+            })
+        });
+    }
+    // tower's `RateLimit` counts requests in the service and, once a period's are spent, sleeps
+    // in `poll_ready`: a clone would count on its own, so it cannot be shared by cloning like
+    // the rows above (a server shares it behind a `Buffer`, whose channel and worker task would
+    // then be most of the figure). It is called the way its docs show, `ready().await` then
+    // `call`, on one service, with `u64::MAX` requests per second: it never waits, and every
+    // call still reads the clock and counts. Its future is boxed like the others' (a
+    // `BoxService`); `bare_ready_call` is its anchor, the bare upstream driven the same way.
+    // (`RateLimit::new` makes its timer at once: it needs the runtime's context.)
+    let context = runtime.enter();
+    let tower_rows: Vec<(&str, BoxService<u64, u64, BoxError>)> = vec![
+        ("bare_ready_call", BoxService::new(upstream())),
+        (
+            "tower_rate_limit",
+            BoxService::new(
+                ServiceBuilder::new()
+                    .rate_limit(u64::MAX, Duration::from_secs(1))
+                    .service(upstream()),
+            ),
+        ),
+    ];
+    drop(context);
+    for (name, mut svc) in tower_rows {
+        let mut n = 0u64;
+        group.bench_function(name, |b| {
+            // `to_async(..).iter` takes a closure that returns a future, which may not borrow
+            // the service mutably; this is the same loop (one `block_on` per sample, the
+            // results through `black_box`) with the borrow inside it.
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let start = std::time::Instant::now();
+                    for _ in 0..iters {
+                        n += 1;
+                        let ready = svc.ready().await.unwrap();
+                        black_box(ready.call(n).await.unwrap());
+                    }
+                    start.elapsed()
+                })
             })
         });
     }
