@@ -651,6 +651,64 @@ mod tests {
     }
 
     #[test]
+    fn a_line_keeps_order_and_forgets_what_left() {
+        let mut line = Line::default();
+        for seq in 1..=6 {
+            line.push(seq, seq * 10);
+        }
+        assert_eq!(line.remove(3), Some(30), "from the middle");
+        assert_eq!(line.remove(3), None, "only once");
+        assert_eq!(line.remove(1), Some(10), "from the front");
+        assert_eq!(line.first(), Some((2, &20)));
+        assert_eq!(line.remove(6), Some(60), "from the back");
+        assert_eq!(line.remove(7), None, "never there");
+        assert_eq!(line.len(), 3);
+        let left: Vec<u64> = line.iter().map(|(seq, _)| seq).collect();
+        assert_eq!(left, vec![2, 4, 5]);
+        line.remove(2);
+        assert_eq!(
+            line.first(),
+            Some((4, &40)),
+            "the gone one in front is skipped"
+        );
+        line.remove(4);
+        line.remove(5);
+        assert!(line.is_empty());
+        assert!(
+            line.items.is_empty(),
+            "nothing gone is kept once the line is empty"
+        );
+    }
+
+    #[test]
+    fn turns_given_up_do_not_pile_up() {
+        // 10 users keep a request waiting; 1,000 times, the request holding one user's turn
+        // leaves and another takes its place. The heap holds the current turns and at most a
+        // bounded number given up.
+        let users: Vec<Key> = (0..10u64).map(Key::from).collect();
+        let mut s = Schedule::new(1, 0);
+        let mut held: Vec<Position> = users
+            .iter()
+            .enumerate()
+            .map(|(n, user)| s.push(0, Some(user), id(n as u64)))
+            .collect();
+        for round in 0..1_000u64 {
+            let u = (round % 10) as usize;
+            s.push(0, Some(&users[u]), id(1_000 + round));
+            assert!(s.remove(held[u], Some(&users[u])));
+            held[u] = Position {
+                level: 0,
+                seq: s.seq,
+            };
+            assert!(s.levels[0].turns.len() <= 2 * 10 + 32 + 1);
+        }
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.levels[0].current_turns, 10);
+        let popped: Vec<RequestId> = std::iter::from_fn(|| s.pop()).collect();
+        assert_eq!(popped.len(), 10, "every current turn is served once");
+    }
+
+    #[test]
     fn state_empties() {
         let mut s = Schedule::new(2, 4);
         let a = Key::from("a");
