@@ -151,9 +151,9 @@ where
 /// The shared call, boxed so that it can move into a task of its own.
 type Call = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The seat of the caller that started the call and runs it in its own task. Dropped before
-/// the call is over, it hands the call to a task of its own if anybody else waits for it, and
-/// otherwise drops it.
+/// The seat of the caller that started the call and runs it in the caller's task. Dropped
+/// before the call is over, it hands the call to a task of its own if anybody else waits for
+/// it, and otherwise drops it.
 struct Lead<K: Hash + Eq + Clone + Send + Sync + 'static> {
     shared: Arc<Shared<K>>,
     key: K,
@@ -213,15 +213,7 @@ where
         lead.runtime.spawn(call);
     }
     drop(lead);
-    match delivery {
-        Ok((outcome, first)) => {
-            if !first {
-                crate::copies::mark();
-            }
-            outcome
-        }
-        Err(_) => Err("the shared call ended without an answer".into()),
-    }
+    delivered(delivery)
 }
 
 /// Gives up a seat when dropped: whoever drops out — leader or follower — only stops the shared
@@ -248,7 +240,12 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
     let _leave = Leave { shared, key, seat };
-    match answer.await {
+    delivered(answer.await)
+}
+
+/// A waiter's outcome, from what its seat received.
+fn delivered<R>(delivery: Result<Delivery<R>, oneshot::error::RecvError>) -> Outcome<R> {
+    match delivery {
         Ok((outcome, first)) => {
             if !first {
                 crate::copies::mark();
