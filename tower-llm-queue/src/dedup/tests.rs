@@ -379,3 +379,62 @@ async fn the_shared_call_runs_in_the_span_of_its_leader() {
         .unwrap();
     assert_eq!(*seen.lock().unwrap(), [Some("chat_request")]);
 }
+
+mod callers_that_come_and_go {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Identical callers arrive and leave at random — the one that started the call among
+        /// them. Every caller that stays is answered, none hangs, and afterwards no call is in
+        /// flight and every call made has ended.
+        #[test]
+        fn every_caller_that_stays_is_answered(
+            callers in proptest::collection::vec((0u64..3_000, proptest::option::of(0u64..3_000)), 1..30),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let up = Upstream::default();
+                let layer = DedupLayer::new(by_key);
+                let handle = layer.handle();
+                let svc = ServiceBuilder::new().layer(layer).service(up.service());
+                let tasks: Vec<_> = callers
+                    .iter()
+                    .map(|&(arrive, leave)| {
+                        let svc = svc.clone();
+                        tokio::spawn(async move {
+                            sleep(Duration::from_millis(arrive)).await;
+                            let call = svc.oneshot((1, 1));
+                            match leave {
+                                Some(after) => {
+                                    tokio::time::timeout(Duration::from_millis(after), call)
+                                        .await
+                                        .ok()
+                                }
+                                None => Some(call.await),
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    let answered = tokio::time::timeout(Duration::from_secs(60), task)
+                        .await
+                        .expect("no caller hangs")
+                        .unwrap();
+                    if let Some(result) = answered {
+                        assert!(result.is_ok(), "{:?}", result.err());
+                    }
+                }
+                sleep(Duration::from_secs(5)).await;
+                assert_eq!(handle.stats().in_flight, 0);
+                assert_eq!(up.dropped.load(Ordering::SeqCst), up.calls(), "every call ended");
+            });
+        }
+    }
+}
