@@ -6,6 +6,7 @@
 //! admitted at once touches its own shard only — never the queue's lock. Each shard counts the
 //! requests that ended in it; stats add the shards up.
 
+use std::collections::hash_map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -66,26 +67,6 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    /// A request admitted at once, without waiting.
-    pub(super) fn running_at_once(
-        user: Option<Key>,
-        level: usize,
-        started: Option<Instant>,
-    ) -> Self {
-        Entry {
-            user,
-            level,
-            phase: Phase::Running {
-                waited: Duration::ZERO,
-                started,
-                cancel: Cancel::Direct {
-                    cancelled: false,
-                    waker: None,
-                },
-            },
-        }
-    }
-
     /// Cancelled through the handle (a cancelled entry is no longer listed).
     pub(super) fn is_cancelled(&self) -> bool {
         match &self.phase {
@@ -123,10 +104,21 @@ pub(super) struct Book {
 }
 
 impl Book {
-    /// Whether a request admitted at once now is one whose service time is measured.
-    pub(super) fn sample(&mut self) -> Option<Instant> {
-        self.starts = self.starts.wrapping_add(1);
-        crate::service_time::sampled(self.starts)
+    /// The place of a new request `id`, found with one lookup; `None` (counted as a
+    /// rejection) if the id is in use.
+    #[inline]
+    pub(super) fn vacancy(&mut self, id: RequestId) -> Option<Vacancy<'_>> {
+        match self.entries.entry(id) {
+            hash_map::Entry::Occupied(_) => {
+                self.counts.rejected += 1;
+                None
+            }
+            hash_map::Entry::Vacant(place) => Some(Vacancy {
+                place,
+                counts: &mut self.counts,
+                starts: &mut self.starts,
+            }),
+        }
     }
 
     /// Counts the end of a running request that was not cancelled through the handle.
@@ -137,6 +129,43 @@ impl Book {
             (false, Finish::Completed) => c.completed += 1,
             (false, Finish::Dropped) => c.cancelled += 1,
         }
+    }
+}
+
+/// The place of a new request in its shard, until it is registered there, running or queued.
+pub(super) struct Vacancy<'a> {
+    place: hash_map::VacantEntry<'a, RequestId, Entry>,
+    counts: &'a mut Counts,
+    starts: &'a mut u32,
+}
+
+impl Vacancy<'_> {
+    /// Registers a request admitted at once; only sampled ones read the clock, for the
+    /// service-time estimate.
+    // Inlined into both callers: it is on the path of every request admitted at once.
+    #[inline(always)]
+    pub(super) fn run(self, user: Option<Key>, level: usize) {
+        tracing::trace!(id = %self.place.key(), user = ?user, level = level + 1, "admitted at once");
+        *self.starts = self.starts.wrapping_add(1);
+        let started = crate::service_time::sampled(*self.starts);
+        self.counts.admitted += 1;
+        self.place.insert(Entry {
+            user,
+            level,
+            phase: Phase::Running {
+                waited: Duration::ZERO,
+                started,
+                cancel: Cancel::Direct {
+                    cancelled: false,
+                    waker: None,
+                },
+            },
+        });
+    }
+
+    /// Registers a request that waits.
+    pub(super) fn queue(self, entry: Entry) {
+        self.place.insert(entry);
     }
 }
 

@@ -13,7 +13,6 @@
 //! compare-and-swap of a request admitted at once, and of a release without the lock, fails
 //! whenever the flag is set. Lock order: the queue, then a registry shard.
 
-use std::collections::hash_map;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -190,22 +189,6 @@ impl Shared {
         }
     }
 
-    /// Registers a request admitted at once.
-    fn register_running(
-        self: &Arc<Self>,
-        book: &mut Book,
-        id: RequestId,
-        user: Option<Key>,
-        level: usize,
-    ) -> Ticket {
-        tracing::trace!(%id, user = ?user, level = level + 1, "admitted at once");
-        let started = book.sample();
-        book.counts.admitted += 1;
-        book.entries
-            .insert(id, Entry::running_at_once(user, level, started));
-        self.running_ticket(id)
-    }
-
     /// The ticket of a request admitted at once, registered already.
     fn running_ticket(self: &Arc<Self>, id: RequestId) -> Ticket {
         let ticket = self.ticket(id, None);
@@ -224,21 +207,12 @@ impl Shared {
         let level = level_index(self.levels.load(Ordering::Relaxed), priority);
         if user.is_none() {
             let mut book = self.registry.lock(id);
-            let book = &mut *book;
-            let started = book.sample();
-            match book.entries.entry(id) {
-                hash_map::Entry::Occupied(_) => {
-                    book.counts.rejected += 1;
-                    return Err(duplicate(id));
-                }
-                hash_map::Entry::Vacant(place) => {
-                    if self.try_admit() {
-                        tracing::trace!(%id, level = level + 1, "admitted at once");
-                        book.counts.admitted += 1;
-                        place.insert(Entry::running_at_once(None, level, started));
-                        return Ok(Enqueued::Running(self.running_ticket(id)));
-                    }
-                }
+            let Some(vacancy) = book.vacancy(id) else {
+                return Err(duplicate(id));
+            };
+            if self.try_admit() {
+                vacancy.run(None, level);
+                return Ok(Enqueued::Running(self.running_ticket(id)));
             }
         }
         self.enqueue_locked(id, user, level)
@@ -253,10 +227,9 @@ impl Shared {
     ) -> Result<Enqueued, Rejected> {
         let mut queue = self.lock_queue();
         let mut book = self.registry.lock(id);
-        if book.entries.contains_key(&id) {
-            book.counts.rejected += 1;
+        let Some(vacancy) = book.vacancy(id) else {
             return Err(duplicate(id));
-        }
+        };
         let mut word = self.word.0.load(Ordering::Relaxed);
         loop {
             if word & WAITING == 0 && word & RUNNING < self.concurrency {
@@ -269,8 +242,8 @@ impl Shared {
                     Ok(_) => {
                         queue.schedule.admit_directly(level, user.as_ref());
                         drop(queue);
-                        let ticket = self.register_running(&mut book, id, user, level);
-                        return Ok(Enqueued::Running(ticket));
+                        vacancy.run(user, level);
+                        return Ok(Enqueued::Running(self.running_ticket(id)));
                     }
                     Err(actual) => {
                         word = actual;
@@ -301,18 +274,15 @@ impl Shared {
         let position = queue.schedule.push(level, user.as_ref(), id);
         tracing::debug!(%id, user = ?user, level = level + 1, waiting = queue.schedule.len(), "queued");
         let waiter = Arc::new(Waiter::new());
-        book.entries.insert(
-            id,
-            Entry {
-                user,
-                level,
-                phase: Phase::Queued {
-                    position,
-                    since: Instant::now(),
-                    waiter: waiter.clone(),
-                },
+        vacancy.queue(Entry {
+            user,
+            level,
+            phase: Phase::Queued {
+                position,
+                since: Instant::now(),
+                waiter: waiter.clone(),
             },
-        );
+        });
         drop(book);
         let timeout = queue.config.queue_timeout;
         drop(queue);
