@@ -177,6 +177,12 @@ impl Level {
         }
     }
 
+    /// Whether an idle user's next tag is still worth remembering: others wait here, and
+    /// virtual time has not caught up with it.
+    fn remembers(&self, next_tag: u64) -> bool {
+        !self.arrivals.is_empty() && next_tag > self.virtual_time
+    }
+
     /// Whether `turn` is the one its user's line holds now.
     fn is_current(&self, flows: &Flows, level: usize, turn: &Turn) -> bool {
         let Reverse((tag, seq, user)) = turn;
@@ -304,21 +310,31 @@ impl Schedule {
     /// A user's line with nothing waiting or running is forgotten, unless its next tag is still
     /// ahead of virtual time while others wait: then it is kept until virtual time catches up.
     fn forget_if_idle(&mut self, level: usize, user: Option<&Key>) {
-        let at = &mut self.levels[level];
         let Some(user) = user else {
-            if at.unkeyed.idle()
-                && (at.arrivals.is_empty() || at.unkeyed.next_tag <= at.virtual_time)
-            {
+            let at = &mut self.levels[level];
+            if at.unkeyed.idle() && !at.remembers(at.unkeyed.next_tag) {
                 at.unkeyed.next_tag = 0;
             }
             return;
         };
         let key = (level, user.clone());
-        let Some(flow) = self.flows.get(&key).filter(|flow| flow.idle()) else {
+        let Some(next_tag) = self
+            .flows
+            .get(&key)
+            .filter(|flow| flow.idle())
+            .map(|flow| flow.next_tag)
+        else {
             return;
         };
-        if !at.arrivals.is_empty() && flow.next_tag > at.virtual_time {
-            at.idle.insert((flow.next_tag, key.1));
+        self.park_or_forget(key, next_tag);
+    }
+
+    /// An idle user's line: kept among the level's idle users while the level remembers its
+    /// next tag, forgotten otherwise.
+    fn park_or_forget(&mut self, key: (usize, Key), next_tag: u64) {
+        let at = &mut self.levels[key.0];
+        if at.remembers(next_tag) {
+            at.idle.insert((next_tag, key.1));
         } else {
             self.flows.remove(&key);
             crate::sharded::shrink(&mut self.flows);
@@ -329,14 +345,14 @@ impl Schedule {
     /// once nobody waits there.
     fn sweep_idle(&mut self, level: usize) {
         let at = &mut self.levels[level];
-        if at.arrivals.is_empty() && at.unkeyed.idle() {
+        if at.unkeyed.idle() && !at.remembers(at.unkeyed.next_tag) {
             at.unkeyed.next_tag = 0;
         }
         if at.idle.is_empty() {
             return;
         }
         while let Some((tag, user)) = at.idle.first().cloned() {
-            if !at.arrivals.is_empty() && tag > at.virtual_time {
+            if at.remembers(tag) {
                 break;
             }
             at.idle.pop_first();
@@ -509,15 +525,9 @@ impl Schedule {
             return;
         };
         flow.running = flow.running.saturating_sub(1);
-        if !flow.idle() {
-            return;
-        }
-        let at = &mut self.levels[level];
-        if !at.arrivals.is_empty() && flow.next_tag > at.virtual_time {
-            at.idle.insert((flow.next_tag, key.1));
-        } else {
-            self.flows.remove(&key);
-            crate::sharded::shrink(&mut self.flows);
+        if flow.idle() {
+            let next_tag = flow.next_tag;
+            self.park_or_forget(key, next_tag);
         }
     }
 }
