@@ -19,10 +19,47 @@ use tower_llm_queue_servers::bench::{
 };
 
 fn stacks() -> Vec<(&'static str, Boxed)> {
+    use std::time::Duration;
     use tower::ServiceBuilder;
-    use tower_llm_queue::{CircuitBreakerLayer, DedupLayer, RetryBackoffLayer};
+    use tower_llm_queue::rate::Rate;
+    use tower_llm_queue::{
+        CircuitBreakerLayer, DedupLayer, RetryBackoffLayer, SlidingWindowLayer, TokenBucketLayer,
+    };
     let mut stacks = scheduling_stacks(immediate());
     stacks.extend([
+        (
+            "token_bucket",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(TokenBucketLayer::new(
+                        Rate::per_second(1_000_000_000),
+                        1_000_000,
+                    ))
+                    .service(immediate()),
+            ),
+        ),
+        (
+            "token_bucket_100_users",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000)
+                            .keyed_by(|n: &u64| n % 100),
+                    )
+                    .service(immediate()),
+            ),
+        ),
+        (
+            "sliding_window_100_users",
+            Boxed::new(
+                ServiceBuilder::new()
+                    .layer(
+                        SlidingWindowLayer::new(1_000_000_000, Duration::from_millis(10))
+                            .keyed_by(|n: &u64| n % 100),
+                    )
+                    .service(immediate()),
+            ),
+        ),
         ("tower_retry", tower_retry(immediate())),
         (
             "retry_backoff",

@@ -6,6 +6,8 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use hashbrown::HashTable;
+
 use crate::key::Key;
 
 /// The hasher of every map in this crate: fast, and seeded at random so that keys chosen by
@@ -24,15 +26,43 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The fewest new keys a shard takes in between two sweeps.
 pub(crate) const SWEEP_AT_LEAST: usize = 256;
 
-/// Per-key state in shards. Callers remove a key's entry as soon as it holds nothing, and call
-/// [`shrink`] afterwards so that memory returns to baseline once keys have gone.
+/// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
+/// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Callers remove a key's
+/// entry as soon as it holds nothing, or let [`Place::sweep_if_new`] drop idle ones.
 pub(crate) struct Sharded<V> {
-    shards: Box<[Mutex<FastMap<Key, V>>]>,
-    /// New keys per shard since its last sweep (see [`Sharded::lock_sweeping`]).
+    shards: Box<[Mutex<Shard<V>>]>,
+    /// New keys per shard since its last sweep (see [`Place::sweep_if_new`]).
     grown: Box<[AtomicUsize]>,
-    /// Picks the shard; seeded apart from the maps' own hashers, and read from the hash's middle
-    /// bits, so that the keys of one shard still spread over its map's buckets.
+    /// Picks the shard (from the hash's middle bits) and places the key in it (hashbrown reads
+    /// the low and the top bits), so that the keys of one shard still spread over its buckets.
     hasher: Hasher,
+}
+
+/// The entries of one shard, each with its key and the key's hash.
+pub(crate) struct Shard<V> {
+    entries: HashTable<(u64, Key, V)>,
+}
+
+impl<V> Shard<V> {
+    /// The number of keys held.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Drops every entry.
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Drops the entries for which `idle` is true, and gives memory back if the shard has
+    /// become mostly empty. `idle` may update an entry that it keeps.
+    fn retain(&mut self, mut idle: impl FnMut(&mut V) -> bool) {
+        self.entries.retain(|(_, _, value)| !idle(value));
+        let (len, capacity) = (self.entries.len(), self.entries.capacity());
+        if capacity > 64 && len * 4 < capacity {
+            self.entries.shrink_to(len * 2, |(hash, _, _)| *hash);
+        }
+    }
 }
 
 impl<V> Sharded<V> {
@@ -40,63 +70,94 @@ impl<V> Sharded<V> {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         let count = (cores * 4).next_power_of_two();
         Sharded {
-            shards: (0..count).map(|_| Mutex::new(FastMap::default())).collect(),
+            shards: (0..count)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        entries: HashTable::new(),
+                    })
+                })
+                .collect(),
             grown: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             hasher: Hasher::default(),
         }
     }
 
-    /// The locked shard that holds `key`, swept first of the entries for which `idle` is true
-    /// when `key` is new to it and the shard has taken in as many new keys as it kept at its
-    /// last sweep (and at least [`SWEEP_AT_LEAST`]). Each sweep is paid for by the insertions
-    /// before it, so the cost is amortized O(1), and a shard never holds much more than twice
-    /// its live keys. `idle` may update an entry that it keeps.
-    pub(crate) fn lock_sweeping(
-        &self,
-        key: &Key,
-        idle: impl FnMut(&mut V) -> bool,
-    ) -> MutexGuard<'_, FastMap<Key, V>> {
-        let (index, mut shard) = self.lock_indexed(key);
-        self.sweep_if_due(index, &mut shard, key, idle);
-        shard
-    }
-
-    /// The sweep of [`Sharded::lock_sweeping`], for a caller that already holds shard `index`
-    /// (and must read something, such as the clock, under its lock first).
-    pub(crate) fn sweep_if_due(
-        &self,
-        index: usize,
-        shard: &mut FastMap<Key, V>,
-        key: &Key,
-        mut idle: impl FnMut(&mut V) -> bool,
-    ) {
-        if shard.contains_key(key) {
-            return;
+    /// The locked shard that holds `key`, with the key's place in it.
+    pub(crate) fn lock<'a>(&'a self, key: &'a Key) -> Place<'a, V> {
+        let hash = self.hasher.hash_one(key);
+        let index = (hash >> 32) as usize & (self.shards.len() - 1);
+        Place {
+            sharded: self,
+            index,
+            hash,
+            key,
+            shard: lock(&self.shards[index]),
         }
-        let grown = self.grown[index].fetch_add(1, Relaxed) + 1;
-        let kept = (shard.len() + 1).saturating_sub(grown);
-        if grown >= SWEEP_AT_LEAST.max(kept) {
-            shard.retain(|_, value| !idle(value));
-            shrink(shard);
-            self.grown[index].store(0, Relaxed);
-        }
-    }
-
-    /// The locked shard that holds `key`.
-    pub(crate) fn lock(&self, key: &Key) -> MutexGuard<'_, FastMap<Key, V>> {
-        self.lock_indexed(key).1
-    }
-
-    /// The locked shard that holds `key`, and its index (below [`Sharded::shard_count`]).
-    pub(crate) fn lock_indexed(&self, key: &Key) -> (usize, MutexGuard<'_, FastMap<Key, V>>) {
-        let index = (self.hasher.hash_one(key) >> 32) as usize & (self.shards.len() - 1);
-        (index, lock(&self.shards[index]))
     }
 
     /// Visits every shard in turn, each locked while `f` runs.
-    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut FastMap<Key, V>)) {
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut Shard<V>)) {
         for shard in self.shards.iter() {
             f(&mut lock(shard));
+        }
+    }
+
+    /// The number of keys held.
+    pub(crate) fn len(&self) -> usize {
+        let mut total = 0;
+        self.for_each_shard(|shard| total += shard.len());
+        total
+    }
+}
+
+/// One key's place in its locked shard: the entry, if there is one, found by the hash computed
+/// when the shard was locked.
+pub(crate) struct Place<'a, V> {
+    sharded: &'a Sharded<V>,
+    index: usize,
+    hash: u64,
+    key: &'a Key,
+    shard: MutexGuard<'a, Shard<V>>,
+}
+
+impl<V> Place<'_, V> {
+    /// The key's entry.
+    pub(crate) fn get(&mut self) -> Option<&mut V> {
+        let key = self.key;
+        self.shard
+            .entries
+            .find_mut(self.hash, |(_, k, _)| k == key)
+            .map(|(_, _, value)| value)
+    }
+
+    /// The key's entry, made with `new` if there is none.
+    pub(crate) fn get_or_insert_with(&mut self, new: impl FnOnce() -> V) -> &mut V {
+        let (hash, key) = (self.hash, self.key);
+        let entry = self
+            .shard
+            .entries
+            .entry(hash, |(_, k, _)| k == key, |(hash, _, _)| *hash);
+        &mut entry
+            .or_insert_with(|| (hash, key.clone(), new()))
+            .into_mut()
+            .2
+    }
+
+    /// When the key is new to its shard and the shard has taken in as many new keys as it
+    /// kept at its last sweep (and at least [`SWEEP_AT_LEAST`]), drops the shard's entries for
+    /// which `idle` is true. Each sweep is paid for by the insertions before it, so the cost is
+    /// amortized O(1), and a shard never holds much more than twice its live keys. `idle` may
+    /// update an entry that it keeps.
+    pub(crate) fn sweep_if_new(&mut self, idle: impl FnMut(&mut V) -> bool) {
+        if self.get().is_some() {
+            return;
+        }
+        let grown = &self.sharded.grown[self.index];
+        let new = grown.fetch_add(1, Relaxed) + 1;
+        let kept = (self.shard.len() + 1).saturating_sub(new);
+        if new >= SWEEP_AT_LEAST.max(kept) {
+            self.shard.retain(idle);
+            grown.store(0, Relaxed);
         }
     }
 }
@@ -120,33 +181,55 @@ where
     }
 }
 
-impl<V> Sharded<V> {
-    /// The number of keys held.
-    pub(crate) fn len(&self) -> usize {
-        let mut total = 0;
-        self.for_each_shard(|map| total += map.len());
-        total
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Adds `key`, sweeping its shard first of the entries `idle` picks.
+    fn arrive(map: &Sharded<u32>, key: u64, value: u32, idle: impl FnMut(&mut u32) -> bool) {
+        let key = Key::from(key);
+        let mut place = map.lock(&key);
+        place.sweep_if_new(idle);
+        *place.get_or_insert_with(|| value) = value;
+    }
+
     #[test]
-    fn memory_returns_after_many_keys() {
+    fn idle_keys_go_as_new_ones_arrive_and_busy_ones_stay() {
         let map: Sharded<u32> = Sharded::new();
-        for i in 0..10_000u64 {
-            map.lock(&Key::from(i)).insert(Key::from(i), 1);
+        for key in 0..10_000 {
+            arrive(&map, key, 1, |_| false);
         }
-        assert_eq!(map.len(), 10_000);
-        for i in 0..10_000u64 {
-            let mut shard = map.lock(&Key::from(i));
-            shard.remove(&Key::from(i));
-            shrink(&mut shard);
+        assert_eq!(map.len(), 10_000, "nothing idle, nothing swept");
+        for key in 0..10_000 {
+            assert_eq!(map.lock(&Key::from(key)).get().copied(), Some(1));
+        }
+        // The old keys are idle now; enough new ones arrive for every shard to sweep.
+        for key in 10_000..50_000 {
+            arrive(&map, key, 2, |v| *v == 1);
+        }
+        for key in 0..10_000 {
+            assert!(
+                map.lock(&Key::from(key)).get().is_none(),
+                "key {key} stayed"
+            );
+        }
+        assert_eq!(map.len(), 40_000);
+        for key in 10_000..50_000 {
+            assert_eq!(map.lock(&Key::from(key)).get().copied(), Some(2));
+        }
+    }
+
+    #[test]
+    fn a_swept_shard_gives_memory_back() {
+        let map: Sharded<u32> = Sharded::new();
+        for key in 0..10_000 {
+            arrive(&map, key, 1, |_| false);
         }
         let mut capacity = 0;
-        map.for_each_shard(|m| capacity += m.capacity());
+        map.for_each_shard(|shard| {
+            shard.retain(|_| true);
+            capacity += shard.entries.capacity();
+        });
         assert_eq!(map.len(), 0);
         assert!(capacity <= map.shards.len() * 64, "capacity {capacity}");
     }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::classify::Outcome;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
-use crate::sharded::{lock, FastMap, Sharded};
+use crate::sharded::{lock, Sharded};
 
 use super::{BreakerState, BreakerStats, Window};
 
@@ -176,21 +176,21 @@ pub(crate) struct Shared {
 /// The locked place of one key's breaker.
 enum Place<'a> {
     Anonymous(MutexGuard<'a, Option<Breaker>>),
-    Keyed(MutexGuard<'a, FastMap<Key, Breaker>>),
+    Keyed(crate::sharded::Place<'a, Breaker>),
 }
 
 impl Place<'_> {
-    fn get(&mut self, key: &Key) -> Option<&mut Breaker> {
+    fn get(&mut self) -> Option<&mut Breaker> {
         match self {
             Place::Anonymous(breaker) => breaker.as_mut(),
-            Place::Keyed(shard) => shard.get_mut(key),
+            Place::Keyed(place) => place.get(),
         }
     }
 
-    fn get_or_insert_with(&mut self, key: &Key, new: impl FnOnce() -> Breaker) -> &mut Breaker {
+    fn get_or_insert_with(&mut self, new: impl FnOnce() -> Breaker) -> &mut Breaker {
         match self {
             Place::Anonymous(breaker) => breaker.get_or_insert_with(new),
-            Place::Keyed(shard) => shard.entry(key.clone()).or_insert_with(new),
+            Place::Keyed(place) => place.get_or_insert_with(new),
         }
     }
 }
@@ -258,12 +258,15 @@ impl Shared {
     }
 
     /// The locked place of `key`'s breaker; for a new key, its shard is swept first when due.
-    fn place(&self, key: &Key, sweeping: bool) -> Place<'_> {
-        match (key.is_anonymous(), sweeping) {
-            (true, _) => Place::Anonymous(lock(&self.anonymous)),
-            (false, true) => Place::Keyed(self.breakers.lock_sweeping(key, Breaker::idle)),
-            (false, false) => Place::Keyed(self.breakers.lock(key)),
+    fn place<'a>(&'a self, key: &'a Key, sweeping: bool) -> Place<'a> {
+        if key.is_anonymous() {
+            return Place::Anonymous(lock(&self.anonymous));
         }
+        let mut place = self.breakers.lock(key);
+        if sweeping {
+            place.sweep_if_new(Breaker::idle);
+        }
+        Place::Keyed(place)
     }
 
     /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
@@ -271,9 +274,8 @@ impl Shared {
         let mut clock = Clock(None);
         let forced = self.forced.load(Relaxed);
         let mut shard = self.place(&key, true);
-        let breaker = shard.get_or_insert_with(&key, || {
-            Breaker::new(self.next_instance.fetch_add(1, Relaxed))
-        });
+        let breaker =
+            shard.get_or_insert_with(|| Breaker::new(self.next_instance.fetch_add(1, Relaxed)));
         breaker.touched = true;
         let refuse = |retry_after: Option<Duration>| {
             let mut rejected = Rejected::new(RejectionKind::CircuitOpen);
@@ -356,7 +358,7 @@ impl Shared {
         self.count(|c| &c.failures, u64::from(failed));
         self.count(|c| &c.slow, u64::from(slow));
         let mut shard = self.place(&pass.key, false);
-        let Some(breaker) = shard.get(&pass.key) else {
+        let Some(breaker) = shard.get() else {
             return;
         };
         if breaker.instance != pass.instance {
@@ -456,7 +458,7 @@ impl Shared {
         }
         pass.recorded = true;
         let mut shard = self.place(&pass.key, false);
-        let Some(breaker) = shard.get(&pass.key) else {
+        let Some(breaker) = shard.get() else {
             return;
         };
         if breaker.instance != pass.instance {
@@ -491,7 +493,7 @@ impl Shared {
         }
         let now = Instant::now();
         let mut shard = self.place(key, false);
-        match shard.get(key).map(|b| b.state) {
+        match shard.get().map(|b| b.state) {
             None | Some(State::Closed) => BreakerState::Closed,
             Some(State::Open { until, .. }) if until > now => BreakerState::Open {
                 remaining: until - now,

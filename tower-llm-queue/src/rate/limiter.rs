@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{MAX_COST, MAX_PERIOD};
 use crate::key::Key;
-use crate::sharded::Sharded;
+use crate::sharded::{Place, Sharded};
 
 /// The longest `retry_after` a refusal reports: 2^53 − 1 µs, about 285 years.
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_micros(MAX_COST);
@@ -210,7 +210,7 @@ struct Slot {
 }
 
 /// Per-key state in shards, swept of idle keys as new keys arrive
-/// ([`Sharded::sweep_if_due`]): a shard never holds much more than twice its live keys.
+/// ([`Place::sweep_if_new`]): a shard never holds much more than twice its live keys.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit: Limit,
@@ -254,15 +254,10 @@ impl MemoryLimiter {
             .unwrap_or_else(far)
     }
 
-    /// The slot of `key` in a locked shard, made on first use, with `now` moved up to the
+    /// The slot of a key in its locked shard, made on first use, with `now` moved up to the
     /// latest instant the key has seen.
-    fn slot<'a>(
-        &self,
-        shard: &'a mut crate::sharded::FastMap<Key, Slot>,
-        key: &Key,
-        now: &mut u64,
-    ) -> &'a mut Slot {
-        let slot = shard.entry(key.clone()).or_insert_with(|| Slot {
+    fn slot<'a>(&self, place: &'a mut Place<'_, Slot>, now: &mut u64) -> &'a mut Slot {
+        let slot = place.get_or_insert_with(|| Slot {
             state: State::new(&self.limit),
             seen: *now,
         });
@@ -302,14 +297,13 @@ impl MemoryLimiter {
             return Decision::Now(self.next_id.fetch_add(1, Relaxed));
         }
         let max_wait = max_wait.map(|wait| nanos(wait.min(MAX_PERIOD)));
-        let (index, mut shard) = self.keys.lock_indexed(key);
+        let mut place = self.keys.lock(key);
         // Read under the lock: decisions for one key then see the clock in their own order.
         let mut now = self.ticks(clock());
         let limit = &self.limit;
-        self.keys
-            .sweep_if_due(index, &mut shard, key, |slot| slot.state.idle(now, limit));
+        place.sweep_if_new(|slot| slot.state.idle(now, limit));
         let id = self.next_id.fetch_add(1, Relaxed);
-        let slot = self.slot(&mut shard, key, &mut now);
+        let slot = self.slot(&mut place, &mut now);
         match (&mut slot.state, self.limit) {
             (State::Log(log, total), Limit::Window { limit, window }) => {
                 if cost > limit {
@@ -402,13 +396,13 @@ impl MemoryLimiter {
     /// admission estimated at 0 left no record: its actual cost is recorded now.
     pub(crate) fn reconcile(&self, key: &Key, id: u64, estimated: u64, actual: u64) {
         let (estimated, actual) = (estimated.min(MAX_COST), actual.min(MAX_COST));
-        let mut shard = self.keys.lock(key);
+        let mut place = self.keys.lock(key);
         let mut now = self.ticks(Instant::now());
         if estimated == 0 {
             if actual == 0 {
                 return;
             }
-            let slot = self.slot(&mut shard, key, &mut now);
+            let slot = self.slot(&mut place, &mut now);
             match (&mut slot.state, self.limit) {
                 (State::Log(log, total), _) => {
                     let at = log
@@ -437,7 +431,7 @@ impl MemoryLimiter {
             }
             return;
         }
-        let Some(slot) = shard.get_mut(key) else {
+        let Some(slot) = place.get() else {
             return;
         };
         let now = now.max(slot.seen);
@@ -480,8 +474,8 @@ impl MemoryLimiter {
     /// admission is given back exactly while it is reserved or the latest to have started;
     /// otherwise (it is unknown, or later ones started after it) nothing changes.
     pub(crate) fn release(&self, key: &Key, id: u64) {
-        let mut shard = self.keys.lock(key);
-        let Some(slot) = shard.get_mut(key) else {
+        let mut place = self.keys.lock(key);
+        let Some(slot) = place.get() else {
             return;
         };
         let now = self.ticks(Instant::now()).max(slot.seen);
@@ -510,8 +504,8 @@ impl MemoryLimiter {
     /// of the burst (token bucket).
     pub(crate) fn usage(&self, key: &Key) -> u64 {
         let now = self.ticks(Instant::now());
-        let shard = self.keys.lock(key);
-        let used = match (shard.get(key).map(|s| &s.state), self.limit) {
+        let mut place = self.keys.lock(key);
+        let used = match (place.get().map(|s| &s.state), self.limit) {
             (Some(State::Log(log, _)), Limit::Window { window, .. }) => {
                 let window = nanos(window);
                 log.iter()
@@ -532,7 +526,7 @@ impl MemoryLimiter {
     /// The records kept for `key`: window entries, or a bucket's instant and its reservations.
     #[cfg(test)]
     pub(crate) fn records(&self, key: &Key) -> usize {
-        match self.keys.lock(key).get(key).map(|s| &s.state) {
+        match self.keys.lock(key).get().map(|s| &s.state) {
             Some(State::Log(log, _)) => log.len(),
             Some(State::Gcra(gcra)) => 1 + gcra.pending.len(),
             None => 0,
@@ -540,8 +534,6 @@ impl MemoryLimiter {
     }
 
     pub(crate) fn keys(&self) -> usize {
-        let mut n = 0;
-        self.keys.for_each_shard(|shard| n += shard.len());
-        n
+        self.keys.len()
     }
 }
