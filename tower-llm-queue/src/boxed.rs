@@ -8,8 +8,7 @@ use std::task::{Context, Poll};
 
 type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, tower::BoxError>> + Send>>;
 
-/// A boxed response future. [`dedup::ResponseFuture`](crate::dedup::ResponseFuture),
-/// [`rate::ResponseFuture`](crate::rate::ResponseFuture) and
+/// A boxed response future. [`dedup::ResponseFuture`](crate::dedup::ResponseFuture) and
 /// [`buffer::BufferFuture`](crate::buffer::BufferFuture) are this type.
 ///
 /// Dropping it drops the work in progress, as any future.

@@ -65,6 +65,7 @@
 //! # }
 //! ```
 
+mod future;
 mod layers;
 mod limiter;
 mod reconcile;
@@ -77,6 +78,7 @@ use std::time::Duration;
 
 use crate::key::{ExtractKey, Key};
 
+pub use self::future::ResponseFuture;
 pub use self::layers::{SlidingWindowLayer, TokenBucketLayer};
 pub use self::reconcile::{Meter, MeterBody, Metered, NoReconcile, Reconcile, Settle};
 pub use self::service::RateLimit;
@@ -84,9 +86,6 @@ pub use self::service::RateLimit;
 pub use crate::store::{OnRedisFailure, RedisStore};
 
 use self::service::Shared;
-
-/// The response future of [`RateLimit`].
-pub type ResponseFuture<R> = crate::boxed::BoxedFuture<R>;
 
 /// The longest window, interval or wait a rate limit accepts: 100 years of 365 days. Longer
 /// ones count as this. It keeps every instant and every product of a cost and an interval

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::clock::AtomicDuration;
@@ -12,7 +11,7 @@ use crate::key::{ExtractKey, Key};
 use crate::rejected::{Rejected, RejectionKind};
 
 use super::limiter::{Decision, Limit, MemoryLimiter};
-use super::{Cost, RateHandle, RateStats, Reconcile, ResponseFuture, Settle};
+use super::{Cost, RateHandle, RateStats, Reconcile, ResponseFuture};
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -86,62 +85,65 @@ impl Shared {
         }
     }
 
-    /// Decides for one request. The returned reservation gives the admission back if the
-    /// request leaves before it starts; with Redis it exists before the round trip, so that a
-    /// caller leaving during it, or a decision that fails or times out (and may still run in
-    /// Redis), sends Redis a release for its admission id.
-    async fn admit(
-        self: &Arc<Self>,
-        key: Key,
-        cost: u64,
-    ) -> Result<(Reservation, Option<tokio::time::Instant>), Rejected> {
-        let max_wait = self.max_wait();
+    /// Decides for one request: in memory at once, or with Redis in a boxed round trip. The
+    /// reservation of an admission gives it back if the request leaves before it starts.
+    pub(super) fn admit(self: &Arc<Self>, key: Key, cost: u64) -> Admit {
         #[cfg(feature = "redis")]
-        if let Some(remote) = self.remote.get() {
-            let id = fastrand::u64(..);
-            let mut reservation = Reservation {
-                shared: self.clone(),
-                key,
-                id,
-                backend: Backend::Redis,
-                cost,
-                armed: cost > 0,
-            };
-            if cost == 0 {
-                // Admitted without a record (the memory limiter does the same); a
-                // reconciliation records the actual cost in Redis.
-                return self.conclude(Decision::Now(id), reservation);
-            }
-            let limit = self.limiter.limit();
-            let key = reservation.key.clone();
-            // Boxed: the round trip's state is large, and would otherwise be carried by the
-            // future of every decision, Redis or not.
-            match Box::pin(remote.store.decide(limit, &key, id, cost, max_wait)).await {
-                Ok(decision) => return self.conclude(decision, reservation),
-                Err(err) => {
-                    // The script may have run, or may still run: undo it.
-                    reservation.give_back();
-                    match remote.store.failure_mode() {
-                        super::OnRedisFailure::LocalShare => {
-                            tracing::warn!(key = %key, error = %err, "rate: Redis failed; deciding with the local share");
-                            let decision = remote.fallback.decide(&key, cost, max_wait);
-                            let reservation =
-                                self.reservation(key, cost, decision, Backend::Fallback);
-                            return self.conclude(decision, reservation);
-                        }
-                        super::OnRedisFailure::Refuse => {
-                            tracing::warn!(key = %key, error = %err, "rate: Redis failed; refusing");
-                            return Err(Rejected::new(RejectionKind::RateLimited)
-                                .with_message("the rate limit cannot be checked right now")
-                                .with_retry_after(Duration::from_secs(1)));
-                        }
+        if self.remote.get().is_some() {
+            return Admit::Remote(Box::pin(self.clone().admit_remote(key, cost)));
+        }
+        let decision = self.limiter.decide(&key, cost, self.max_wait());
+        let reservation = self.reservation(key, cost, decision, Backend::Memory);
+        Admit::Decided(self.conclude(decision, reservation))
+    }
+
+    /// Decides in Redis. The reservation exists before the round trip, so that a caller
+    /// leaving during it, or a decision that fails or times out (and may still run in Redis),
+    /// sends Redis a release for its admission id.
+    #[cfg(feature = "redis")]
+    async fn admit_remote(self: Arc<Self>, key: Key, cost: u64) -> Result<Admitted, Rejected> {
+        let max_wait = self.max_wait();
+        let Some(remote) = self.remote.get() else {
+            return Err(Rejected::new(RejectionKind::RateLimited)
+                .with_message("the rate limit's store is not set"));
+        };
+        let id = fastrand::u64(..);
+        let mut reservation = Reservation {
+            shared: self.clone(),
+            key,
+            id,
+            backend: Backend::Redis,
+            cost,
+            armed: cost > 0,
+        };
+        if cost == 0 {
+            // Admitted without a record (the memory limiter does the same); a reconciliation
+            // records the actual cost in Redis.
+            return self.conclude(Decision::Now(id), reservation);
+        }
+        let limit = self.limiter.limit();
+        let key = reservation.key.clone();
+        match remote.store.decide(limit, &key, id, cost, max_wait).await {
+            Ok(decision) => self.conclude(decision, reservation),
+            Err(err) => {
+                // The script may have run, or may still run: undo it.
+                reservation.give_back();
+                match remote.store.failure_mode() {
+                    super::OnRedisFailure::LocalShare => {
+                        tracing::warn!(key = %key, error = %err, "rate: Redis failed; deciding with the local share");
+                        let decision = remote.fallback.decide(&key, cost, max_wait);
+                        let reservation = self.reservation(key, cost, decision, Backend::Fallback);
+                        self.conclude(decision, reservation)
+                    }
+                    super::OnRedisFailure::Refuse => {
+                        tracing::warn!(key = %key, error = %err, "rate: Redis failed; refusing");
+                        Err(Rejected::new(RejectionKind::RateLimited)
+                            .with_message("the rate limit cannot be checked right now")
+                            .with_retry_after(Duration::from_secs(1)))
                     }
                 }
             }
         }
-        let decision = self.limiter.decide(&key, cost, max_wait);
-        let reservation = self.reservation(key, cost, decision, Backend::Memory);
-        self.conclude(decision, reservation)
     }
 
     /// The reservation of an in-memory decision.
@@ -171,7 +173,7 @@ impl Shared {
         &self,
         decision: Decision,
         mut reservation: Reservation,
-    ) -> Result<(Reservation, Option<tokio::time::Instant>), Rejected> {
+    ) -> Result<Admitted, Rejected> {
         let counters = &self.counters;
         let (key, cost) = (&reservation.key, reservation.cost);
         match decision {
@@ -277,10 +279,22 @@ impl<S, E, C, R> RateLimit<S, E, C, R> {
     }
 }
 
+/// A decision for one request.
+pub(super) enum Admit {
+    /// Made in memory.
+    Decided(Result<Admitted, Rejected>),
+    /// On its way from Redis.
+    #[cfg(feature = "redis")]
+    Remote(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Admitted, Rejected>> + Send>>),
+}
+
+/// An admission, and the instant it may start if that is ahead (wait mode).
+pub(super) type Admitted = (Reservation, Option<tokio::time::Instant>);
+
 /// An admission, given back if its request leaves before starting: armed while the decision is
 /// pending (with Redis, from before the round trip) and while a reserved start is ahead;
 /// disarmed once the request starts, or when nothing was recorded.
-struct Reservation {
+pub(super) struct Reservation {
     shared: Arc<Shared>,
     key: Key,
     id: u64,
@@ -319,7 +333,7 @@ impl Reservation {
 
 impl Reservation {
     /// The request starts: nothing to give back any more, only its cost to correct.
-    fn started(mut self) -> Admission {
+    pub(super) fn started(mut self) -> Admission {
         self.armed = false;
         Admission {
             key: self.key.clone(),
@@ -341,7 +355,7 @@ pub(super) struct Admission {
 
 impl Admission {
     /// Whether it was decided in a store shared with other processes.
-    fn is_shared(&self) -> bool {
+    pub(super) fn is_shared(&self) -> bool {
         match self.backend {
             #[cfg(feature = "redis")]
             Backend::Redis => true,
@@ -358,53 +372,30 @@ impl Drop for Reservation {
 
 impl<S, E, C, R, Req> Service<Req> for RateLimit<S, E, C, R>
 where
-    S: Service<Req> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
+    S: Service<Req> + Clone,
     S::Error: Into<tower::BoxError>,
     E: ExtractKey<Req>,
     C: Cost<Req>,
-    R: Reconcile<Req, S::Response> + Clone + Send + 'static,
-    R::Output: Send + 'static,
-    Req: Send + 'static,
+    R: Reconcile<Req, S::Response> + Clone,
 {
     type Response = R::Output;
     type Error = tower::BoxError;
-    type Future = ResponseFuture<R::Output>;
+    type Future = ResponseFuture<S, Req, S::Future, R, R::Pending, R::Output>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
+        let (shared, reconcile) = (self.shared.clone(), self.reconcile.clone());
         let key = match self.key.extract(&request) {
             Ok(key) => key,
-            Err(rejected) => return ResponseFuture::new(async move { Err(rejected.into()) }),
+            Err(rejected) => return ResponseFuture::refused(shared, reconcile, rejected),
         };
         let cost = self.cost.cost(&request).min(super::MAX_COST);
-        let shared = self.shared.clone();
-        let inner = self.inner.clone();
-        let reconcile = self.reconcile.clone();
         let pending = reconcile.prepare(&request);
-        ResponseFuture::new(async move {
-            let (reservation, start) = shared.admit(key, cost).await?;
-            if let Some(at) = start {
-                // Boxed, as the Redis round trip: most decisions never wait.
-                Box::pin(tokio::time::sleep_until(at)).await;
-            }
-            let admission = reservation.started();
-            // A correction made to a shared store before the response goes out is waited for,
-            // so that the caller's next request sees it.
-            let sent = admission.is_shared().then(Default::default);
-            let response = inner.oneshot(request).await.map_err(Into::into)?;
-            let settle = Settle::new(shared, admission, sent.clone());
-            let response = reconcile.settle(pending, response, settle);
-            let task = sent.and_then(|sent| crate::sharded::lock(&sent).take());
-            if let Some(task) = task {
-                let _ = task.await;
-            }
-            Ok(response)
-        })
+        let inner = self.inner.clone();
+        ResponseFuture::new(inner, request, shared, reconcile, key, cost, pending)
     }
 }
 
