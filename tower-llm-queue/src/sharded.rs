@@ -28,10 +28,10 @@ pub(crate) const SWEEP_AT_LEAST: usize = 256;
 
 /// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
 /// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Callers remove a key's
-/// entry as soon as it holds nothing, or let [`Place::sweep_if_new`] drop idle ones.
+/// entry as soon as it holds nothing, or let [`Place::get_or_insert_with`] drop idle ones.
 pub(crate) struct Sharded<V> {
     shards: Box<[Mutex<Shard<V>>]>,
-    /// New keys per shard since its last sweep (see [`Place::sweep_if_new`]).
+    /// New keys per shard since its last sweep (see [`Place::get_or_insert_with`]).
     grown: Box<[AtomicUsize]>,
     /// Picks the shard (from the hash's middle bits) and places the key in it (hashbrown reads
     /// the low and the top bits), so that the keys of one shard still spread over its buckets.
@@ -52,16 +52,6 @@ impl<V> Shard<V> {
     /// Drops every entry.
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
-    }
-
-    /// Drops the entries for which `idle` is true, and gives memory back if the shard has
-    /// become mostly empty. `idle` may update an entry that it keeps.
-    fn retain(&mut self, mut idle: impl FnMut(&mut V) -> bool) {
-        self.entries.retain(|(_, _, value)| !idle(value));
-        let (len, capacity) = (self.entries.len(), self.entries.capacity());
-        if capacity > 64 && len * 4 < capacity {
-            self.entries.shrink_to(len * 2, |(hash, _, _)| *hash);
-        }
     }
 }
 
@@ -130,35 +120,41 @@ impl<V> Place<'_, V> {
             .map(|(_, _, value)| value)
     }
 
-    /// The key's entry, made with `new` if there is none.
-    pub(crate) fn get_or_insert_with(&mut self, new: impl FnOnce() -> V) -> &mut V {
+    /// The key's entry, made with `new` if there is none. Before a new key's entry is made,
+    /// when its shard has taken in as many new keys as it kept at its last sweep (and at least
+    /// [`SWEEP_AT_LEAST`]), the shard drops the entries for which `idle` is true. Each sweep is
+    /// paid for by the insertions before it, so the cost is amortized O(1), and a shard never
+    /// holds much more than twice its live keys. `idle` may update an entry that it keeps.
+    pub(crate) fn get_or_insert_with(
+        &mut self,
+        idle: impl FnMut(&mut V) -> bool,
+        new: impl FnOnce() -> V,
+    ) -> &mut V {
         let (hash, key) = (self.hash, self.key);
-        let entry = self
-            .shard
-            .entries
-            .entry(hash, |(_, k, _)| k == key, |(hash, _, _)| *hash);
-        &mut entry
-            .or_insert_with(|| (hash, key.clone(), new()))
-            .into_mut()
-            .2
-    }
-
-    /// When the key is new to its shard and the shard has taken in as many new keys as it
-    /// kept at its last sweep (and at least [`SWEEP_AT_LEAST`]), drops the shard's entries for
-    /// which `idle` is true. Each sweep is paid for by the insertions before it, so the cost is
-    /// amortized O(1), and a shard never holds much more than twice its live keys. `idle` may
-    /// update an entry that it keeps.
-    pub(crate) fn sweep_if_new(&mut self, idle: impl FnMut(&mut V) -> bool) {
-        if self.get().is_some() {
-            return;
-        }
+        let shard = &mut *self.shard;
+        let entries = match shard.entries.find_entry(hash, |(_, k, _)| k == key) {
+            Ok(entry) => return &mut entry.into_mut().2,
+            Err(absent) => absent.into_table(),
+        };
         let grown = &self.sharded.grown[self.index];
-        let new = grown.fetch_add(1, Relaxed) + 1;
-        let kept = (self.shard.len() + 1).saturating_sub(new);
-        if new >= SWEEP_AT_LEAST.max(kept) {
-            self.shard.retain(idle);
+        let new_keys = grown.fetch_add(1, Relaxed) + 1;
+        let kept = (entries.len() + 1).saturating_sub(new_keys);
+        if new_keys >= SWEEP_AT_LEAST.max(kept) {
+            sweep(entries, idle);
             grown.store(0, Relaxed);
         }
+        let entry = entries.insert_unique(hash, (hash, key.clone(), new()), |(hash, _, _)| *hash);
+        &mut entry.into_mut().2
+    }
+}
+
+/// Drops the entries for which `idle` is true, and gives memory back if the table has become
+/// mostly empty. `idle` may update an entry that it keeps.
+fn sweep<V>(entries: &mut HashTable<(u64, Key, V)>, mut idle: impl FnMut(&mut V) -> bool) {
+    entries.retain(|(_, _, value)| !idle(value));
+    let (len, capacity) = (entries.len(), entries.capacity());
+    if capacity > 64 && len * 4 < capacity {
+        entries.shrink_to(len * 2, |(hash, _, _)| *hash);
     }
 }
 
@@ -188,9 +184,7 @@ mod tests {
     /// Adds `key`, sweeping its shard first of the entries `idle` picks.
     fn arrive(map: &Sharded<u32>, key: u64, value: u32, idle: impl FnMut(&mut u32) -> bool) {
         let key = Key::from(key);
-        let mut place = map.lock(&key);
-        place.sweep_if_new(idle);
-        *place.get_or_insert_with(|| value) = value;
+        *map.lock(&key).get_or_insert_with(idle, || value) = value;
     }
 
     #[test]
@@ -227,7 +221,7 @@ mod tests {
         }
         let mut capacity = 0;
         map.for_each_shard(|shard| {
-            shard.retain(|_| true);
+            sweep(&mut shard.entries, |_| true);
             capacity += shard.entries.capacity();
         });
         assert_eq!(map.len(), 0);

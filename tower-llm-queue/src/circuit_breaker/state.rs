@@ -187,10 +187,12 @@ impl Place<'_> {
         }
     }
 
+    /// The key's breaker, made with `new` if there is none; a new key's shard is swept of idle
+    /// breakers first when due.
     fn get_or_insert_with(&mut self, new: impl FnOnce() -> Breaker) -> &mut Breaker {
         match self {
             Place::Anonymous(breaker) => breaker.get_or_insert_with(new),
-            Place::Keyed(place) => place.get_or_insert_with(new),
+            Place::Keyed(place) => place.get_or_insert_with(Breaker::idle, new),
         }
     }
 }
@@ -257,23 +259,19 @@ impl Shared {
         }
     }
 
-    /// The locked place of `key`'s breaker; for a new key, its shard is swept first when due.
-    fn place<'a>(&'a self, key: &'a Key, sweeping: bool) -> Place<'a> {
+    /// The locked place of `key`'s breaker.
+    fn place<'a>(&'a self, key: &'a Key) -> Place<'a> {
         if key.is_anonymous() {
             return Place::Anonymous(lock(&self.anonymous));
         }
-        let mut place = self.breakers.lock(key);
-        if sweeping {
-            place.sweep_if_new(Breaker::idle);
-        }
-        Place::Keyed(place)
+        Place::Keyed(self.breakers.lock(key))
     }
 
     /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
     pub(crate) fn admit(&self, key: Key, config: Config) -> Result<Pass, Rejected> {
         let mut clock = Clock(None);
         let forced = self.forced.load(Relaxed);
-        let mut shard = self.place(&key, true);
+        let mut shard = self.place(&key);
         let breaker =
             shard.get_or_insert_with(|| Breaker::new(self.next_instance.fetch_add(1, Relaxed)));
         breaker.touched = true;
@@ -357,7 +355,7 @@ impl Shared {
         };
         self.count(|c| &c.failures, u64::from(failed));
         self.count(|c| &c.slow, u64::from(slow));
-        let mut shard = self.place(&pass.key, false);
+        let mut shard = self.place(&pass.key);
         let Some(breaker) = shard.get() else {
             return;
         };
@@ -457,7 +455,7 @@ impl Shared {
             return;
         }
         pass.recorded = true;
-        let mut shard = self.place(&pass.key, false);
+        let mut shard = self.place(&pass.key);
         let Some(breaker) = shard.get() else {
             return;
         };
@@ -492,7 +490,7 @@ impl Shared {
             _ => {}
         }
         let now = Instant::now();
-        let mut shard = self.place(key, false);
+        let mut shard = self.place(key);
         match shard.get().map(|b| b.state) {
             None | Some(State::Closed) => BreakerState::Closed,
             Some(State::Open { until, .. }) if until > now => BreakerState::Open {

@@ -31,7 +31,6 @@ pin_project! {
     pub struct ResponseFuture<S, Req, F, R, P, O> {
         #[pin]
         call: CallWhenReady<S, Req, F>,
-        shared: Arc<Shared>,
         reconcile: R,
         stage: Stage<P, O>,
     }
@@ -39,11 +38,14 @@ pin_project! {
 
 type Deciding = Pin<Box<dyn Future<Output = Result<Admitted, Rejected>> + Send>>;
 
+/// Where a request is. The layer's state moves from stage to stage with it, and goes into the
+/// [`Settle`] of the response at the end.
 enum Stage<P, O> {
     /// Refused before any decision (the key could not be read).
     Refused(Rejected),
     /// Not polled yet.
     Decide {
+        shared: Arc<Shared>,
         key: Key,
         cost: u64,
         pending: P,
@@ -51,17 +53,20 @@ enum Stage<P, O> {
     /// Waits for a decision from Redis.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Deciding {
+        shared: Arc<Shared>,
         decision: Deciding,
         pending: P,
     },
     /// Waits for a reserved start.
     Waiting {
+        shared: Arc<Shared>,
         sleep: Pin<Box<Sleep>>,
         reservation: Reservation,
         pending: P,
     },
     /// Started: waits for the inner service, then for its response.
     Calling {
+        shared: Arc<Shared>,
         admission: Admission,
         sent: Option<Sent>,
         pending: P,
@@ -87,16 +92,19 @@ impl<S, Req, F, R, P, O> ResponseFuture<S, Req, F, R, P, O> {
     ) -> Self {
         ResponseFuture {
             call: CallWhenReady::new(inner, request),
-            shared,
             reconcile,
-            stage: Stage::Decide { key, cost, pending },
+            stage: Stage::Decide {
+                shared,
+                key,
+                cost,
+                pending,
+            },
         }
     }
 
-    pub(super) fn refused(shared: Arc<Shared>, reconcile: R, rejected: Rejected) -> Self {
+    pub(super) fn refused(reconcile: R, rejected: Rejected) -> Self {
         ResponseFuture {
             call: CallWhenReady::none(),
-            shared,
             reconcile,
             stage: Stage::Refused(rejected),
         }
@@ -105,24 +113,26 @@ impl<S, Req, F, R, P, O> ResponseFuture<S, Req, F, R, P, O> {
 
 /// The stage after a decision: waiting for a reserved start, or started.
 fn decided<P, O>(
+    shared: Arc<Shared>,
     admitted: Result<Admitted, Rejected>,
     pending: P,
 ) -> Result<Stage<P, O>, Rejected> {
     Ok(match admitted? {
-        (reservation, Some(at)) => Stage::Waiting {
+        Admitted::At(reservation, at) => Stage::Waiting {
+            shared,
             sleep: Box::pin(tokio::time::sleep_until(at)),
             reservation,
             pending,
         },
-        (reservation, None) => started(reservation, pending),
+        Admitted::Now(admission) => started(shared, admission, pending),
     })
 }
 
-fn started<P, O>(reservation: Reservation, pending: P) -> Stage<P, O> {
-    let admission = reservation.started();
+fn started<P, O>(shared: Arc<Shared>, admission: Admission, pending: P) -> Stage<P, O> {
     // A correction made to a shared store before the response goes out is waited for.
     let sent = admission.is_shared().then(Default::default);
     Stage::Calling {
+        shared,
         admission,
         sent,
         pending,
@@ -142,29 +152,45 @@ where
         loop {
             let next = match mem::replace(this.stage, Stage::Done) {
                 Stage::Refused(rejected) => return Poll::Ready(Err(rejected.into())),
-                Stage::Decide { key, cost, pending } => match this.shared.admit(key, cost) {
-                    Admit::Decided(admitted) => decided(admitted, pending),
+                Stage::Decide {
+                    shared,
+                    key,
+                    cost,
+                    pending,
+                } => match shared.admit(key, cost) {
+                    Admit::Decided(admitted) => decided(shared, admitted, pending),
                     #[cfg(feature = "redis")]
-                    Admit::Remote(decision) => Ok(Stage::Deciding { decision, pending }),
+                    Admit::Remote(decision) => Ok(Stage::Deciding {
+                        shared,
+                        decision,
+                        pending,
+                    }),
                 },
                 Stage::Deciding {
+                    shared,
                     mut decision,
                     pending,
                 } => match decision.as_mut().poll(cx) {
-                    Poll::Ready(admitted) => decided(admitted, pending),
+                    Poll::Ready(admitted) => decided(shared, admitted, pending),
                     Poll::Pending => {
-                        *this.stage = Stage::Deciding { decision, pending };
+                        *this.stage = Stage::Deciding {
+                            shared,
+                            decision,
+                            pending,
+                        };
                         return Poll::Pending;
                     }
                 },
                 Stage::Waiting {
+                    shared,
                     mut sleep,
                     reservation,
                     pending,
                 } => match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Ok(started(reservation, pending)),
+                    Poll::Ready(()) => Ok(started(shared, reservation.started(), pending)),
                     Poll::Pending => {
                         *this.stage = Stage::Waiting {
+                            shared,
                             sleep,
                             reservation,
                             pending,
@@ -173,12 +199,13 @@ where
                     }
                 },
                 Stage::Calling {
+                    shared,
                     admission,
                     sent,
                     pending,
                 } => match this.call.as_mut().poll(cx) {
                     Poll::Ready(Ok(response)) => {
-                        let settle = Settle::new(this.shared.clone(), admission, sent.clone());
+                        let settle = Settle::new(shared, admission, sent.clone());
                         let output = this.reconcile.settle(pending, response, settle);
                         match sent.and_then(|sent| crate::sharded::lock(&sent).take()) {
                             Some(task) => Ok(Stage::Correcting { task, output }),
@@ -188,6 +215,7 @@ where
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                     Poll::Pending => {
                         *this.stage = Stage::Calling {
+                            shared,
                             admission,
                             sent,
                             pending,

@@ -210,7 +210,7 @@ struct Slot {
 }
 
 /// Per-key state in shards, swept of idle keys as new keys arrive
-/// ([`Place::sweep_if_new`]): a shard never holds much more than twice its live keys.
+/// ([`Place::get_or_insert_with`]): a shard never holds much more than twice its live keys.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit: Limit,
@@ -254,13 +254,17 @@ impl MemoryLimiter {
             .unwrap_or_else(far)
     }
 
-    /// The slot of a key in its locked shard, made on first use, with `now` moved up to the
-    /// latest instant the key has seen.
+    /// The slot of a key in its locked shard, made on first use (after a sweep of idle keys,
+    /// when due), with `now` moved up to the latest instant the key has seen.
     fn slot<'a>(&self, place: &'a mut Place<'_, Slot>, now: &mut u64) -> &'a mut Slot {
-        let slot = place.get_or_insert_with(|| Slot {
-            state: State::new(&self.limit),
-            seen: *now,
-        });
+        let (limit, at) = (&self.limit, *now);
+        let slot = place.get_or_insert_with(
+            |slot| slot.state.idle(at, limit),
+            || Slot {
+                state: State::new(limit),
+                seen: at,
+            },
+        );
         *now = (*now).max(slot.seen);
         slot.seen = *now;
         slot
@@ -300,8 +304,6 @@ impl MemoryLimiter {
         let mut place = self.keys.lock(key);
         // Read under the lock: decisions for one key then see the clock in their own order.
         let mut now = self.ticks(clock());
-        let limit = &self.limit;
-        place.sweep_if_new(|slot| slot.state.idle(now, limit));
         let id = self.next_id.fetch_add(1, Relaxed);
         let slot = self.slot(&mut place, &mut now);
         match (&mut slot.state, self.limit) {

@@ -93,8 +93,7 @@ impl Shared {
             return Admit::Remote(Box::pin(self.clone().admit_remote(key, cost)));
         }
         let decision = self.limiter.decide(&key, cost, self.max_wait());
-        let reservation = self.reservation(key, cost, decision, Backend::Memory);
-        Admit::Decided(self.conclude(decision, reservation))
+        Admit::Decided(self.conclude(decision, key, cost, Backend::Memory))
     }
 
     /// Decides in Redis. The reservation exists before the round trip, so that a caller
@@ -119,12 +118,16 @@ impl Shared {
         if cost == 0 {
             // Admitted without a record (the memory limiter does the same); a reconciliation
             // records the actual cost in Redis.
-            return self.conclude(Decision::Now(id), reservation);
+            let key = reservation.disarm();
+            return self.conclude(Decision::Now(id), key, cost, Backend::Redis);
         }
         let limit = self.limiter.limit();
         let key = reservation.key.clone();
         match remote.store.decide(limit, &key, id, cost, max_wait).await {
-            Ok(decision) => self.conclude(decision, reservation),
+            Ok(decision) => {
+                drop(reservation.disarm());
+                self.conclude(decision, key, cost, Backend::Redis)
+            }
             Err(err) => {
                 // The script may have run, or may still run: undo it.
                 reservation.give_back();
@@ -132,8 +135,7 @@ impl Shared {
                     super::OnRedisFailure::LocalShare => {
                         tracing::warn!(key = %key, error = %err, "rate: Redis failed; deciding with the local share");
                         let decision = remote.fallback.decide(&key, cost, max_wait);
-                        let reservation = self.reservation(key, cost, decision, Backend::Fallback);
-                        self.conclude(decision, reservation)
+                        self.conclude(decision, key, cost, Backend::Fallback)
                     }
                     super::OnRedisFailure::Refuse => {
                         tracing::warn!(key = %key, error = %err, "rate: Redis failed; refusing");
@@ -146,58 +148,48 @@ impl Shared {
         }
     }
 
-    /// The reservation of an in-memory decision.
-    fn reservation(
+    /// Counts a decision made in `backend`: a request that starts now gets its admission, one
+    /// with a place reserved ahead a reservation, armed until it starts.
+    fn conclude(
         self: &Arc<Self>,
+        decision: Decision,
         key: Key,
         cost: u64,
-        decision: Decision,
         backend: Backend,
-    ) -> Reservation {
-        let id = match decision {
-            Decision::Now(id) | Decision::At(_, id) => id,
-            Decision::Denied(_) | Decision::TooLarge => 0,
-        };
-        Reservation {
-            shared: self.clone(),
-            key,
-            id,
-            backend,
-            cost,
-            armed: true,
-        }
-    }
-
-    /// Counts a decision, and keeps the reservation armed only for a place reserved ahead.
-    fn conclude(
-        &self,
-        decision: Decision,
-        mut reservation: Reservation,
     ) -> Result<Admitted, Rejected> {
         let counters = &self.counters;
-        let (key, cost) = (&reservation.key, reservation.cost);
         match decision {
-            Decision::Now(_) => {
+            Decision::Now(id) => {
                 counters.admitted.fetch_add(1, Relaxed);
-                reservation.armed = false;
-                Ok((reservation, None))
+                Ok(Admitted::Now(Admission {
+                    key,
+                    id,
+                    backend,
+                    cost,
+                }))
             }
-            Decision::At(at, _) => {
+            Decision::At(at, id) => {
                 counters.admitted.fetch_add(1, Relaxed);
                 counters.waited.fetch_add(1, Relaxed);
                 let wait_ms = millis(at.saturating_duration_since(tokio::time::Instant::now()));
                 tracing::debug!(key = %key, cost, wait_ms, "rate: waiting for a reserved start");
-                Ok((reservation, Some(at)))
+                let reservation = Reservation {
+                    shared: self.clone(),
+                    key,
+                    id,
+                    backend,
+                    cost,
+                    armed: true,
+                };
+                Ok(Admitted::At(reservation, at))
             }
             Decision::Denied(retry_after) => {
                 counters.rejected.fetch_add(1, Relaxed);
                 tracing::debug!(key = %key, cost, retry_after_ms = millis(retry_after), "rejected: rate limited");
-                reservation.armed = false;
                 Err(Rejected::new(RejectionKind::RateLimited).with_retry_after(retry_after))
             }
             Decision::TooLarge => {
                 counters.rejected.fetch_add(1, Relaxed);
-                reservation.armed = false;
                 Err(
                     Rejected::new(RejectionKind::RateLimited).with_message(format!(
                     "a request costing {cost} exceeds the whole limit and can never be admitted"
@@ -288,8 +280,11 @@ pub(super) enum Admit {
     Remote(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Admitted, Rejected>> + Send>>),
 }
 
-/// An admission, and the instant it may start if that is ahead (wait mode).
-pub(super) type Admitted = (Reservation, Option<tokio::time::Instant>);
+/// An admission: to start now, or at a reserved instant (wait mode).
+pub(super) enum Admitted {
+    Now(Admission),
+    At(Reservation, tokio::time::Instant),
+}
 
 /// An admission, given back if its request leaves before starting: armed while the decision is
 /// pending (with Redis, from before the round trip) and while a reserved start is ahead;
@@ -332,14 +327,20 @@ impl Reservation {
 }
 
 impl Reservation {
-    /// The request starts: nothing to give back any more, only its cost to correct.
-    pub(super) fn started(mut self) -> Admission {
+    /// Nothing to give back any more: the key, taken out.
+    fn disarm(mut self) -> Key {
         self.armed = false;
+        std::mem::replace(&mut self.key, Key::anonymous())
+    }
+
+    /// The request starts: nothing to give back any more, only its cost to correct.
+    pub(super) fn started(self) -> Admission {
+        let (id, backend, cost) = (self.id, self.backend, self.cost);
         Admission {
-            key: self.key.clone(),
-            id: self.id,
-            backend: self.backend,
-            cost: self.cost,
+            key: self.disarm(),
+            id,
+            backend,
+            cost,
         }
     }
 }
@@ -387,14 +388,14 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let (shared, reconcile) = (self.shared.clone(), self.reconcile.clone());
+        let reconcile = self.reconcile.clone();
         let key = match self.key.extract(&request) {
             Ok(key) => key,
-            Err(rejected) => return ResponseFuture::refused(shared, reconcile, rejected),
+            Err(rejected) => return ResponseFuture::refused(reconcile, rejected),
         };
         let cost = self.cost.cost(&request).min(super::MAX_COST);
         let pending = reconcile.prepare(&request);
-        let inner = self.inner.clone();
+        let (inner, shared) = (self.inner.clone(), self.shared.clone());
         ResponseFuture::new(inner, request, shared, reconcile, key, cost, pending)
     }
 }
