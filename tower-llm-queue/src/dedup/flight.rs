@@ -1,6 +1,6 @@
 //! The state one dedup layer shares: the calls in flight, the cache of recent results, counters.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,25 +23,31 @@ pub(super) type Outcome<R> = Result<R, tower::BoxError>;
 /// others get copies (see [`crate::copies`]).
 pub(super) type Delivery<R> = (Outcome<R>, bool);
 
-/// The waiters of one flight, by waiter id, for the response type `R` of the service that
-/// started the call; type-erased so that one map holds flights of every response type.
-trait Waiters: Send {
+/// The callers that joined a flight after the one that started it, in the order they came,
+/// for the response type `R` of the service that started the call; type-erased so that one map
+/// holds flights of every response type.
+trait Followers: Send {
     fn remove(&mut self, waiter: u64);
     fn len(&self) -> usize;
     fn as_any(&mut self) -> &mut dyn Any;
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
-type Senders<R> = FastMap<u64, oneshot::Sender<Delivery<R>>>;
+/// Each follower's waiter id (rising) and where its answer goes.
+type Senders<R> = Vec<(u64, oneshot::Sender<Delivery<R>>)>;
 
-impl<R: Send + 'static> Waiters for Senders<R> {
+impl<R: Send + 'static> Followers for Senders<R> {
     fn remove(&mut self, waiter: u64) {
-        FastMap::remove(self, &waiter);
-        crate::sharded::shrink(self);
+        if let Ok(at) = self.binary_search_by_key(&waiter, |(id, _)| *id) {
+            Vec::remove(self, at);
+        }
+        if self.capacity() > 64 && self.len() * 4 < self.capacity() {
+            self.shrink_to(self.len() * 2);
+        }
     }
 
     fn len(&self) -> usize {
-        FastMap::len(self)
+        Vec::len(self)
     }
 
     fn as_any(&mut self) -> &mut dyn Any {
@@ -67,9 +73,30 @@ pub(super) enum Ended<R> {
 /// so that a long call joined and left by many holds only its current waiters.
 struct Flight {
     id: u64,
-    waiters: Box<dyn Waiters>,
+    /// The response type of the service that started the call.
+    response: TypeId,
+    /// Whether the caller that started the call still waits for it. It runs the call in its
+    /// own task and takes its answer from the call itself, without a channel.
+    leader: bool,
+    /// The callers that joined since, once there is one (a [`Senders`] of the response type).
+    followers: Option<Box<dyn Followers>>,
     next_waiter: u64,
     abort: Option<AbortHandle>,
+}
+
+impl Flight {
+    fn waiting(&self) -> usize {
+        usize::from(self.leader) + self.followers.as_ref().map_or(0, |f| f.len())
+    }
+
+    /// Gives up the seat of `waiter`: waiter 0 is the leader.
+    fn remove(&mut self, waiter: u64) {
+        match (waiter, &mut self.followers) {
+            (0, _) => self.leader = false,
+            (_, Some(followers)) => followers.remove(waiter),
+            (_, None) => {}
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -116,8 +143,9 @@ pub(super) enum Joined<R> {
     Hit(Outcome<R>),
     /// Waiting for a call in flight.
     Waiting(Seat, oneshot::Receiver<Delivery<R>>),
-    /// Nobody runs this call: the caller must start it, as flight `seat.flight`.
-    Lead(Seat, oneshot::Receiver<Delivery<R>>),
+    /// Nobody runs this call: the caller must start it, as flight `seat.flight`, and takes its
+    /// answer from [`Shared::finish`].
+    Lead(Seat),
     /// The key is in use by a service of another response type: call without sharing.
     Alone,
 }
@@ -213,9 +241,14 @@ where
             return Joined::Hit(hit);
         }
         let mut flights = lock(&self.flights);
-        let (tx, rx) = oneshot::channel();
         if let Some(flight) = flights.get_mut(key) {
-            let Some(senders) = flight.waiters.as_any().downcast_mut::<Senders<R>>() else {
+            if flight.response != TypeId::of::<R>() {
+                return Joined::Alone;
+            }
+            let followers = flight
+                .followers
+                .get_or_insert_with(|| Box::new(Senders::<R>::new()));
+            let Some(senders) = followers.as_any().downcast_mut::<Senders<R>>() else {
                 return Joined::Alone;
             };
             let seat = Seat {
@@ -223,32 +256,33 @@ where
                 waiter: flight.next_waiter,
             };
             flight.next_waiter += 1;
-            senders.insert(seat.waiter, tx);
+            let (tx, rx) = oneshot::channel();
+            senders.push((seat.waiter, tx));
             self.counters.coalesced.fetch_add(1, Relaxed);
-            tracing::trace!(waiting = senders.len(), "dedup: joined a call in flight");
+            tracing::trace!(
+                waiting = senders.len() + 1,
+                "dedup: joined a call in flight"
+            );
             return Joined::Waiting(seat, rx);
         }
         let id = self.next_id.fetch_add(1, Relaxed);
-        let mut senders = Senders::<R>::default();
-        senders.insert(0, tx);
         flights.insert(
             key.clone(),
             Flight {
                 id,
-                waiters: Box::new(senders),
+                response: TypeId::of::<R>(),
+                leader: true,
+                followers: None,
                 next_waiter: 1,
                 abort: None,
             },
         );
         self.counters.misses.fetch_add(1, Relaxed);
         tracing::trace!("dedup: starting a shared call");
-        Joined::Lead(
-            Seat {
-                flight: id,
-                waiter: 0,
-            },
-            rx,
-        )
+        Joined::Lead(Seat {
+            flight: id,
+            waiter: 0,
+        })
     }
 
     /// Records the task that runs flight `id`, unless every waiter has already gone, in which
@@ -273,8 +307,8 @@ where
         if flight.id != seat.flight {
             return false;
         }
-        flight.waiters.remove(seat.waiter);
-        if flight.waiters.len() > 0 {
+        flight.remove(seat.waiter);
+        if flight.waiting() > 0 {
             return true;
         }
         flights.remove(key);
@@ -291,8 +325,8 @@ where
         if flight.id != seat.flight {
             return;
         }
-        flight.waiters.remove(seat.waiter);
-        if flight.waiters.len() == 0 {
+        flight.remove(seat.waiter);
+        if flight.waiting() == 0 {
             if let Some(flight) = flights.remove(key) {
                 if let Some(abort) = flight.abort {
                     abort.abort();
@@ -302,37 +336,41 @@ where
         }
     }
 
-    /// Flight `id` is over: caches its result when asked to and hands it to every waiter. A
-    /// failure seen by one waiter alone reaches it untouched; several share a [`CallFailed`].
-    /// The first waiter served gets the result; the others get copies.
-    pub(super) fn finish<R>(&self, key: &K, id: u64, ended: Ended<R>)
+    /// Flight `id` is over: caches its result when asked to and hands it to every waiter,
+    /// returning the leader's if the leader still waits. A failure seen by one waiter alone
+    /// reaches it untouched; several share a [`CallFailed`]. The first waiter served (the
+    /// leader, when it waits) gets the result; the others get copies.
+    pub(super) fn finish<R>(&self, key: &K, id: u64, ended: Ended<R>) -> Option<Delivery<R>>
     where
         R: Clone + Send + Sync + 'static,
     {
-        let (senders, result) = {
+        let (leader, senders, result) = {
             let mut flights = lock(&self.flights);
             match flights.get(key) {
                 Some(flight) if flight.id == id => {}
-                _ => return,
+                _ => return None,
             }
-            let Some(flight) = flights.remove(key) else {
-                return;
-            };
-            let Ok(senders) = flight.waiters.into_any().downcast::<Senders<R>>() else {
-                return;
+            let flight = flights.remove(key)?;
+            let (leader, waiting) = (flight.leader, flight.waiting());
+            let senders = match flight.followers {
+                Some(followers) => *followers.into_any().downcast::<Senders<R>>().ok()?,
+                None => Senders::new(),
             };
             let negative_ttl = self.negative_ttl.get();
             let (result, ttl) = match ended {
                 Ended::Ok(response) => (Ok(response), self.ttl.get()),
                 #[cfg(feature = "redis")]
                 Ended::Cached(response, left) => (Ok(response), Some(left)),
-                Ended::Err(err) if senders.len() == 1 && negative_ttl.is_none() => {
+                Ended::Err(err) if waiting == 1 && negative_ttl.is_none() => {
                     self.counters.failed.fetch_add(1, Relaxed);
                     drop(flights);
+                    if leader {
+                        return Some((Err(err), true));
+                    }
                     if let Some((_, only)) = senders.into_iter().next() {
                         let _ = only.send((Err(err), true));
                     }
-                    return;
+                    return None;
                 }
                 Ended::Err(err) => {
                     self.counters.failed.fetch_add(1, Relaxed);
@@ -353,14 +391,15 @@ where
                     },
                 );
             }
-            (*senders, result)
+            (leader, senders, result)
         };
-        let mut first = true;
+        let mut first = !leader;
         for (_, tx) in senders {
             if tx.send((result.clone().map_err(Into::into), first)).is_ok() {
                 first = false;
             }
         }
+        leader.then(|| (result.map_err(Into::into), true))
     }
 
     pub(super) fn stats(&self) -> DedupStats {
@@ -382,7 +421,7 @@ where
     /// The requests waiting for the call in flight for `key`.
     #[cfg(test)]
     pub(super) fn waiters(&self, key: &K) -> usize {
-        lock(&self.flights).get(key).map_or(0, |f| f.waiters.len())
+        lock(&self.flights).get(key).map_or(0, Flight::waiting)
     }
 
     pub(super) fn max_entries(&self) -> usize {

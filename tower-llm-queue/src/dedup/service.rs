@@ -90,7 +90,7 @@ where
             inner.oneshot(request).await.map_err(Into::into)
         }
         Joined::Waiting(seat, answer) => wait(shared, key, seat, answer).await,
-        Joined::Lead(seat, answer) => {
+        Joined::Lead(seat) => {
             #[cfg(feature = "redis")]
             let remote = shared.remote_entry::<S::Response>(&key);
             let task_shared = shared.clone();
@@ -104,12 +104,8 @@ where
                         Lookup::Hit(response, left) => {
                             task_shared.count_remote(true);
                             tracing::trace!("dedup: served from the cache in Redis");
-                            task_shared.finish(
-                                &task_key,
-                                seat.flight,
-                                Ended::Cached(response, left),
-                            );
-                            return;
+                            let ended = Ended::Cached(response, left);
+                            return (task_shared.finish(&task_key, seat.flight, ended), None);
                         }
                         Lookup::Miss => {}
                         Lookup::Failed(err) => {
@@ -131,48 +127,66 @@ where
                     (Ended::Ok(response), Some(entry)) => entry.encode(response),
                     _ => None,
                 };
-                task_shared.finish(&task_key, seat.flight, ended);
+                let delivery = task_shared.finish(&task_key, seat.flight, ended);
                 #[cfg(feature = "redis")]
-                if let (Some(bytes), Some(entry), Some(ttl)) = (stored, &remote, task_shared.ttl())
-                {
-                    if let Err(err) = Box::pin(entry.put(bytes, ttl)).await {
-                        task_shared.count_remote(false);
-                        tracing::warn!(error = %err, "dedup: a result cannot be stored in Redis");
-                    }
+                if let (Some(bytes), Some(entry), Some(ttl)) = (stored, remote, task_shared.ttl()) {
+                    let store = async move {
+                        if let Err(err) = entry.put(bytes, ttl).await {
+                            task_shared.count_remote(false);
+                            tracing::warn!(error = %err, "dedup: a result cannot be stored in Redis");
+                        }
+                    };
+                    let store: Tail = Box::pin(store.in_current_span());
+                    return (delivery, Some(store));
                 }
+                (delivery, None)
             };
             // The shared call runs in the span of the request that started it.
-            let call = Box::pin(call.instrument(tracing::Span::current()));
-            lead(shared, key, seat, answer, call, runtime).await
+            let span = tracing::Span::current();
+            let call: Call<S::Response> = if span.is_disabled() {
+                Box::pin(call)
+            } else {
+                Box::pin(call.instrument(span))
+            };
+            lead(shared, key, seat, call, runtime).await
         }
     }
 }
 
-/// The shared call, boxed so that it can move into a task of its own.
-type Call = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+/// What a shared call still does after its answer (storing it in Redis), which need not delay
+/// the reply.
+type Tail = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The shared call, boxed so that it can move into a task of its own: it ends with the answer
+/// of the caller that started it, if that caller still waits, and with what remains to do.
+type Call<R> = std::pin::Pin<Box<dyn Future<Output = (Option<Delivery<R>>, Option<Tail>)> + Send>>;
 
 /// The seat of the caller that started the call and runs it in the caller's task. Dropped
 /// before the call is over, it hands the call to a task of its own if anybody else waits for
 /// it, and otherwise drops it.
-struct Lead<K: Hash + Eq + Clone + Send + Sync + 'static> {
+struct Lead<R: Send + 'static, K: Hash + Eq + Clone + Send + Sync + 'static> {
     shared: Arc<Shared<K>>,
     key: K,
     seat: Seat,
-    call: Option<Call>,
+    /// `None` once the call is over, which ended the flight.
+    call: Option<Call<R>>,
     runtime: tokio::runtime::Handle,
 }
 
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Lead<K> {
+impl<R: Send + 'static, K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Lead<R, K> {
     fn drop(&mut self) {
         let Some(call) = self.call.take() else {
-            self.shared.leave(&self.key, self.seat);
             return;
         };
         if self.shared.hand_off(&self.key, self.seat) {
             tracing::trace!(
                 "dedup: the caller that started the call left; it goes on for the others"
             );
-            let task = self.runtime.spawn(call);
+            let task = self.runtime.spawn(async move {
+                if let (_, Some(tail)) = call.await {
+                    tail.await;
+                }
+            });
             self.shared
                 .started(&self.key, self.seat.flight, task.abort_handle());
         }
@@ -180,16 +194,16 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Lead<K> {
 }
 
 /// Runs the shared call in the caller's own task — no task is spawned while the caller stays
-/// — and waits for its answer, delivered to every waiter at once.
+/// — and returns the answer the call ends with, delivered to every other waiter at once.
 async fn lead<R, K>(
     shared: Arc<Shared<K>>,
     key: K,
     seat: Seat,
-    mut answer: oneshot::Receiver<Delivery<R>>,
-    call: Call,
+    call: Call<R>,
     runtime: tokio::runtime::Handle,
 ) -> Outcome<R>
 where
+    R: Send + 'static,
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
     let mut lead = Lead {
@@ -199,21 +213,16 @@ where
         call: Some(call),
         runtime,
     };
-    let delivery = std::future::poll_fn(|cx| {
-        if let Some(call) = lead.call.as_mut() {
-            if call.as_mut().poll(cx).is_ready() {
-                lead.call = None;
-            }
-        }
-        std::pin::Pin::new(&mut answer).poll(cx)
+    let (delivery, tail) = std::future::poll_fn(|cx| match lead.call.as_mut() {
+        Some(call) => call.as_mut().poll(cx),
+        None => Poll::Ready((None, None)),
     })
     .await;
-    // What the call still does after its answer (storing it in Redis) need not delay the reply.
-    if let Some(call) = lead.call.take() {
-        lead.runtime.spawn(call);
+    lead.call = None;
+    if let Some(tail) = tail {
+        lead.runtime.spawn(tail);
     }
-    drop(lead);
-    delivered(delivery)
+    delivered(delivery.ok_or(NoAnswer))
 }
 
 /// Gives up a seat when dropped: whoever drops out — leader or follower — only stops the shared
@@ -240,11 +249,20 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
     let _leave = Leave { shared, key, seat };
-    delivered(answer.await)
+    delivered(answer.await.map_err(NoAnswer::from))
+}
+
+/// The shared call ended without an answer for a waiter.
+struct NoAnswer;
+
+impl From<oneshot::error::RecvError> for NoAnswer {
+    fn from(_: oneshot::error::RecvError) -> Self {
+        NoAnswer
+    }
 }
 
 /// A waiter's outcome, from what its seat received.
-fn delivered<R>(delivery: Result<Delivery<R>, oneshot::error::RecvError>) -> Outcome<R> {
+fn delivered<R>(delivery: Result<Delivery<R>, NoAnswer>) -> Outcome<R> {
     match delivery {
         Ok((outcome, first)) => {
             if !first {

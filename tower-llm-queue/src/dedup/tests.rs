@@ -272,8 +272,9 @@ async fn the_cache_stays_within_max_entries() {
     let shared = &handle.shared;
     for key in 0..1_000_000u64 {
         match shared.join::<u64>(&key) {
-            flight::Joined::Lead(seat, _answer) => {
-                shared.finish(&key, seat.flight, flight::Ended::Ok(key))
+            flight::Joined::Lead(seat) => {
+                let answer = shared.finish(&key, seat.flight, flight::Ended::Ok(key));
+                assert!(matches!(answer, Some((Ok(k), true)) if k == key));
             }
             _ => panic!("every key is new"),
         }
