@@ -711,3 +711,78 @@ proptest! {
         });
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Requests that wait for their reserved start, some of them dropped at any stage — before
+    /// their first poll, while they wait, while their call runs — through a sliding window:
+    /// no window ever starts more than the limit, every request kept to the end is answered,
+    /// and once every request has been answered or has left, what is in use is exactly what
+    /// started (a place given back by a request that left before its start is not counted).
+    #[test]
+    fn requests_that_leave_at_any_stage_give_their_place_back(
+        limit in 1u64..6,
+        window_ms in 10u64..400,
+        requests in proptest::collection::vec((0u64..150, 1u64..4, proptest::option::of(0u64..600), 1u64..200), 1..50),
+    ) {
+        paused().block_on(async {
+            let window = Duration::from_millis(window_ms);
+            let origin = Instant::now();
+            // A reserved start is a whole number of milliseconds after `origin`, as every
+            // arrival and window is; the timer that ends the wait fires at the runtime's next
+            // millisecond tick, less than 1 ms later, so each start is counted at its
+            // millisecond.
+            let started: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+            let layer = SlidingWindowLayer::new(limit, window)
+                .wait(Duration::from_secs(2))
+                .cost(|r: &(u64, u64)| r.0);
+            let handle = layer.handle();
+            let svc = ServiceBuilder::new().layer(layer).service(service_fn({
+                let started = started.clone();
+                move |(cost, call_ms): (u64, u64)| {
+                    let started = started.clone();
+                    async move {
+                        let ms = (Instant::now() - origin).as_millis() as u64;
+                        started.lock().unwrap().push((origin + Duration::from_millis(ms), cost));
+                        sleep(Duration::from_millis(call_ms)).await;
+                        Ok::<_, BoxError>(cost)
+                    }
+                }
+            }));
+            let (mut kept, mut leaving) = (Vec::new(), Vec::new());
+            for (gap_ms, cost, patience_ms, call_ms) in requests {
+                // Slept, not advanced: every timer due in the gap fires at its own instant.
+                sleep(Duration::from_millis(gap_ms)).await;
+                let call = svc.clone().oneshot((cost, call_ms));
+                match patience_ms {
+                    Some(0) => drop(call),
+                    Some(ms) => leaving.push(tokio::spawn(tokio::time::timeout(
+                        Duration::from_millis(ms),
+                        call,
+                    ))),
+                    None => kept.push((cost, tokio::spawn(call))),
+                }
+            }
+            for (cost, answer) in kept {
+                match answer.await.expect("no panic") {
+                    Ok(answered) => prop_assert_eq!(answered, cost),
+                    Err(err) => prop_assert_eq!(rejection(&err).kind(), RejectionKind::RateLimited),
+                }
+            }
+            for left in leaving {
+                let _ = left.await.expect("no panic");
+            }
+            let started = started.lock().unwrap().clone();
+            assert_window(&started, limit, window);
+            let now = Instant::now();
+            let in_window: u64 = started
+                .iter()
+                .filter(|(at, _)| *at <= now && now - *at < window)
+                .map(|(_, cost)| cost)
+                .sum();
+            prop_assert_eq!(handle.usage(&Key::anonymous()), in_window);
+            Ok(())
+        })?;
+    }
+}
