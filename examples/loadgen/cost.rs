@@ -1,7 +1,41 @@
 //! `gateway-cost`: what the chat server's gateway adds to a call, against the same clients
 //! calling the mock directly — the mock with no limits answering after a fixed 2 ms, open-loop
-//! arrivals at each rate, streamed and not, both paths in the same run, alternating three times
-//! (each figure the median of three; errors summed).
+//! arrivals at each rate, streamed and not.
+//!
+//! # How it measures
+//!
+//! On a shared machine the background (another build, a noisy neighbour) moves latency by more
+//! than the gateway costs, and it moves from one second to the next: two paths measured one
+//! after the other compare two backgrounds as much as two paths. So both paths run **in the
+//! same window**, each at the offered rate: one open-loop schedule at twice the rate whose
+//! arrivals go alternately to the mock and to the gateway. Each path gets its rate, evenly
+//! spaced, and both see the same background, the same load generator and the same mock; which
+//! path leads each pair alternates from one round to the next. The price is that the machine
+//! carries both paths at once (2,000 calls a second in the 1,000/s row): the CPU the gateway
+//! takes slows the direct calls as much as its own, so the difference is what the gateway
+//! adds to a call, not what its load costs its neighbours — the CPU time per call (below) says
+//! that. And a rate at which the two paths together saturate the machine describes the pair:
+//! the throughput ratio then tells how the two shared the machine.
+//!
+//! A row is several rounds (`--rounds`, each `--seconds` long, after a half-second warm-up).
+//! Each round yields both paths' percentiles and their difference; the table shows the median
+//! over the rounds and, for the added p99, its range, so that a reader sees how far one round
+//! may be from the next. Latency runs from the scheduled time to the reply's end, so that a late
+//! send counts against the path.
+//!
+//! An open loop that a path cannot keep up with piles calls up without end, and each call holds
+//! sockets (two for a direct call, four through the gateway). A path keeps at most
+//! [`in_flight_bound`] calls open: an arrival beyond is not sent and counts as **shed**; a call
+//! not answered within [`CALL_TIMEOUT`], or answered with an error, counts as **failed**.
+//!
+//! Before the loaded rounds, each path and reply is called [`SERIAL_CALLS`] times one at a time,
+//! and the process's CPU time per call (user and kernel, load generator and mock included) is
+//! taken from the kernel's per-thread accounting: what a call costs the machine, which the
+//! background moves far less than latency.
+//!
+//! `--serial N --path direct|gateway --reply whole|streamed` makes only N calls one at a time
+//! over one path and exits: the driver for counting instructions per call with callgrind (two
+//! runs with different N; the difference of the totals over the difference of N).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +44,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tower_llm_queue_servers::loadgen::{read_reply, Outcome, Percentiles};
@@ -17,25 +52,57 @@ use tower_llm_queue_servers::mock::{MockConfig, MockProvider};
 
 use super::gateway::{http_client, Gateway};
 
+/// The two paths compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// The clients call the mock.
+    Direct,
+    /// The clients call the gateway, which calls the mock.
+    Gateway,
+}
+
 /// The subcommand's options.
 #[derive(Debug, Clone)]
 pub struct Options {
     seconds: f64,
+    rounds: usize,
     rates: Vec<u32>,
+    serial: Option<usize>,
+    route: Route,
+    stream: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            seconds: 5.0,
+            seconds: 3.0,
+            rounds: 7,
             rates: vec![1000, 5000],
+            serial: None,
+            route: Route::Gateway,
+            stream: false,
         }
     }
 }
 
+/// The flags [`Options::set`] reads.
+pub const FLAGS: &[&str] = &[
+    "--seconds",
+    "--rounds",
+    "--rates",
+    "--serial",
+    "--path",
+    "--reply",
+];
+
 impl Options {
-    /// Sets `--seconds` or `--rates` from `text`.
+    /// Sets one of [`FLAGS`] from `text`.
     pub fn set(&mut self, flag: &str, text: &str) -> Result<(), String> {
+        let count = |range: std::ops::RangeInclusive<usize>| match text.parse::<usize>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(format!("{flag}: from {} to {}", range.start(), range.end())),
+        };
         match flag {
             "--seconds" => {
                 let seconds: f64 = text.parse().map_err(|_| format!("--seconds: {text:?}"))?;
@@ -44,7 +111,23 @@ impl Options {
                 }
                 self.seconds = seconds;
             }
-            _ => {
+            "--rounds" => self.rounds = count(1..=100)?,
+            "--serial" => self.serial = Some(count(1..=10_000_000)?),
+            "--path" => {
+                self.route = match text {
+                    "direct" => Route::Direct,
+                    "gateway" => Route::Gateway,
+                    _ => return Err(format!("--path: direct or gateway, not {text:?}")),
+                }
+            }
+            "--reply" => {
+                self.stream = match text {
+                    "whole" => false,
+                    "streamed" => true,
+                    _ => return Err(format!("--reply: whole or streamed, not {text:?}")),
+                }
+            }
+            "--rates" => {
                 let rates: Result<Vec<u32>, _> =
                     text.split(',').map(|r| r.trim().parse::<u32>()).collect();
                 match rates {
@@ -54,26 +137,30 @@ impl Options {
                     _ => return Err(format!("--rates: {text:?} is not a list of 1 to 100000")),
                 }
             }
+            _ => return Err(format!("{flag} is not a gateway-cost option")),
         }
         Ok(())
     }
 }
 
 /// One path at one rate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 struct Measure {
-    offered: u32,
-    sent: usize,
+    /// Arrivals scheduled.
+    scheduled: usize,
     completed: usize,
-    errors: usize,
+    /// Calls sent that failed or timed out.
+    failed: usize,
+    /// Arrivals not sent: the path had [`in_flight_bound`] calls open.
+    shed: usize,
+    /// Completed calls per second, from the first arrival to the last reply.
     throughput: f64,
     latency: Percentiles,
 }
 
+/// One round: both paths in the same window.
 #[derive(Debug, Clone, Serialize)]
-struct Row {
-    rate: u32,
-    stream: bool,
+struct Round {
     direct: Measure,
     gateway: Measure,
     added_p50_ms: f64,
@@ -81,37 +168,100 @@ struct Row {
     throughput_ratio: f64,
 }
 
-/// The longest a call may take before it counts as an error: an open loop that the path cannot
-/// keep up with piles calls up without end.
+impl Round {
+    fn of(direct: Measure, gateway: Measure) -> Round {
+        Round {
+            added_p50_ms: gateway.latency.p50_ms - direct.latency.p50_ms,
+            added_p99_ms: gateway.latency.p99_ms - direct.latency.p99_ms,
+            throughput_ratio: gateway.throughput / direct.throughput.max(f64::MIN_POSITIVE),
+            direct,
+            gateway,
+        }
+    }
+}
+
+/// The median and the range of a figure over the rounds.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl IntoIterator<Item = f64>) -> Spread {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        values.sort_by(f64::total_cmp);
+        Spread {
+            median: values.get(values.len() / 2).copied().unwrap_or(0.0),
+            min: values.first().copied().unwrap_or(0.0),
+            max: values.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// CPU time of the process per call, made one at a time, in microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct CpuPerCall {
+    direct_us: f64,
+    gateway_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    rate: u32,
+    stream: bool,
+    /// Each path's median percentiles and throughput over the rounds; its counts summed.
+    direct: Measure,
+    gateway: Measure,
+    added_p50_ms: Spread,
+    added_p99_ms: Spread,
+    throughput_ratio: Spread,
+    cpu_per_call: CpuPerCall,
+    rounds: Vec<Round>,
+}
+
+/// The longest a call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs of each path at each rate, alternating; each figure is the median of its runs.
-const ROUNDS: usize = 3;
-
-/// The median of each figure of `runs`, taken apart.
-fn median(mut runs: Vec<Measure>) -> Measure {
-    let mid = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let mut p50: Vec<f64> = runs.iter().map(|m| m.latency.p50_ms).collect();
-    let mut p95: Vec<f64> = runs.iter().map(|m| m.latency.p95_ms).collect();
-    let mut p99: Vec<f64> = runs.iter().map(|m| m.latency.p99_ms).collect();
-    let mut throughput: Vec<f64> = runs.iter().map(|m| m.throughput).collect();
-    let errors = runs.iter().map(|m| m.errors).sum();
-    let mut first = runs.swap_remove(0);
-    first.latency.p50_ms = mid(&mut p50);
-    first.latency.p95_ms = mid(&mut p95);
-    first.latency.p99_ms = mid(&mut p99);
-    first.throughput = mid(&mut throughput);
-    first.errors = errors;
-    first
-}
+/// Calls made one at a time over each path and reply for the CPU time per call.
+const SERIAL_CALLS: usize = 500;
 
 /// The time the mock waits before answering.
 const UPSTREAM_LATENCY: Duration = Duration::from_millis(2);
 
-pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
+/// Each path's figures, as the median over `runs` of each, apart; the counts summed.
+fn median(runs: &[Measure]) -> Measure {
+    let mid = |figure: fn(&Measure) -> f64| Spread::of(runs.iter().map(figure)).median;
+    Measure {
+        scheduled: runs.iter().map(|m| m.scheduled).sum(),
+        completed: runs.iter().map(|m| m.completed).sum(),
+        failed: runs.iter().map(|m| m.failed).sum(),
+        shed: runs.iter().map(|m| m.shed).sum(),
+        throughput: mid(|m| m.throughput),
+        latency: Percentiles {
+            count: runs.iter().map(|m| m.latency.count).sum(),
+            p50_ms: mid(|m| m.latency.p50_ms),
+            p95_ms: mid(|m| m.latency.p95_ms),
+            p99_ms: mid(|m| m.latency.p99_ms),
+        },
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, and returns how many calls one path
+/// may keep open: with both paths at their bound (two descriptors a direct call, four through
+/// the gateway) and as many connections again lingering, an eighth of the limit each, less a
+/// reserve for the rest of the process.
+pub fn in_flight_bound() -> usize {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    (limit.saturating_sub(256) / 8).max(16)
+}
+
+/// The mock (no limits, answering after [`UPSTREAM_LATENCY`]) and the gateway in front of it,
+/// with limits that never bind.
+async fn servers() -> Result<(tower_llm_queue_servers::mock::RunningMock, Gateway), tower::BoxError>
+{
     let mock = MockProvider::start(
         MockConfig {
             tokens_per_second: 0.0,
@@ -121,7 +271,6 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
         ([127, 0, 0, 1], 0).into(),
     )
     .await?;
-    let upstream = format!("{}/v1", mock.url());
     let unlimited = [
         ("MAX_CONCURRENT_CHATS", "100000".to_string()),
         ("QUEUE_CAPACITY", "100000".into()),
@@ -129,62 +278,121 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
         ("REQUESTS_PER_MINUTE", "1000000000".into()),
         ("CHAT_TIMEOUT", "60000".into()),
     ];
-    let gateway = Gateway::start(&upstream, &unlimited).await?;
+    let gateway = Gateway::start(&format!("{}/v1", mock.url()), &unlimited).await?;
+    Ok((mock, gateway))
+}
+
+pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
+    let bound = in_flight_bound();
+    let (mock, gateway) = servers().await?;
+    let targets = [
+        Target::new(
+            Route::Direct,
+            format!("{}/v1/chat/completions", mock.url()),
+            bound,
+        ),
+        Target::new(
+            Route::Gateway,
+            format!("{}/v1/chat/completions", gateway.url()),
+            bound,
+        ),
+    ];
+    if let Some(calls) = options.serial {
+        let target = &targets[usize::from(options.route == Route::Gateway)];
+        let started = std::time::Instant::now();
+        let served = target.serial(calls, options.stream).await;
+        eprintln!(
+            "{served} of {calls} {} calls served over the {:?} path, one at a time, in {:.2} s",
+            if options.stream { "streamed" } else { "whole" },
+            options.route,
+            started.elapsed().as_secs_f64()
+        );
+        gateway.stop().await;
+        mock.stop().await;
+        return Ok(());
+    }
+
+    let load_before = load_average();
+    let mut cpu = Vec::new();
+    for stream in [false, true] {
+        cpu.push(CpuPerCall {
+            direct_us: targets[0].cpu_per_call(stream).await,
+            gateway_us: targets[1].cpu_per_call(stream).await,
+        });
+    }
     let mut rows = Vec::new();
     for &rate in &options.rates {
         for stream in [false, true] {
-            let (mut directs, mut throughs) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
-                let direct_url = format!("{upstream}/chat/completions");
-                directs.push(measure(&direct_url, rate, stream, options.seconds).await);
-                let gateway_url = format!("{}/v1/chat/completions", gateway.url());
-                throughs.push(measure(&gateway_url, rate, stream, options.seconds).await);
+            let cpu_per_call = cpu[usize::from(stream)];
+            warm_up(&targets, rate, stream).await;
+            let mut rounds = Vec::with_capacity(options.rounds);
+            for lead in 0..options.rounds {
+                let [direct, gateway] =
+                    round(&targets, rate, stream, options.seconds, lead % 2).await;
+                rounds.push(Round::of(direct, gateway));
             }
-            let (direct, through) = (median(directs), median(throughs));
-            eprintln!(
-                "{rate}/s {}: direct p50 {:.2} ms p99 {:.2} ms, gateway p50 {:.2} ms p99 {:.2} ms",
-                if stream { "streamed" } else { "whole" },
-                direct.latency.p50_ms,
-                direct.latency.p99_ms,
-                through.latency.p50_ms,
-                through.latency.p99_ms
-            );
-            rows.push(Row {
+            let directs: Vec<Measure> = rounds.iter().map(|r| r.direct.clone()).collect();
+            let gateways: Vec<Measure> = rounds.iter().map(|r| r.gateway.clone()).collect();
+            let row = Row {
                 rate,
                 stream,
-                added_p50_ms: through.latency.p50_ms - direct.latency.p50_ms,
-                added_p99_ms: through.latency.p99_ms - direct.latency.p99_ms,
-                throughput_ratio: through.throughput / direct.throughput.max(f64::MIN_POSITIVE),
-                direct,
-                gateway: through,
-            });
+                direct: median(&directs),
+                gateway: median(&gateways),
+                added_p50_ms: Spread::of(rounds.iter().map(|r| r.added_p50_ms)),
+                added_p99_ms: Spread::of(rounds.iter().map(|r| r.added_p99_ms)),
+                throughput_ratio: Spread::of(rounds.iter().map(|r| r.throughput_ratio)),
+                cpu_per_call,
+                rounds,
+            };
+            eprintln!(
+                "{rate}/s {}: direct p50 {:.2} ms p99 {:.2} ms, gateway p50 {:.2} ms p99 {:.2} ms, added p99 {:.2} ms ({:.2} to {:.2})",
+                if stream { "streamed" } else { "whole" },
+                row.direct.latency.p50_ms,
+                row.direct.latency.p99_ms,
+                row.gateway.latency.p50_ms,
+                row.gateway.latency.p99_ms,
+                row.added_p99_ms.median,
+                row.added_p99_ms.min,
+                row.added_p99_ms.max,
+            );
+            rows.push(row);
         }
     }
+    let load_after = load_average();
     gateway.stop().await;
     mock.stop().await;
 
     let mut table = format!(
-        "The gateway's own cost: the mock answering after {} ms with no limits, open-loop clients for {} s at each rate, direct and through the gateway alternately {ROUNDS} times (medians), in one process on {}.\n\n\
-         | offered | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 / p99 | throughput ratio | errors (direct, gateway) |\n\
-         |---|---|---|---|---|---|---|\n",
+        "The gateway's own cost: the mock answering after {} ms with no limits; per row, {} rounds of {} s in which open-loop clients call the mock directly and through the gateway at the offered rate each, arrivals alternating; medians over the rounds (the added p99's range in brackets); at most {bound} calls open per path. {}, load average {} before and {} after.\n\n\
+         | offered per path | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 | added p99 [range] | throughput ratio | CPU per call, one at a time: direct / gateway | failed + shed: direct, gateway |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         UPSTREAM_LATENCY.as_millis(),
+        options.rounds,
         options.seconds,
         super::machine(),
+        load_before,
+        load_after,
     );
     for row in &rows {
         table.push_str(&format!(
-            "| {}/s | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.3} | {}, {} |\n",
+            "| {}/s | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms [{:.2}, {:.2}] | {:.3} | {:.0} / {:.0} µs | {} + {}, {} + {} |\n",
             row.rate,
             if row.stream { "streamed" } else { "whole" },
             row.direct.latency.p50_ms,
             row.direct.latency.p99_ms,
             row.gateway.latency.p50_ms,
             row.gateway.latency.p99_ms,
-            row.added_p50_ms,
-            row.added_p99_ms,
-            row.throughput_ratio,
-            row.direct.errors,
-            row.gateway.errors,
+            row.added_p50_ms.median,
+            row.added_p99_ms.median,
+            row.added_p99_ms.min,
+            row.added_p99_ms.max,
+            row.throughput_ratio.median,
+            row.cpu_per_call.direct_us,
+            row.cpu_per_call.gateway_us,
+            row.direct.failed,
+            row.direct.shed,
+            row.gateway.failed,
+            row.gateway.shed,
         ));
     }
     println!("{table}");
@@ -196,25 +404,68 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     Ok(())
 }
 
-/// Sends `rate` requests a second to `url` for `seconds`, each at its scheduled time whatever
-/// the others are doing (open loop), after half a second of warm-up; latency is from the
-/// scheduled time to the reply's end, so that a late send counts against the path; a call not
-/// answered within [`CALL_TIMEOUT`] is an error.
-async fn measure(url: &str, rate: u32, stream: bool, seconds: f64) -> Measure {
-    let client = http_client();
-    let url: Arc<str> = url.into();
-    let send = |i: usize| {
+/// The load average over the last minute, as the kernel reports it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// CPU time used so far by every thread of this process, from `/proc/self/task/*/schedstat`.
+fn process_cpu() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(text) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
+            continue;
+        };
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// One path: where to send, with its own connection pool and its bound of calls open.
+struct Target {
+    route: Route,
+    url: Arc<str>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    open: Arc<Semaphore>,
+}
+
+/// How one call ended.
+enum Ending {
+    /// After this long from its scheduled time, at this instant.
+    Served(Duration, Instant),
+    Failed,
+    Shed,
+}
+
+impl Target {
+    fn new(route: Route, url: String, bound: usize) -> Target {
+        Target {
+            route,
+            url: url.into(),
+            client: http_client(),
+            open: Arc::new(Semaphore::new(bound)),
+        }
+    }
+
+    /// Call `i`: whether it was served.
+    fn call(&self, i: usize, stream: bool) -> impl std::future::Future<Output = bool> + 'static {
         let body = serde_json::json!({
             "model": "mock-llm",
             "messages": [{"role": "user", "content": format!("hello number {}", i % 64)}],
             "max_tokens": 16,
             "stream": stream,
         });
-        let request = http::Request::post(&*url)
+        let request = http::Request::post(&*self.url)
             .header("content-type", "application/json")
             .header("x-user-id", format!("user{}", i % 100))
             .body(Full::new(Bytes::from(body.to_string())));
-        let client = client.clone();
+        let client = self.client.clone();
         async move {
             let Ok(request) = request else { return false };
             match client.request(request).await {
@@ -224,49 +475,100 @@ async fn measure(url: &str, rate: u32, stream: bool, seconds: f64) -> Measure {
                 Err(_) => false,
             }
         }
-    };
-    let gap = Duration::from_secs_f64(1.0 / f64::from(rate));
-    // Warm-up: connections opened, caches filled.
-    let warm = Instant::now();
-    let mut warming = JoinSet::new();
-    for i in 0..(rate as usize / 2) {
-        sleep_until(warm + gap * i as u32).await;
-        warming.spawn(send(i));
     }
-    while warming.join_next().await.is_some() {}
 
-    let total = (f64::from(rate) * seconds) as usize;
+    /// Makes `calls` calls one after the other; returns how many were served.
+    async fn serial(&self, calls: usize, stream: bool) -> usize {
+        let mut served = 0;
+        for i in 0..calls {
+            served += usize::from(self.call(i, stream).await);
+        }
+        served
+    }
+
+    /// The process's CPU time per call over [`SERIAL_CALLS`] calls one at a time, in µs.
+    async fn cpu_per_call(&self, stream: bool) -> f64 {
+        self.serial(SERIAL_CALLS / 10, stream).await;
+        let before = process_cpu();
+        self.serial(SERIAL_CALLS, stream).await;
+        match (before, process_cpu()) {
+            (Some(before), Some(after)) => {
+                after.saturating_sub(before).as_secs_f64() * 1e6 / SERIAL_CALLS as f64
+            }
+            _ => f64::NAN,
+        }
+    }
+
+    /// Sends call `i` at `at` unless the path has its bound of calls open.
+    fn send(
+        &self,
+        i: usize,
+        stream: bool,
+        at: Instant,
+    ) -> impl std::future::Future<Output = (Route, Ending)> + 'static {
+        let route = self.route;
+        let permit = self.open.clone().try_acquire_owned();
+        let call = permit.map(|permit| (permit, self.call(i, stream)));
+        async move {
+            let Ok((_permit, call)) = call else {
+                return (route, Ending::Shed);
+            };
+            let ending = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                Ok(true) => Ending::Served(at.elapsed(), Instant::now()),
+                _ => Ending::Failed,
+            };
+            (route, ending)
+        }
+    }
+}
+
+/// Half a second of both paths at `rate`: connections opened, caches filled.
+async fn warm_up(targets: &[Target; 2], rate: u32, stream: bool) {
+    round(targets, rate, stream, 0.5, 0).await;
+}
+
+/// Both paths at `rate` each for `seconds`: one open-loop schedule at twice the rate, arrival
+/// `k` to path `(k + lead) % 2`, each sent at its time whatever the others are doing.
+async fn round(
+    targets: &[Target; 2],
+    rate: u32,
+    stream: bool,
+    seconds: f64,
+    lead: usize,
+) -> [Measure; 2] {
+    let gap = Duration::from_secs_f64(0.5 / f64::from(rate));
+    let per_path = (f64::from(rate) * seconds) as usize;
     let start = Instant::now();
     let mut calls = JoinSet::new();
-    for i in 0..total {
-        let at = start + gap.mul_f64(i as f64);
+    for k in 0..2 * per_path {
+        let at = start + gap.mul_f64(k as f64);
         if at > Instant::now() {
             sleep_until(at).await;
         }
-        let call = send(i);
-        calls.spawn(async move {
-            let ok = tokio::time::timeout(CALL_TIMEOUT, call).await == Ok(true);
-            (ok, at, Instant::now())
-        });
+        calls.spawn(targets[(k + lead) % 2].send(k / 2, stream, at));
     }
-    let mut latencies = Vec::with_capacity(total);
-    let (mut errors, mut last) = (0, start);
+    let mut latencies = [Vec::with_capacity(per_path), Vec::with_capacity(per_path)];
+    let mut measures = [Measure::default(), Measure::default()];
+    let mut last = [start; 2];
     while let Some(done) = calls.join_next().await {
-        match done {
-            Ok((true, at, end)) => {
-                latencies.push(end - at);
-                last = last.max(end);
+        let Ok((route, ending)) = done else { continue };
+        let path = usize::from(route == Route::Gateway);
+        match ending {
+            Ending::Served(latency, end) => {
+                latencies[path].push(latency);
+                last[path] = last[path].max(end);
             }
-            _ => errors += 1,
+            Ending::Failed => measures[path].failed += 1,
+            Ending::Shed => measures[path].shed += 1,
         }
     }
-    let completed = latencies.len();
-    Measure {
-        offered: rate,
-        sent: total,
-        completed,
-        errors,
-        throughput: completed as f64 / (last - start).as_secs_f64().max(1e-9),
-        latency: Percentiles::of(latencies),
+    for (path, measure) in measures.iter_mut().enumerate() {
+        let latencies = std::mem::take(&mut latencies[path]);
+        measure.scheduled = per_path;
+        measure.completed = latencies.len();
+        measure.throughput =
+            measure.completed as f64 / (last[path] - start).as_secs_f64().max(1e-9);
+        measure.latency = Percentiles::of(latencies);
     }
+    measures
 }

@@ -66,7 +66,8 @@ fn usage() -> String {
     let names: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
     format!(
         "usage: loadgen [--scale N] [--targets {}] [--out DIR] <scenario|all|FILE.toml>...\n\
-         \x20      loadgen gateway-cost [--seconds N] [--rates 1000,5000] [--out DIR]\n\n\
+         \x20      loadgen gateway-cost [--seconds N] [--rounds N] [--rates 1000,5000] [--out DIR]\n\
+         \x20      loadgen gateway-cost --serial N --path direct|gateway --reply whole|streamed\n\n\
          scenarios: {}\n",
         TARGETS.join(","),
         names.join(", ")
@@ -114,7 +115,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 }
             }
             "--out" => parsed.out = value(&mut args, "--out")?.into(),
-            "--seconds" | "--rates" => {
+            flag if cost::FLAGS.contains(&flag) => {
                 let options = parsed
                     .cost
                     .as_mut()
