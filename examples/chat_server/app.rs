@@ -1,5 +1,6 @@
 //! The chat server's state and routes.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::error_handling::HandleErrorLayer;
@@ -19,9 +20,15 @@ use super::stack::{self, Handles};
 use super::user::{identify, UserId};
 use tower_llm_queue_servers::upstream::Llm;
 
-/// What every handler shares.
+/// What every handler shares, behind one reference count: axum clones the state for every
+/// route it calls and every extractor that reads it, so a clone costs one atomic increment.
+/// Its fields are read through [`Deref`] ([`App`]).
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<App>);
+
+/// The fields of an [`AppState`].
+#[derive(Debug)]
+pub struct App {
     /// The settings.
     pub config: Arc<ChatConfig>,
     /// The upstream behind its layers.
@@ -38,6 +45,14 @@ pub struct AppState {
     pub upstream: Arc<str>,
     /// The model asked for.
     pub model: Arc<str>,
+}
+
+impl Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
 }
 
 /// The server: its routes over `upstream`, with the layers `config` asks for.
@@ -64,7 +79,7 @@ pub fn router(config: ChatConfig, upstream: &Upstream) -> (Router, AppState) {
         }
         None => (Either::Right(per_user), None),
     };
-    let state = AppState {
+    let state = AppState(Arc::new(App {
         users,
         user_leases,
         config: Arc::new(config),
@@ -73,7 +88,7 @@ pub fn router(config: ChatConfig, upstream: &Upstream) -> (Router, AppState) {
         metrics,
         upstream: upstream.describe().into(),
         model: upstream.config().model.clone().into(),
-    };
+    }));
     let api_limits = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(tower_llm_queue::http::handle_error))
         .layer(per_user.clone())
