@@ -2,6 +2,7 @@
 //! with TLS for `https` URLs, that sends every request to the upstream's base URL with its API
 //! key.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -20,9 +21,13 @@ pub type UpstreamBody = hyper::body::Incoming;
 /// Sends requests whose URI is a path (`/chat/completions`) to the upstream's base URL
 /// (`https://api.openai.com/v1`), with `Authorization: Bearer <key>` when a key is set.
 ///
-/// Cloning is cheap and shares the connection pool.
+/// Cloning is one reference count (the stack around it is cloned for every call) and shares
+/// the connection pool.
 #[derive(Clone, Debug)]
-pub struct UpstreamClient {
+pub struct UpstreamClient(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: Uri,
     authorization: Option<HeaderValue>,
@@ -50,18 +55,18 @@ impl UpstreamClient {
             .enable_http1()
             .wrap_connector(http);
         let http = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(UpstreamClient {
+        Ok(UpstreamClient(Arc::new(Inner {
             http,
             base,
             authorization,
-        })
+        })))
     }
 
     /// The full URI of `path` at the upstream.
     fn resolve(&self, path: Option<&PathAndQuery>) -> Result<Uri, BoxError> {
-        let prefix = self.base.path().trim_end_matches('/');
+        let prefix = self.0.base.path().trim_end_matches('/');
         let path = path.map_or("/", PathAndQuery::as_str);
-        let mut parts = self.base.clone().into_parts();
+        let mut parts = self.0.base.clone().into_parts();
         parts.path_and_query = Some(format!("{prefix}{path}").parse()?);
         Ok(Uri::from_parts(parts)?)
     }
@@ -73,7 +78,7 @@ impl tower::Service<http::Request<Full<Bytes>>> for UpstreamClient {
     type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        tower::Service::<http::Request<Full<Bytes>>>::poll_ready(&mut self.http, cx)
+        tower::Service::<http::Request<Full<Bytes>>>::poll_ready(&mut &self.0.http, cx)
             .map_err(Into::into)
     }
 
@@ -84,13 +89,13 @@ impl tower::Service<http::Request<Full<Bytes>>> for UpstreamClient {
         };
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        if let Some(authorization) = &self.authorization {
+        if let Some(authorization) = &self.0.authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
         }
         headers
             .entry(CONTENT_TYPE)
             .or_insert(HeaderValue::from_static("application/json"));
-        let call = self.http.request(request);
+        let call = self.0.http.request(request);
         Box::pin(async move { call.await.map_err(Into::into) })
     }
 }
