@@ -12,11 +12,13 @@ use axum::{Extension, Json};
 use futures_util::stream;
 use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::{json, Number, Value};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 use tower_llm_queue::http::ErrorFormat;
 use tower_llm_queue::RequestId;
+use tower_llm_queue_servers::upstream::json;
 use tower_llm_queue_servers::upstream::sse::estimate_tokens;
 
 use super::app::AppState;
@@ -78,33 +80,116 @@ impl AppState {
         id: RequestId,
         mut body: Value,
     ) -> UpstreamRequest {
-        let prompt: u64 = body["messages"]
-            .as_array()
-            .map(|messages| {
-                messages
-                    .iter()
-                    .map(|m| estimate_tokens(&m["content"].to_string()))
-                    .sum()
-            })
-            .unwrap_or(0);
-        let max_reply = body["max_completion_tokens"]
-            .as_u64()
-            .or_else(|| body["max_tokens"].as_u64())
-            .unwrap_or(self.config.max_tokens);
+        let estimate = estimate(&body, self.config.max_tokens);
         if body.get("model").is_none_or(Value::is_null) {
             body["model"] = json!(&*self.model);
         }
-        let mut request = http::Request::post("/chat/completions")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap_or_default();
-        let extensions = request.extensions_mut();
-        extensions.insert(user.clone());
-        extensions.insert(level);
-        extensions.insert(id);
-        extensions.insert(Estimate { prompt, max_reply });
-        request
+        upstream_call(user, level, id, Bytes::from(body.to_string()), estimate)
     }
+}
+
+/// What a chat-completions request is estimated to cost: the tokens of each message's
+/// `content` written as JSON, and the longest reply it asks for (`max_tokens` when it says
+/// none).
+fn estimate(body: &Value, max_tokens: u64) -> Estimate {
+    let prompt: u64 = body["messages"]
+        .as_array()
+        .map(|messages| {
+            messages
+                .iter()
+                .map(|m| estimate_tokens(&m["content"].to_string()))
+                .sum()
+        })
+        .unwrap_or(0);
+    let max_reply = body["max_completion_tokens"]
+        .as_u64()
+        .or_else(|| body["max_tokens"].as_u64())
+        .unwrap_or(max_tokens);
+    Estimate { prompt, max_reply }
+}
+
+/// A request to the upstream's `/chat/completions` with `body` as it is, carrying what the
+/// layers read: the user, the level, the id and the estimate.
+fn upstream_call(
+    user: &UserId,
+    level: Level,
+    id: RequestId,
+    body: Bytes,
+    estimate: Estimate,
+) -> UpstreamRequest {
+    let mut request = http::Request::post("/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .unwrap_or_default();
+    let extensions = request.extensions_mut();
+    extensions.insert(user.clone());
+    extensions.insert(level);
+    extensions.insert(id);
+    extensions.insert(estimate);
+    request
+}
+
+/// The fields of a chat-completions request that the gateway reads, borrowed from its body;
+/// the others are skipped unread.
+#[derive(Debug, Deserialize)]
+struct Completion<'a> {
+    #[serde(borrow)]
+    messages: Option<Vec<PromptMessage<'a>>>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    max_completion_tokens: Option<Number>,
+    max_tokens: Option<Number>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PromptMessage<'a> {
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+}
+
+/// The tokens of a message's `content` as [`estimate`] counts them: of its JSON text, `null`
+/// when it has none.
+fn content_tokens(content: Option<&RawValue>) -> Option<u64> {
+    let Some(content) = content else {
+        return Some(estimate_tokens("null"));
+    };
+    let text = content.get();
+    // A string without escapes is written back exactly as it came.
+    if text.starts_with('"') && !text.contains('\\') {
+        return Some(estimate_tokens(text));
+    }
+    let value: Value = serde_json::from_str(text).ok()?;
+    Some(estimate_tokens(&value.to_string()))
+}
+
+/// A gateway call's body read by its fields, without building it as a [`Value`]: the same
+/// [`estimate`], or the same refusal for want of messages. `None` when it must be read as a
+/// `Value` instead: it names no model (which the gateway adds), nests deeply, or has an
+/// unusual shape (a field of another type, a key twice).
+fn estimate_of_text(body: &[u8], max_tokens: u64) -> Option<Result<Estimate, ApiError>> {
+    if !json::shallow(body) {
+        return None;
+    }
+    let request: Completion<'_> = serde_json::from_slice(body).ok()?;
+    request.model?;
+    let messages = match request.messages {
+        Some(messages) if !messages.is_empty() => messages,
+        _ => return Some(Err(no_messages())),
+    };
+    let mut prompt = 0;
+    for message in &messages {
+        prompt += content_tokens(message.content)?;
+    }
+    let max_reply = request
+        .max_completion_tokens
+        .and_then(|n| n.as_u64())
+        .or_else(|| request.max_tokens.and_then(|n| n.as_u64()))
+        .unwrap_or(max_tokens);
+    Some(Ok(Estimate { prompt, max_reply }))
+}
+
+fn no_messages() -> ApiError {
+    ApiError::bad_request("`messages` must be a non-empty array")
 }
 
 fn sse_event(update: Update) -> Result<Event, Infallible> {
@@ -227,14 +312,21 @@ pub async fn completions(
         Ok(level) => level,
         Err(err) => return err.response(openai),
     };
-    let request: Value = match parse(&body, "a chat-completions request in JSON") {
-        Ok(request) => request,
-        Err(err) => return err.response(openai),
+    // The body goes on as the client wrote it, unless it must be read as a whole.
+    let upstream = match estimate_of_text(&body, app.config.max_tokens) {
+        Some(Ok(estimate)) => upstream_call(&user, level, RequestId::next(), body, estimate),
+        Some(Err(err)) => return err.response(openai),
+        None => {
+            let request: Value = match parse(&body, "a chat-completions request in JSON") {
+                Ok(request) => request,
+                Err(err) => return err.response(openai),
+            };
+            if request["messages"].as_array().is_none_or(Vec::is_empty) {
+                return no_messages().response(openai);
+            }
+            app.upstream_request(&user, level, RequestId::next(), request)
+        }
     };
-    if request["messages"].as_array().is_none_or(Vec::is_empty) {
-        return ApiError::bad_request("`messages` must be a non-empty array").response(openai);
-    }
-    let upstream = app.upstream_request(&user, level, RequestId::next(), request);
     match app.llm.clone().oneshot(upstream).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
@@ -328,4 +420,62 @@ pub async fn cancel_all(
         .filter(|e| queue.cancel_owned(e.id, &key))
         .count();
     Json(json!({ "cancelled": cancelled }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_read_by_its_fields_is_estimated_as_a_value_is() {
+        let deep = format!(
+            r#"{{"model": "m", "messages": [], "x": {}{}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let bodies = [
+            r#"{"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 9}"#,
+            r#"{"model": "m", "messages": [{"content": "caf\u00e9 \"quoted\"\n"}, {"content": null}, {"role": "system"}]}"#,
+            r#"{"model": "m", "messages": [{"content": [{"type": "text", "text": "a  b"}]}, {"content": 1.50}]}"#,
+            r#"{"model": "m", "messages": [{"content": "x"}], "max_completion_tokens": 5, "max_tokens": 7}"#,
+            r#"{"model": "m", "messages": [{"content": "x"}], "max_completion_tokens": 5.0, "max_tokens": 7}"#,
+            r#"{"model": "m", "messages": [{"content": "x"}], "max_tokens": -1}"#,
+            r#"{"model": "m", "messages": [{"content": "x"}], "max_tokens": "12"}"#,
+            r#"{"model": "m", "messages": ["not an object"]}"#,
+            r#"{"model": "m", "messages": [{"content": "a", "content": "bb"}]}"#,
+            r#"{"model": null, "messages": [{"content": "x"}]}"#,
+            r#"{"messages": [{"content": "x"}]}"#,
+            r#"{"model": "m", "messages": []}"#,
+            r#"{"model": "m", "messages": {"0": {"content": "x"}}}"#,
+            r#"{"model": "m"}"#,
+            r#"[1, 2]"#,
+            r#"{not json"#,
+            &deep,
+        ];
+        for body in bodies {
+            let by_value = serde_json::from_str::<Value>(body)
+                .ok()
+                .filter(|v| v["messages"].as_array().is_some_and(|m| !m.is_empty()))
+                .map(|v| estimate(&v, 99));
+            match estimate_of_text(body.as_bytes(), 99) {
+                Some(Ok(by_fields)) => assert_eq!(Some(by_fields), by_value, "{body}"),
+                Some(Err(_)) => assert_eq!(by_value, None, "{body}"),
+                None => {}
+            }
+        }
+        let plain = bodies[0].as_bytes();
+        assert_eq!(
+            estimate_of_text(plain, 99),
+            Some(Ok(Estimate {
+                prompt: 2,
+                max_reply: 9
+            }))
+        );
+        assert_eq!(
+            estimate_of_text(bodies[10].as_bytes(), 99),
+            None,
+            "no model"
+        );
+        assert_eq!(estimate_of_text(deep.as_bytes(), 99), None, "deep");
+    }
 }

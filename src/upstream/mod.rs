@@ -13,6 +13,7 @@
 
 mod client;
 pub mod first_token;
+pub mod json;
 mod service;
 pub mod sse;
 pub mod stack;
