@@ -17,6 +17,12 @@
 //! that. And a rate at which the two paths together saturate the machine describes the pair:
 //! the throughput ratio then tells how the two shared the machine.
 //!
+//! `--mode alternate` runs each path alone instead, in a window of its own, the two one after
+//! the other and the order alternating from round to round: the machine carries one path at a
+//! time, which a rate near its capacity needs (at 5,000/s per path the pair is 10,000 calls a
+//! second), but the difference then compares two windows, and whatever the background did in
+//! one and not the other lands in it.
+//!
 //! A row is several rounds (`--rounds`, each `--seconds` long, after a half-second warm-up).
 //! Each round yields both paths' percentiles and their difference; the table shows the median
 //! over the rounds and, for the added p99, its range, so that a reader sees how far one round
@@ -28,10 +34,13 @@
 //! [`in_flight_bound`] calls open: an arrival beyond is not sent and counts as **shed**; a call
 //! not answered within [`CALL_TIMEOUT`], or answered with an error, counts as **failed**.
 //!
-//! Before the loaded rounds, each path and reply is called [`SERIAL_CALLS`] times one at a time,
-//! and the process's CPU time per call (user and kernel, load generator and mock included) is
-//! taken from the kernel's per-thread accounting: what a call costs the machine, which the
-//! background moves far less than latency.
+//! Before the loaded rounds, each path and reply is called one at a time, in blocks of
+//! [`BLOCK_CALLS`] alternating between the paths, [`BLOCKS`] blocks each, and the process's CPU
+//! time per call (user and kernel, load generator and mock included) is taken from the
+//! kernel's per-thread accounting: the median over a path's blocks is what a call costs the
+//! machine. The background moves it less than latency, but on a shared virtual machine it
+//! still moves it (a vCPU waiting for its host counts as running); instruction counts
+//! (`--serial`, below) do not move at all.
 //!
 //! `--serial N --path direct|gateway --reply whole|streamed` makes only N calls one at a time
 //! over one path and exits: the driver for counting instructions per call with callgrind (two
@@ -68,6 +77,7 @@ pub struct Options {
     seconds: f64,
     rounds: usize,
     rates: Vec<u32>,
+    alternate: bool,
     serial: Option<usize>,
     route: Route,
     stream: bool,
@@ -79,6 +89,7 @@ impl Default for Options {
             seconds: 3.0,
             rounds: 7,
             rates: vec![1000, 5000],
+            alternate: false,
             serial: None,
             route: Route::Gateway,
             stream: false,
@@ -91,6 +102,7 @@ pub const FLAGS: &[&str] = &[
     "--seconds",
     "--rounds",
     "--rates",
+    "--mode",
     "--serial",
     "--path",
     "--reply",
@@ -113,6 +125,13 @@ impl Options {
             }
             "--rounds" => self.rounds = count(1..=100)?,
             "--serial" => self.serial = Some(count(1..=10_000_000)?),
+            "--mode" => {
+                self.alternate = match text {
+                    "paired" => false,
+                    "alternate" => true,
+                    _ => return Err(format!("--mode: paired or alternate, not {text:?}")),
+                }
+            }
             "--path" => {
                 self.route = match text {
                     "direct" => Route::Direct,
@@ -224,8 +243,11 @@ struct Row {
 /// The longest a call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Calls made one at a time over each path and reply for the CPU time per call.
-const SERIAL_CALLS: usize = 500;
+/// Calls in a block of calls made one at a time, for the CPU time per call.
+const BLOCK_CALLS: usize = 50;
+
+/// Blocks of [`BLOCK_CALLS`] per path and reply, alternating between the paths.
+const BLOCKS: usize = 9;
 
 /// The time the mock waits before answering.
 const UPSTREAM_LATENCY: Duration = Duration::from_millis(2);
@@ -286,16 +308,8 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     let bound = in_flight_bound();
     let (mock, gateway) = servers().await?;
     let targets = [
-        Target::new(
-            Route::Direct,
-            format!("{}/v1/chat/completions", mock.url()),
-            bound,
-        ),
-        Target::new(
-            Route::Gateway,
-            format!("{}/v1/chat/completions", gateway.url()),
-            bound,
-        ),
+        Target::new(format!("{}/v1/chat/completions", mock.url()), bound),
+        Target::new(format!("{}/v1/chat/completions", gateway.url()), bound),
     ];
     if let Some(calls) = options.serial {
         let target = &targets[usize::from(options.route == Route::Gateway)];
@@ -315,10 +329,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     let load_before = load_average();
     let mut cpu = Vec::new();
     for stream in [false, true] {
-        cpu.push(CpuPerCall {
-            direct_us: targets[0].cpu_per_call(stream).await,
-            gateway_us: targets[1].cpu_per_call(stream).await,
-        });
+        cpu.push(cpu_per_call(&targets, stream).await);
     }
     let mut rows = Vec::new();
     for &rate in &options.rates {
@@ -326,9 +337,23 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
             let cpu_per_call = cpu[usize::from(stream)];
             warm_up(&targets, rate, stream).await;
             let mut rounds = Vec::with_capacity(options.rounds);
-            for lead in 0..options.rounds {
-                let [direct, gateway] =
-                    round(&targets, rate, stream, options.seconds, lead % 2).await;
+            for r in 0..options.rounds {
+                let (direct, gateway) = if options.alternate {
+                    let order = [r % 2, 1 - r % 2];
+                    let mut alone = [Measure::default(), Measure::default()];
+                    for path in order {
+                        let mut measures =
+                            round(&[&targets[path]], rate, stream, options.seconds, 0).await;
+                        alone[path] = measures.remove(0);
+                    }
+                    let [direct, gateway] = alone;
+                    (direct, gateway)
+                } else {
+                    let both = [&targets[0], &targets[1]];
+                    let mut measures = round(&both, rate, stream, options.seconds, r % 2).await;
+                    let gateway = measures.remove(1);
+                    (measures.remove(0), gateway)
+                };
                 rounds.push(Round::of(direct, gateway));
             }
             let directs: Vec<Measure> = rounds.iter().map(|r| r.direct.clone()).collect();
@@ -362,9 +387,14 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     gateway.stop().await;
     mock.stop().await;
 
+    let windows = if options.alternate {
+        "clients call the mock directly in one window and through the gateway in the next, at the offered rate, the order alternating"
+    } else {
+        "open-loop clients call the mock directly and through the gateway in the same window, at the offered rate each, arrivals alternating"
+    };
     let mut table = format!(
-        "The gateway's own cost: the mock answering after {} ms with no limits; per row, {} rounds of {} s in which open-loop clients call the mock directly and through the gateway at the offered rate each, arrivals alternating; medians over the rounds (the added p99's range in brackets); at most {bound} calls open per path. {}, load average {} before and {} after.\n\n\
-         | offered per path | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 | added p99 [range] | throughput ratio | CPU per call, one at a time: direct / gateway | failed + shed: direct, gateway |\n\
+        "The gateway's own cost: the mock answering after {} ms with no limits; per row, {} rounds of {} s in which {windows}; medians over the rounds (the added p99's range in brackets); at most {bound} calls open per path. {}, load average {} before and {} after.\n\n\
+         | offered per path | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 | added p99 [range] | served/s: direct, gateway (ratio) | CPU per call, one at a time: direct / gateway | failed + shed: direct, gateway |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         UPSTREAM_LATENCY.as_millis(),
         options.rounds,
@@ -375,7 +405,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     );
     for row in &rows {
         table.push_str(&format!(
-            "| {}/s | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms [{:.2}, {:.2}] | {:.3} | {:.0} / {:.0} µs | {} + {}, {} + {} |\n",
+            "| {}/s | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms [{:.2}, {:.2}] | {:.0}, {:.0} ({:.3}) | {:.0} / {:.0} µs | {} + {}, {} + {} |\n",
             row.rate,
             if row.stream { "streamed" } else { "whole" },
             row.direct.latency.p50_ms,
@@ -386,6 +416,8 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
             row.added_p99_ms.median,
             row.added_p99_ms.min,
             row.added_p99_ms.max,
+            row.direct.throughput,
+            row.gateway.throughput,
             row.throughput_ratio.median,
             row.cpu_per_call.direct_us,
             row.cpu_per_call.gateway_us,
@@ -426,7 +458,6 @@ fn process_cpu() -> Option<Duration> {
 
 /// One path: where to send, with its own connection pool and its bound of calls open.
 struct Target {
-    route: Route,
     url: Arc<str>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -444,9 +475,8 @@ enum Ending {
 }
 
 impl Target {
-    fn new(route: Route, url: String, bound: usize) -> Target {
+    fn new(url: String, bound: usize) -> Target {
         Target {
-            route,
             url: url.into(),
             client: http_client(),
             open: Arc::new(Semaphore::new(bound)),
@@ -486,73 +516,85 @@ impl Target {
         served
     }
 
-    /// The process's CPU time per call over [`SERIAL_CALLS`] calls one at a time, in µs.
-    async fn cpu_per_call(&self, stream: bool) -> f64 {
-        self.serial(SERIAL_CALLS / 10, stream).await;
-        let before = process_cpu();
-        self.serial(SERIAL_CALLS, stream).await;
-        match (before, process_cpu()) {
-            (Some(before), Some(after)) => {
-                after.saturating_sub(before).as_secs_f64() * 1e6 / SERIAL_CALLS as f64
-            }
-            _ => f64::NAN,
-        }
-    }
-
     /// Sends call `i` at `at` unless the path has its bound of calls open.
     fn send(
         &self,
         i: usize,
         stream: bool,
         at: Instant,
-    ) -> impl std::future::Future<Output = (Route, Ending)> + 'static {
-        let route = self.route;
+    ) -> impl std::future::Future<Output = Ending> + Send + 'static {
         let permit = self.open.clone().try_acquire_owned();
         let call = permit.map(|permit| (permit, self.call(i, stream)));
         async move {
             let Ok((_permit, call)) = call else {
-                return (route, Ending::Shed);
+                return Ending::Shed;
             };
-            let ending = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            match tokio::time::timeout(CALL_TIMEOUT, call).await {
                 Ok(true) => Ending::Served(at.elapsed(), Instant::now()),
                 _ => Ending::Failed,
-            };
-            (route, ending)
+            }
         }
+    }
+}
+
+/// The process's CPU time per call made one at a time over each path, in µs: the median over
+/// [`BLOCKS`] blocks of [`BLOCK_CALLS`] calls, the paths' blocks alternating.
+async fn cpu_per_call(targets: &[Target; 2], stream: bool) -> CpuPerCall {
+    let mut blocks: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for target in targets {
+        target.serial(BLOCK_CALLS, stream).await;
+    }
+    for _ in 0..BLOCKS {
+        for (path, target) in targets.iter().enumerate() {
+            let before = process_cpu();
+            target.serial(BLOCK_CALLS, stream).await;
+            if let (Some(before), Some(after)) = (before, process_cpu()) {
+                let cpu = after.saturating_sub(before).as_secs_f64() * 1e6;
+                blocks[path].push(cpu / BLOCK_CALLS as f64);
+            }
+        }
+    }
+    let [direct, gateway] = blocks.map(|block| Spread::of(block).median);
+    CpuPerCall {
+        direct_us: direct,
+        gateway_us: gateway,
     }
 }
 
 /// Half a second of both paths at `rate`: connections opened, caches filled.
 async fn warm_up(targets: &[Target; 2], rate: u32, stream: bool) {
-    round(targets, rate, stream, 0.5, 0).await;
+    round(&[&targets[0], &targets[1]], rate, stream, 0.5, 0).await;
 }
 
-/// Both paths at `rate` each for `seconds`: one open-loop schedule at twice the rate, arrival
-/// `k` to path `(k + lead) % 2`, each sent at its time whatever the others are doing.
+/// `paths` at `rate` each for `seconds`: one open-loop schedule at `rate` times their number,
+/// arrival `k` to path `(k + lead) % paths.len()`, each sent at its time whatever the others
+/// are doing; a measure per path.
 async fn round(
-    targets: &[Target; 2],
+    paths: &[&Target],
     rate: u32,
     stream: bool,
     seconds: f64,
     lead: usize,
-) -> [Measure; 2] {
-    let gap = Duration::from_secs_f64(0.5 / f64::from(rate));
+) -> Vec<Measure> {
+    let n = paths.len();
+    let gap = Duration::from_secs_f64(1.0 / (f64::from(rate) * n as f64));
     let per_path = (f64::from(rate) * seconds) as usize;
     let start = Instant::now();
     let mut calls = JoinSet::new();
-    for k in 0..2 * per_path {
+    for k in 0..n * per_path {
         let at = start + gap.mul_f64(k as f64);
         if at > Instant::now() {
             sleep_until(at).await;
         }
-        calls.spawn(targets[(k + lead) % 2].send(k / 2, stream, at));
+        let path = (k + lead) % n;
+        let call = paths[path].send(k / n, stream, at);
+        calls.spawn(async move { (path, call.await) });
     }
-    let mut latencies = [Vec::with_capacity(per_path), Vec::with_capacity(per_path)];
-    let mut measures = [Measure::default(), Measure::default()];
-    let mut last = [start; 2];
+    let mut latencies = vec![Vec::with_capacity(per_path); n];
+    let mut measures = vec![Measure::default(); n];
+    let mut last = vec![start; n];
     while let Some(done) = calls.join_next().await {
-        let Ok((route, ending)) = done else { continue };
-        let path = usize::from(route == Route::Gateway);
+        let Ok((path, ending)) = done else { continue };
         match ending {
             Ending::Served(latency, end) => {
                 latencies[path].push(latency);

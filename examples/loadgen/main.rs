@@ -66,7 +66,7 @@ fn usage() -> String {
     let names: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
     format!(
         "usage: loadgen [--scale N] [--targets {}] [--out DIR] <scenario|all|FILE.toml>...\n\
-         \x20      loadgen gateway-cost [--seconds N] [--rounds N] [--rates 1000,5000] [--out DIR]\n\
+         \x20      loadgen gateway-cost [--seconds N] [--rounds N] [--rates 1000,5000] [--mode paired|alternate] [--out DIR]\n\
          \x20      loadgen gateway-cost --serial N --path direct|gateway --reply whole|streamed\n\n\
          scenarios: {}\n",
         TARGETS.join(","),
