@@ -24,6 +24,8 @@
 //! one and not the other lands in it.
 //!
 //! A row is several rounds (`--rounds`, each `--seconds` long, after a half-second warm-up).
+//! Beside it, what else the machine did meanwhile, from the kernel's accounting: the share of
+//! its CPU time that other processes used, and the host's steal.
 //! Each round yields both paths' percentiles and their difference; the table shows the median
 //! over the rounds and, for the added p99, its range, so that a reader sees how far one round
 //! may be from the next. Latency runs from the scheduled time to the reply's end, so that a late
@@ -237,6 +239,7 @@ struct Row {
     added_p99_ms: Spread,
     throughput_ratio: Spread,
     cpu_per_call: CpuPerCall,
+    background: Background,
     rounds: Vec<Round>,
 }
 
@@ -337,6 +340,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
             let cpu_per_call = cpu[usize::from(stream)];
             warm_up(&targets, rate, stream).await;
             let mut rounds = Vec::with_capacity(options.rounds);
+            let before = Ticks::now();
             for r in 0..options.rounds {
                 let (direct, gateway) = if options.alternate {
                     let order = [r % 2, 1 - r % 2];
@@ -356,6 +360,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
                 };
                 rounds.push(Round::of(direct, gateway));
             }
+            let background = Background::between(before, Ticks::now());
             let directs: Vec<Measure> = rounds.iter().map(|r| r.direct.clone()).collect();
             let gateways: Vec<Measure> = rounds.iter().map(|r| r.gateway.clone()).collect();
             let row = Row {
@@ -367,6 +372,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
                 added_p99_ms: Spread::of(rounds.iter().map(|r| r.added_p99_ms)),
                 throughput_ratio: Spread::of(rounds.iter().map(|r| r.throughput_ratio)),
                 cpu_per_call,
+                background,
                 rounds,
             };
             eprintln!(
@@ -394,8 +400,8 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     };
     let mut table = format!(
         "The gateway's own cost: the mock answering after {} ms with no limits; per row, {} rounds of {} s in which {windows}; medians over the rounds (the added p99's range in brackets); at most {bound} calls open per path. {}, load average {} before and {} after.\n\n\
-         | offered per path | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 | added p99 [range] | served/s: direct, gateway (ratio) | CPU per call, one at a time: direct / gateway | failed + shed: direct, gateway |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | offered per path | reply | direct p50 / p99 | via the gateway p50 / p99 | added p50 | added p99 [range] | served/s: direct, gateway (ratio) | CPU per call, one at a time: direct / gateway | failed + shed: direct, gateway | other processes / steal |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         UPSTREAM_LATENCY.as_millis(),
         options.rounds,
         options.seconds,
@@ -405,7 +411,7 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     );
     for row in &rows {
         table.push_str(&format!(
-            "| {}/s | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms [{:.2}, {:.2}] | {:.0}, {:.0} ({:.3}) | {:.0} / {:.0} µs | {} + {}, {} + {} |\n",
+            "| {}/s | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms [{:.2}, {:.2}] | {:.0}, {:.0} ({:.3}) | {:.0} / {:.0} µs | {} + {}, {} + {} | {:.0}% / {:.0}% |\n",
             row.rate,
             if row.stream { "streamed" } else { "whole" },
             row.direct.latency.p50_ms,
@@ -425,6 +431,8 @@ pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
             row.direct.shed,
             row.gateway.failed,
             row.gateway.shed,
+            row.background.others_pct,
+            row.background.steal_pct,
         ));
     }
     println!("{table}");
@@ -442,6 +450,65 @@ fn load_average() -> String {
         .ok()
         .and_then(|text| text.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The machine's CPU time so far, in the kernel's ticks: in all, busy, taken by the host for
+/// others (steal), and this process's share of the busy.
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    total: u64,
+    busy: u64,
+    steal: u64,
+    ours: u64,
+}
+
+impl Ticks {
+    /// From `/proc/stat` and `/proc/self/stat`.
+    fn now() -> Option<Ticks> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|n| n.parse().ok())
+            .collect::<Option<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = cpu.try_into().ok()?;
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // After the command's name in brackets: state is field 3, utime 14 and stime 15.
+        let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+        let time = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+        Some(Ticks {
+            total: user + nice + system + idle + iowait + irq + softirq + steal,
+            busy: user + nice + system + irq + softirq,
+            steal,
+            ours: time(14)? + time(15)?,
+        })
+    }
+}
+
+/// What else the machine did while a row was measured, as shares of all its CPU time (every
+/// core): other processes, and the host's steal (a vCPU waiting while the host runs others).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Background {
+    others_pct: f64,
+    steal_pct: f64,
+}
+
+impl Background {
+    fn between(before: Option<Ticks>, after: Option<Ticks>) -> Background {
+        let (Some(before), Some(after)) = (before, after) else {
+            return Background::default();
+        };
+        let total = after.total.saturating_sub(before.total).max(1) as f64;
+        let busy = after.busy.saturating_sub(before.busy);
+        let ours = after.ours.saturating_sub(before.ours);
+        Background {
+            others_pct: 100.0 * busy.saturating_sub(ours) as f64 / total,
+            steal_pct: 100.0 * after.steal.saturating_sub(before.steal) as f64 / total,
+        }
+    }
 }
 
 /// CPU time used so far by every thread of this process, from `/proc/self/task/*/schedstat`.
