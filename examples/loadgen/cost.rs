@@ -64,8 +64,7 @@ use tower_llm_queue_servers::mock::{MockConfig, MockProvider};
 use super::gateway::{http_client, Gateway};
 
 /// The two paths compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     /// The clients call the mock.
     Direct,
@@ -307,6 +306,8 @@ async fn servers() -> Result<(tower_llm_queue_servers::mock::RunningMock, Gatewa
     Ok((mock, gateway))
 }
 
+/// Runs the subcommand: prints the table and writes it, with every round's figures as JSON,
+/// into `out`; or, with `--serial`, only makes the calls.
 pub async fn run(options: &Options, out: &Path) -> Result<(), tower::BoxError> {
     let bound = in_flight_bound();
     let (mock, gateway) = servers().await?;
