@@ -237,16 +237,21 @@ async fn without_hold_the_slot_is_released_at_the_headers() {
     drop(response);
 }
 
+/// The queue's id of a request, from the header the handler set.
+fn request_id<B>(response: &http::Response<B>) -> RequestId {
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn cancelling_a_streaming_request_ends_its_body() {
     let (app, queue, users, mut senders) = streaming_app(true);
     let response = app.clone().oneshot(get_as("ada", "/")).await.unwrap();
     let tx = senders.recv().await.unwrap();
-    let id: RequestId = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let id = request_id(&response);
     assert_eq!(queue.entries()[0].id, id, "the handler saw the queue's id");
 
     let mut body = response.into_body();
@@ -258,6 +263,43 @@ async fn cancelling_a_streaming_request_ends_its_body() {
     assert_eq!(queue.stats().running, 0);
     assert_eq!(queue.stats().cancelled, 1);
     assert_eq!(users.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancellation_wakes_a_body_waiting_for_its_next_frame() {
+    let (app, queue, _, mut senders) = streaming_app(true);
+    let response = app.clone().oneshot(get_as("ada", "/")).await.unwrap();
+    let tx = senders.recv().await.unwrap();
+    let id = request_id(&response);
+    // One task reads frame after frame, then waits for one that does not come.
+    let (read_tx, mut read) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut body = response.into_body();
+        loop {
+            let frame = body.frame().await;
+            let done = !matches!(&frame, Some(Ok(_)));
+            read_tx.send(frame.map(|f| f.map(|_| ()))).unwrap();
+            if done {
+                return;
+            }
+        }
+    });
+    for chunk in ["first", "second", "third"] {
+        tx.send(Ok(Bytes::from(chunk))).unwrap();
+        assert!(matches!(read.recv().await, Some(Some(Ok(())))));
+    }
+    settle().await;
+    assert!(queue.cancel(id));
+    let woken = tokio::time::timeout(Duration::from_secs(60), read.recv()).await;
+    let err = woken
+        .expect("the cancellation wakes the waiting body")
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    reader.await.unwrap();
+    assert_eq!(queue.stats().running, 0);
+    assert_eq!(queue.stats().cancelled, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -23,7 +23,7 @@ use crate::rejected::{Rejected, RejectionKind};
 /// Something that holds a slot until dropped, and may learn that its request was cancelled.
 pub(crate) trait Guard: Send + Sync + 'static {
     /// True once the request was cancelled; otherwise registers the task to be woken then.
-    fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool;
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool;
 }
 
 /// A slot held by a response. Dropping it releases the slot.
@@ -123,7 +123,7 @@ where
         if *this.cancelled {
             return Poll::Ready(None);
         }
-        if let Some(permit) = this.permit.as_ref() {
+        if let Some(permit) = this.permit.as_mut() {
             if permit.0.poll_cancelled(cx) {
                 *this.permit = None;
                 *this.cancelled = true;
@@ -237,7 +237,7 @@ struct Both {
 
 #[cfg(feature = "redis")]
 impl Guard for Both {
-    fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
         self.outer.0.poll_cancelled(cx) || self.inner.0.poll_cancelled(cx)
     }
 }

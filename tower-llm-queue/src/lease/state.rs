@@ -761,7 +761,7 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Guard for Lease {
-    fn poll_cancelled(&self, _: &mut Context<'_>) -> bool {
+    fn poll_cancelled(&mut self, _: &mut Context<'_>) -> bool {
         false
     }
 }

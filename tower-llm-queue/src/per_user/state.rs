@@ -354,7 +354,7 @@ impl Drop for UserSlot {
 }
 
 impl Guard for UserSlot {
-    fn poll_cancelled(&self, _: &mut Context<'_>) -> bool {
+    fn poll_cancelled(&mut self, _: &mut Context<'_>) -> bool {
         false
     }
 }

@@ -104,6 +104,10 @@ pub(crate) struct Ticket {
     /// For a request admitted at once: its shard's cancellation count when it last looked at
     /// its flag.
     cancels_seen: AtomicU64,
+    /// For a request admitted at once: the task it last registered to be woken by a
+    /// cancellation. While that task polls and no request of the shard was cancelled since, the
+    /// registration stands and the flag is not looked at again.
+    registered: Option<Waker>,
     finish: Finish,
     released: bool,
 }
@@ -184,6 +188,7 @@ impl Shared {
             id,
             waiter,
             cancels_seen: AtomicU64::new(0),
+            registered: None,
             finish: Finish::Dropped,
             released: false,
         }
@@ -595,10 +600,23 @@ impl Drop for Ticket {
 }
 
 impl Guard for Ticket {
-    fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
         match &self.waiter {
             Some(waiter) => waiter.poll_cancelled(cx),
-            None => self.shared.registry.direct_cancelled(self.id, Some(cx)),
+            None => {
+                let cancels = self.shared.registry.cancels(self.id);
+                let seen = self.cancels_seen.get_mut();
+                let standing = self
+                    .registered
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()));
+                if cancels == *seen && standing {
+                    return false;
+                }
+                *seen = cancels;
+                self.registered = Some(cx.waker().clone());
+                self.shared.registry.direct_cancelled(self.id, Some(cx))
+            }
         }
     }
 }
