@@ -24,11 +24,11 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The fewest new keys a shard takes in between two sweeps.
-pub(crate) const SWEEP_AT_LEAST: usize = 256;
+const SWEEP_AT_LEAST: usize = 256;
 
 /// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
-/// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Callers remove a key's
-/// entry as soon as it holds nothing, or let [`Place::get_or_insert_with`] drop idle ones.
+/// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Entries that have become
+/// idle are dropped by the sweeps that new keys bring ([`Place::get_or_insert_with`]).
 pub(crate) struct Sharded<V> {
     shards: Box<[Mutex<Shard<V>>]>,
     /// New keys per shard since its last sweep (see [`Place::get_or_insert_with`]).
@@ -152,9 +152,8 @@ impl<V> Place<'_, V> {
 /// mostly empty. `idle` may update an entry that it keeps.
 fn sweep<V>(entries: &mut HashTable<(u64, Key, V)>, mut idle: impl FnMut(&mut V) -> bool) {
     entries.retain(|(_, _, value)| !idle(value));
-    let (len, capacity) = (entries.len(), entries.capacity());
-    if capacity > 64 && len * 4 < capacity {
-        entries.shrink_to(len * 2, |(hash, _, _)| *hash);
+    if let Some(to) = shrink_to(entries.len(), entries.capacity()) {
+        entries.shrink_to(to, |(hash, _, _)| *hash);
     }
 }
 
@@ -166,14 +165,21 @@ impl<V> std::fmt::Debug for Sharded<V> {
     }
 }
 
-/// Gives memory back when a map has become mostly empty. Amortised O(1) per removal.
+/// The capacity a collection of `len` items in `capacity` places should shrink to, once it has
+/// become mostly empty: the rule of every map, table and list in this crate that gives memory
+/// back, amortised O(1) per removal.
+pub(crate) fn shrink_to(len: usize, capacity: usize) -> Option<usize> {
+    (capacity > 64 && len * 4 < capacity).then_some(len * 2)
+}
+
+/// Gives memory back when a map has become mostly empty (see [`shrink_to`]).
 pub(crate) fn shrink<K, V, S>(map: &mut HashMap<K, V, S>)
 where
     K: Eq + std::hash::Hash,
     S: BuildHasher,
 {
-    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
-        map.shrink_to(map.len() * 2);
+    if let Some(to) = shrink_to(map.len(), map.capacity()) {
+        map.shrink_to(to);
     }
 }
 

@@ -41,8 +41,8 @@ impl<R: Send + 'static> Followers for Senders<R> {
         if let Ok(at) = self.binary_search_by_key(&waiter, |(id, _)| *id) {
             Vec::remove(self, at);
         }
-        if self.capacity() > 64 && self.len() * 4 < self.capacity() {
-            self.shrink_to(self.len() * 2);
+        if let Some(to) = crate::sharded::shrink_to(self.len(), self.capacity()) {
+            self.shrink_to(to);
         }
     }
 

@@ -66,11 +66,11 @@ impl Book {
         }
     }
 
-    /// Gives memory back when the table has become mostly empty (amortised O(1)).
+    /// Gives memory back when the table has become mostly empty (see
+    /// [`shrink_to`](crate::sharded::shrink_to)).
     fn shrink(&mut self) {
-        let (len, capacity) = (self.users.len(), self.users.capacity());
-        if capacity > 64 && len * 4 < capacity {
-            self.users.shrink_to(len * 2, |u| u.hash);
+        if let Some(to) = crate::sharded::shrink_to(self.users.len(), self.users.capacity()) {
+            self.users.shrink_to(to, |u| u.hash);
         }
     }
 }
