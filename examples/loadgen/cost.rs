@@ -127,26 +127,16 @@ impl Options {
             "--rounds" => self.rounds = count(1..=100)?,
             "--serial" => self.serial = Some(count(1..=10_000_000)?),
             "--mode" => {
-                self.alternate = match text {
-                    "paired" => false,
-                    "alternate" => true,
-                    _ => return Err(format!("--mode: paired or alternate, not {text:?}")),
-                }
+                self.alternate = one_of(flag, text, [("paired", false), ("alternate", true)])?
             }
             "--path" => {
-                self.route = match text {
-                    "direct" => Route::Direct,
-                    "gateway" => Route::Gateway,
-                    _ => return Err(format!("--path: direct or gateway, not {text:?}")),
-                }
+                self.route = one_of(
+                    flag,
+                    text,
+                    [("direct", Route::Direct), ("gateway", Route::Gateway)],
+                )?
             }
-            "--reply" => {
-                self.stream = match text {
-                    "whole" => false,
-                    "streamed" => true,
-                    _ => return Err(format!("--reply: whole or streamed, not {text:?}")),
-                }
-            }
+            "--reply" => self.stream = one_of(flag, text, [("whole", false), ("streamed", true)])?,
             "--rates" => {
                 let rates: Result<Vec<u32>, _> =
                     text.split(',').map(|r| r.trim().parse::<u32>()).collect();
@@ -161,6 +151,17 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// The value named `text` among a flag's two `choices`.
+fn one_of<T>(flag: &str, text: &str, choices: [(&str, T); 2]) -> Result<T, String> {
+    let [(first, _), (second, _)] = &choices;
+    let error = format!("{flag}: {first} or {second}, not {text:?}");
+    choices
+        .into_iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, value)| value)
+        .ok_or(error)
 }
 
 /// One path at one rate.
