@@ -14,52 +14,19 @@
 use tower::ServiceExt;
 
 use tower_llm_queue_servers::bench::{
-    current_thread, full_stack, immediate, scheduling_stacks, tower_retry, upstream_stack,
-    yielding, Boxed,
+    current_thread, full_stack, immediate, rate_stacks, scheduling_stacks, tower_retry,
+    upstream_stack, yielding, Boxed,
 };
 
-fn stacks() -> Vec<(&'static str, Boxed)> {
-    use std::time::Duration;
+fn stacks() -> Vec<(String, Boxed)> {
     use tower::ServiceBuilder;
-    use tower_llm_queue::rate::Rate;
-    use tower_llm_queue::{
-        CircuitBreakerLayer, DedupLayer, RetryBackoffLayer, SlidingWindowLayer, TokenBucketLayer,
-    };
-    let mut stacks = scheduling_stacks(immediate());
-    stacks.extend([
-        (
-            "token_bucket",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(TokenBucketLayer::new(
-                        Rate::per_second(1_000_000_000),
-                        1_000_000,
-                    ))
-                    .service(immediate()),
-            ),
-        ),
-        (
-            "token_bucket_100_users",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(
-                        TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000)
-                            .keyed_by(|n: &u64| n % 100),
-                    )
-                    .service(immediate()),
-            ),
-        ),
-        (
-            "sliding_window_100_users",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(
-                        SlidingWindowLayer::new(1_000_000_000, Duration::from_millis(10))
-                            .keyed_by(|n: &u64| n % 100),
-                    )
-                    .service(immediate()),
-            ),
-        ),
+    use tower_llm_queue::{CircuitBreakerLayer, DedupLayer, RetryBackoffLayer};
+    let mut stacks: Vec<(String, Boxed)> = scheduling_stacks(immediate())
+        .into_iter()
+        .map(|(name, stack)| (name.to_string(), stack))
+        .collect();
+    stacks.extend(rate_stacks(immediate(), 100));
+    let others: Vec<(&str, Boxed)> = vec![
         ("tower_retry", tower_retry(immediate())),
         (
             "retry_backoff",
@@ -88,7 +55,12 @@ fn stacks() -> Vec<(&'static str, Boxed)> {
                     .service(yielding(1)),
             ),
         ),
-    ]);
+    ];
+    stacks.extend(
+        others
+            .into_iter()
+            .map(|(name, stack)| (name.to_string(), stack)),
+    );
     stacks
 }
 

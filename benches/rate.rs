@@ -24,10 +24,12 @@ use governor::{Quota, RateLimiter};
 use tower::util::BoxService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_queue::rate::Rate;
+use tower_llm_queue::TokenBucketLayer;
 use tower_llm_queue::{PerUserConcurrencyLayer, PriorityQueueLayer};
-use tower_llm_queue::{SlidingWindowLayer, TokenBucketLayer};
 
-use tower_llm_queue_servers::bench::{current_thread, immediate as upstream, two_threads, Boxed};
+use tower_llm_queue_servers::bench::{
+    current_thread, immediate as upstream, rate_stacks, two_threads, Boxed,
+};
 
 type Keyed = RateLimiter<
     u64,
@@ -67,7 +69,7 @@ fn decisions(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     let huge = NonZeroU32::new(1_000_000_000).unwrap();
     let quota = Quota::per_second(huge).allow_burst(huge);
-    let stacks: Vec<(&str, Boxed)> = vec![
+    let mut stacks: Vec<(String, Boxed)> = vec![
         ("bare", Boxed::new(upstream())),
         (
             "governor_keyed_1000",
@@ -83,51 +85,11 @@ fn decisions(c: &mut Criterion) {
                 keys: 1,
             }),
         ),
-        (
-            "token_bucket_keyed_1000",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(
-                        TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000_000)
-                            .keyed_by(|n: &u64| n % 1_000),
-                    )
-                    .service(upstream()),
-            ),
-        ),
-        (
-            "token_bucket_global",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(TokenBucketLayer::new(
-                        Rate::per_second(1_000_000_000),
-                        1_000_000_000,
-                    ))
-                    .service(upstream()),
-            ),
-        ),
-        (
-            "sliding_window_global",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(SlidingWindowLayer::new(
-                        1_000_000_000,
-                        Duration::from_millis(10),
-                    ))
-                    .service(upstream()),
-            ),
-        ),
-        (
-            "sliding_window_keyed_1000",
-            Boxed::new(
-                ServiceBuilder::new()
-                    .layer(
-                        SlidingWindowLayer::new(1_000_000_000, Duration::from_millis(10))
-                            .keyed_by(|n: &u64| n % 1_000),
-                    )
-                    .service(upstream()),
-            ),
-        ),
-    ];
+    ]
+    .into_iter()
+    .map(|(name, stack): (&str, Boxed)| (name.to_string(), stack))
+    .collect();
+    stacks.extend(rate_stacks(upstream(), 1_000));
     for (name, svc) in stacks {
         let mut n = 0u64;
         group.bench_function(name, |b| {

@@ -129,6 +129,47 @@ pub mod bench {
         ]
     }
 
+    /// The rate limits around `inner`, by name: the token bucket and the sliding window, global
+    /// and keyed over `keys` keys (the request's number modulo `keys`), with quotas far above
+    /// what a benchmark spends, so that every decision is made and none waits or refuses. The
+    /// window is 10 ms, for the reason given at [`full_stack`].
+    pub fn rate_stacks<S>(inner: S, keys: u64) -> Vec<(String, Boxed)>
+    where
+        S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        use std::time::Duration;
+        use tower::ServiceBuilder;
+        use tower_llm_queue::rate::Rate;
+        use tower_llm_queue::{SlidingWindowLayer, TokenBucketLayer};
+        let bucket = || TokenBucketLayer::new(Rate::per_second(1_000_000_000), 1_000_000_000);
+        let window = || SlidingWindowLayer::new(1_000_000_000, Duration::from_millis(10));
+        let keyed = move |n: &u64| n % keys;
+        let around = || ServiceBuilder::new();
+        vec![
+            (
+                "token_bucket_global".into(),
+                Boxed::new(around().layer(bucket()).service(inner.clone())),
+            ),
+            (
+                format!("token_bucket_keyed_{keys}"),
+                Boxed::new(
+                    around()
+                        .layer(bucket().keyed_by(keyed))
+                        .service(inner.clone()),
+                ),
+            ),
+            (
+                "sliding_window_global".into(),
+                Boxed::new(around().layer(window()).service(inner.clone())),
+            ),
+            (
+                format!("sliding_window_keyed_{keys}"),
+                Boxed::new(around().layer(window().keyed_by(keyed)).service(inner)),
+            ),
+        ]
+    }
+
     /// tower's own `Retry`, with a policy that retries errors up to three times: the anchor of
     /// the retry and breaker layers.
     pub fn tower_retry<S>(inner: S) -> Boxed
