@@ -74,6 +74,10 @@ fn spawn_child(part: &str, vars: &[(&str, String)]) -> Child {
 // ---------------------------------------------------------------------------------------------
 // Saturation: three processes, one queue of 5.
 
+/// The machine these tests share: the one that measures timing runs alone, the others side by
+/// side.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 const SATURATION_CONCURRENCY: usize = 5;
 const CALL_MS: u64 = 200;
 
@@ -139,6 +143,9 @@ async fn saturate() {
 
 #[tokio::test]
 async fn three_processes_share_a_queue_of_five_and_keep_it_busy() {
+    // It measures how busy the slots are kept, which the other tests' processes and servers
+    // would take a share of: it runs alone.
+    let _alone = MACHINE.write().await;
     let Some(url) = redis_url() else { return };
     let config = MockConfig {
         tokens_per_second: 0.0,
@@ -403,6 +410,7 @@ impl Agent {
 
 #[tokio::test]
 async fn a_users_third_request_is_refused_on_any_process() {
+    let _beside_others = MACHINE.read().await;
     let Some(url) = redis_url() else { return };
     let prefix = fresh_prefix("per-user");
     let lease = Duration::from_secs(3);
@@ -445,6 +453,7 @@ async fn a_users_third_request_is_refused_on_any_process() {
 
 #[tokio::test]
 async fn in_wait_mode_a_users_third_request_waits_for_a_slot_on_another_process() {
+    let _beside_others = MACHINE.read().await;
     let Some(url) = redis_url() else { return };
     let prefix = fresh_prefix("per-user-wait");
     let lease = Duration::from_secs(3);
@@ -483,6 +492,7 @@ async fn in_wait_mode_a_users_third_request_waits_for_a_slot_on_another_process(
 
 #[tokio::test]
 async fn the_slots_of_a_killed_process_come_back_within_the_lease() {
+    let _beside_others = MACHINE.read().await;
     let Some(url) = redis_url() else { return };
     let prefix = fresh_prefix("sigkill");
     let lease = Duration::from_secs(1);
@@ -587,6 +597,7 @@ async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> Option<
 
 #[tokio::test]
 async fn redis_down_means_the_local_share_or_a_refusal_and_back_without_double_counting() {
+    let _beside_others = MACHINE.read().await;
     if redis_url().is_none() {
         return;
     }
@@ -706,6 +717,7 @@ async fn redis_down_means_the_local_share_or_a_refusal_and_back_without_double_c
 
 #[tokio::test]
 async fn the_body_holds_the_shared_slot_and_cancellation_or_a_panic_gives_it_back() {
+    let _beside_others = MACHINE.read().await;
     let Some(url) = redis_url() else { return };
     let prefix = fresh_prefix("body");
     let holders = format!("{prefix}:q:h:a");
@@ -794,6 +806,7 @@ async fn the_body_holds_the_shared_slot_and_cancellation_or_a_panic_gives_it_bac
 
 #[tokio::test]
 async fn a_request_cancelled_while_it_waits_for_a_shared_slot_leaves_nothing() {
+    let _beside_others = MACHINE.read().await;
     let Some(url) = redis_url() else { return };
     let prefix = fresh_prefix("cancel-waiting");
     let holders = format!("{prefix}:q:h:a");
