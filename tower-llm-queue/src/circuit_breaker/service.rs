@@ -59,11 +59,10 @@ where
         }
         let shared = self.shared.clone();
         let classify = self.classify.clone();
-        let config = self.settings.0;
         match self
             .key
             .extract(&request)
-            .and_then(|key| shared.admit(key, config))
+            .and_then(|key| shared.admit(key, &self.settings.0))
         {
             Ok(pass) => {
                 let call = CallWhenReady::new(self.inner.clone(), request);

@@ -63,16 +63,17 @@ struct Record {
 
 #[derive(Debug)]
 struct Breaker {
-    /// Tells this breaker from one evicted earlier under the same key.
-    instance: u64,
+    /// The tag of this breaker's first state: a pass with an older tag was let through by a
+    /// breaker evicted or reset since, under the same key.
+    first_tag: u64,
+    /// The tag of the current state. It changes whenever the state does, so that calls let
+    /// through under an older state do not count in the new one.
+    tag: u64,
     /// Calls let through and not yet recorded: a breaker with some is never evicted.
     in_flight: u32,
     /// Whether a call came since the last sweep of its shard.
     touched: bool,
     state: State,
-    /// Changes whenever the state does, so that calls admitted under an older state do not
-    /// count in the new one.
-    generation: u64,
     records: VecDeque<Record>,
     /// Failed and slow calls among `records`.
     failures: usize,
@@ -82,13 +83,13 @@ struct Breaker {
 }
 
 impl Breaker {
-    fn new(instance: u64) -> Self {
+    fn new(tag: u64) -> Self {
         Breaker {
-            instance,
+            first_tag: tag,
+            tag,
             in_flight: 0,
             touched: false,
             state: State::Closed,
-            generation: 0,
             records: VecDeque::new(),
             failures: 0,
             slows: 0,
@@ -96,22 +97,25 @@ impl Breaker {
         }
     }
 
-    fn set(&mut self, state: State) {
+    fn set(&mut self, state: State, tag: u64) {
         self.state = state;
-        self.generation += 1;
+        self.tag = tag;
         self.records.clear();
         self.failures = 0;
         self.slows = 0;
     }
 
     /// Opens for the time the number of consecutive trips calls for; returns that time.
-    fn trip(&mut self, config: &Config, now: Instant) -> Duration {
+    fn trip(&mut self, config: &Config, now: Instant, tag: u64) -> Duration {
         let open_for = config.open_for(self.trips);
         self.trips = self.trips.saturating_add(1);
-        self.set(State::Open {
-            until: crate::clock::later(now, open_for),
-            asked: false,
-        });
+        self.set(
+            State::Open {
+                until: crate::clock::later(now, open_for),
+                asked: false,
+            },
+            tag,
+        );
         open_for
     }
 
@@ -119,19 +123,36 @@ impl Breaker {
     /// flight, no failure or slow call remembered, and no call since the last sweep. Clears the
     /// mark of that last call.
     fn idle(&mut self) -> bool {
-        let idle = matches!(self.state, State::Closed)
-            && self.in_flight == 0
-            && self.failures == 0
-            && self.slows == 0
-            && !self.touched;
+        let idle = self.clean() && self.in_flight == 0 && !self.touched;
         self.touched = false;
         idle
     }
 
-    fn push(&mut self, record: Record) {
+    /// Closed, with nothing but successes in its window: one more success changes no decision.
+    fn clean(&self) -> bool {
+        matches!(self.state, State::Closed) && self.failures == 0 && self.slows == 0
+    }
+
+    /// Adds a record, and forgets those the window no longer holds.
+    fn note(&mut self, record: Record, window: Window, clock: &mut Clock) {
         self.failures += usize::from(record.failed);
         self.slows += usize::from(record.slow);
         self.records.push_back(record);
+        match window {
+            Window::Calls(n) => {
+                while self.records.len() > n.max(1) {
+                    self.pop();
+                }
+            }
+            Window::Time(span) => {
+                let now = clock.now();
+                while self.records.front().is_some_and(|r| {
+                    r.at.is_some_and(|at| now.saturating_duration_since(at) > span)
+                }) {
+                    self.pop();
+                }
+            }
+        }
     }
 
     fn pop(&mut self) {
@@ -148,6 +169,24 @@ const PROBING: Duration = Duration::from_secs(1);
 const NOT_FORCED: u8 = 0;
 const FORCED_OPEN: u8 = 1;
 const FORCED_CLOSED: u8 = 2;
+
+/// The anonymous breaker as calls that take no lock read it, in one word: the tag of its state
+/// (the bits from [`TAG_SHIFT`] up), the successes counted since its records were last brought
+/// up to date (the bits of [`PENDING_MASK`], saturating), and [`CLEAN`].
+///
+/// `CLEAN` says that the breaker is closed, has nothing but successes in its window, and counts
+/// its window in calls. While it is set, a call is let through and its success counted without
+/// the breaker's lock: more successes in a window of successes change no decision, and the
+/// successes counted are added to the records, in the order they came relative to any other
+/// record, by the next call that takes the lock. A window counted in calls holds the same
+/// records either way.
+const CLEAN: u64 = 1;
+const PENDING_ONE: u64 = 2;
+/// At most this many successes wait to be added; a window of more calls keeps to the lock.
+const PENDING_MAX: u64 = (1 << 23) - 1;
+const PENDING_MASK: u64 = PENDING_MAX << 1;
+/// Tags stay below 2^40: a trillion changes of state.
+const TAG_SHIFT: u32 = 24;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -166,23 +205,40 @@ pub(crate) struct Shared {
     version: AtomicU64,
     forced: AtomicU8,
     /// The breaker of the anonymous key — the only one of a layer without `keyed_by` — apart
-    /// from the others: no hashing, no sweeping.
+    /// from the others: no hashing, no sweeping, and a path without its lock (see [`CLEAN`]).
     anonymous: Mutex<Option<Breaker>>,
+    /// The anonymous breaker's word (see [`CLEAN`]).
+    fast: AtomicU64,
     breakers: Sharded<Breaker>,
-    next_instance: AtomicU64,
+    /// The last tag handed out.
+    tags: AtomicU64,
     counters: Counters,
 }
 
 /// The locked place of one key's breaker.
 enum Place<'a> {
-    Anonymous(MutexGuard<'a, Option<Breaker>>),
+    Anonymous(Anonymous<'a>),
     Keyed(crate::sharded::Place<'a, Breaker>),
+}
+
+/// The anonymous breaker, locked. The successes counted without the lock are added to its
+/// records when it is locked, and its word is written again when it is let go.
+struct Anonymous<'a> {
+    breaker: MutexGuard<'a, Option<Breaker>>,
+    shared: &'a Shared,
+    window: Window,
+}
+
+impl Drop for Anonymous<'_> {
+    fn drop(&mut self) {
+        self.shared.publish(self.breaker.as_ref(), self.window);
+    }
 }
 
 impl Place<'_> {
     fn get(&mut self) -> Option<&mut Breaker> {
         match self {
-            Place::Anonymous(breaker) => breaker.as_mut(),
+            Place::Anonymous(anonymous) => anonymous.breaker.as_mut(),
             Place::Keyed(place) => place.get(),
         }
     }
@@ -191,7 +247,7 @@ impl Place<'_> {
     /// breakers first when due.
     fn get_or_insert_with(&mut self, new: impl FnOnce() -> Breaker) -> &mut Breaker {
         match self {
-            Place::Anonymous(breaker) => breaker.get_or_insert_with(new),
+            Place::Anonymous(anonymous) => anonymous.breaker.get_or_insert_with(new),
             Place::Keyed(place) => place.get_or_insert_with(Breaker::idle, new),
         }
     }
@@ -201,12 +257,13 @@ impl Place<'_> {
 #[derive(Debug)]
 pub(crate) struct Pass {
     key: Key,
-    instance: u64,
-    generation: u64,
+    /// The tag of the breaker's state when the call was let through.
+    tag: u64,
     probe: bool,
-    /// When the call started; read only when slow calls are watched.
-    started: Option<Instant>,
-    config: Config,
+    /// Let through by the anonymous breaker without its lock: not counted in `in_flight`.
+    fast: bool,
+    /// When the call started, and the slow-call limit, when slow calls are watched.
+    watch: Option<(Instant, Duration)>,
     recorded: bool,
 }
 
@@ -226,15 +283,22 @@ impl Shared {
             version: AtomicU64::new(0),
             forced: AtomicU8::new(NOT_FORCED),
             anonymous: Mutex::new(None),
+            fast: AtomicU64::new(0),
             breakers: Sharded::new(),
-            next_instance: AtomicU64::new(0),
+            tags: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
 
     pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) {
         let mut config = self.config.write().unwrap_or_else(PoisonError::into_inner);
+        let before = config.window;
         f(&mut config);
+        let mut anonymous = lock(&self.anonymous);
+        if let Some(breaker) = anonymous.as_mut() {
+            self.take_in(breaker, before);
+        }
+        self.publish(anonymous.as_ref(), config.window);
         self.version.fetch_add(1, Release);
     }
 
@@ -259,21 +323,113 @@ impl Shared {
         }
     }
 
-    /// The locked place of `key`'s breaker.
-    fn place<'a>(&'a self, key: &'a Key) -> Place<'a> {
+    /// A tag for a new state of a breaker.
+    fn tag(&self) -> u64 {
+        self.tags.fetch_add(1, Relaxed) + 1
+    }
+
+    /// The locked place of `key`'s breaker; `window` is asked for the anonymous breaker only.
+    fn place<'a>(&'a self, key: &'a Key, window: impl FnOnce() -> Window) -> Place<'a> {
         if key.is_anonymous() {
-            return Place::Anonymous(lock(&self.anonymous));
+            let window = window();
+            let mut breaker = lock(&self.anonymous);
+            if let Some(breaker) = breaker.as_mut() {
+                self.take_in(breaker, window);
+            }
+            return Place::Anonymous(Anonymous {
+                breaker,
+                shared: self,
+                window,
+            });
         }
         Place::Keyed(self.breakers.lock(key))
     }
 
-    /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
-    pub(crate) fn admit(&self, key: Key, config: Config) -> Result<Pass, Rejected> {
+    /// Adds the successes counted without the lock to the anonymous breaker's records.
+    fn take_in(&self, breaker: &mut Breaker, window: Window) {
+        let word = self.fast.fetch_and(!PENDING_MASK, Relaxed);
+        let pending = (word & PENDING_MASK) / PENDING_ONE;
+        if pending == 0 || word >> TAG_SHIFT != breaker.tag {
+            return;
+        }
         let mut clock = Clock(None);
+        let at = match window {
+            Window::Time(_) => Some(clock.now()),
+            Window::Calls(_) => None,
+        };
+        let kept = match window {
+            Window::Calls(n) => pending.min(n.max(1) as u64),
+            Window::Time(_) => pending,
+        };
+        let success = Record {
+            at,
+            failed: false,
+            slow: false,
+        };
+        for _ in 0..kept {
+            breaker.note(success, window, &mut clock);
+        }
+    }
+
+    /// Writes the anonymous breaker's word for its state now, keeping the successes counted
+    /// under the same tag.
+    fn publish(&self, breaker: Option<&Breaker>, window: Window) {
+        let fits = matches!(window, Window::Calls(n) if n as u64 <= PENDING_MAX);
+        let word = match breaker {
+            Some(breaker) => (breaker.tag << TAG_SHIFT) | u64::from(fits && breaker.clean()),
+            None => 0,
+        };
+        let _ = self.fast.fetch_update(Relaxed, Relaxed, |old| {
+            if old & !PENDING_MASK == word {
+                return None;
+            }
+            let same_tag = old >> TAG_SHIFT == word >> TAG_SHIFT;
+            Some(word | if same_tag { old & PENDING_MASK } else { 0 })
+        });
+    }
+
+    /// Counts a success of a call let through without the lock, if the anonymous breaker is
+    /// still clean and in the same state; `false` if the call must be recorded under the lock.
+    fn record_fast(&self, tag: u64) -> bool {
+        let mut word = self.fast.load(Relaxed);
+        loop {
+            if word & CLEAN == 0 || word >> TAG_SHIFT != tag {
+                return false;
+            }
+            if word & PENDING_MASK == PENDING_MASK {
+                return true;
+            }
+            match self
+                .fast
+                .compare_exchange_weak(word, word + PENDING_ONE, Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
+    pub(crate) fn admit(&self, key: Key, config: &Config) -> Result<Pass, Rejected> {
         let forced = self.forced.load(Relaxed);
-        let mut shard = self.place(&key);
-        let breaker =
-            shard.get_or_insert_with(|| Breaker::new(self.next_instance.fetch_add(1, Relaxed)));
+        let slow_limit = config.slow_call.map(|(limit, _)| limit);
+        if forced != FORCED_OPEN && key.is_anonymous() {
+            let word = self.fast.load(Relaxed);
+            if word & CLEAN != 0 {
+                self.count(|c| &c.calls, 1);
+                return Ok(Pass {
+                    key,
+                    tag: word >> TAG_SHIFT,
+                    probe: false,
+                    fast: true,
+                    watch: slow_limit.map(|limit| (Instant::now(), limit)),
+                    recorded: false,
+                });
+            }
+        }
+        let mut clock = Clock(None);
+        let mut shard = self.place(&key, || config.window);
+        let breaker = shard.get_or_insert_with(|| Breaker::new(self.tag()));
         breaker.touched = true;
         let refuse = |retry_after: Option<Duration>| {
             let mut rejected = Rejected::new(RejectionKind::CircuitOpen);
@@ -299,13 +455,16 @@ impl Shared {
                         return Err(refuse(Some(until - now)));
                     }
                     if asked {
-                        breaker.set(State::Closed);
+                        breaker.set(State::Closed, self.tag());
                         tracing::info!(key = %key, "circuit closed: the upstream's wait is over");
                     } else {
-                        breaker.set(State::HalfOpen {
-                            admitted: 0,
-                            succeeded: 0,
-                        });
+                        breaker.set(
+                            State::HalfOpen {
+                                admitted: 0,
+                                succeeded: 0,
+                            },
+                            self.tag(),
+                        );
                         tracing::info!(key = %key, "circuit half-open: probing the upstream");
                     }
                 }
@@ -320,49 +479,52 @@ impl Shared {
                 }
             }
         }
-        let generation = breaker.generation;
-        let instance = breaker.instance;
+        let tag = breaker.tag;
         breaker.in_flight += 1;
         drop(shard);
         self.count(|c| &c.calls, 1);
         Ok(Pass {
             key,
-            instance,
-            generation,
+            tag,
             probe,
-            started: config.slow_call.map(|_| clock.now()),
-            config,
+            fast: false,
+            watch: slow_limit.map(|limit| (clock.now(), limit)),
             recorded: false,
         })
     }
 
     /// Records how a call that was let through ended.
     pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
-        let config = pass.config;
+        let mut clock = Clock(None);
+        let slow = pass.watch.is_some_and(|(started, limit)| {
+            clock.now().saturating_duration_since(started) >= limit
+        });
         let (failed, not_before) = match outcome {
+            Outcome::Success if !slow && pass.fast && self.record_fast(pass.tag) => {
+                pass.recorded = true;
+                return;
+            }
             Outcome::Success => (false, None),
             Outcome::Failure { not_before, .. } => (true, not_before),
-            Outcome::ClientError if config.count_client_errors => (true, None),
-            Outcome::ClientError => return self.abandon(pass),
+            Outcome::ClientError => (true, None),
         };
+        let config = self.config();
+        if matches!(outcome, Outcome::ClientError) && !config.count_client_errors {
+            return self.abandon(pass);
+        }
         pass.recorded = true;
-        let mut clock = Clock(None);
-        let slow = match (config.slow_call, pass.started) {
-            (Some((limit, _)), Some(started)) => {
-                clock.now().saturating_duration_since(started) >= limit
-            }
-            _ => false,
-        };
         self.count(|c| &c.failures, u64::from(failed));
         self.count(|c| &c.slow, u64::from(slow));
-        let mut shard = self.place(&pass.key);
+        let mut shard = self.place(&pass.key, || config.window);
         let Some(breaker) = shard.get() else {
             return;
         };
-        if breaker.instance != pass.instance {
+        if pass.tag < breaker.first_tag {
             return;
         }
-        breaker.in_flight = breaker.in_flight.saturating_sub(1);
+        if !pass.fast {
+            breaker.in_flight = breaker.in_flight.saturating_sub(1);
+        }
         if let (Some(delay), true) = (not_before, config.open_on_not_before) {
             let until = crate::clock::later(clock.now(), delay);
             let later = match breaker.state {
@@ -370,20 +532,20 @@ impl Shared {
                 _ => true,
             };
             if later && !delay.is_zero() {
-                breaker.set(State::Open { until, asked: true });
+                breaker.set(State::Open { until, asked: true }, self.tag());
                 drop(shard);
                 self.count(|c| &c.opened, 1);
                 tracing::warn!(key = %pass.key, delay_ms = delay.as_millis() as u64, "circuit open: the upstream asked to wait");
                 return;
             }
         }
-        if breaker.generation != pass.generation {
+        if breaker.tag != pass.tag {
             return;
         }
         match &mut breaker.state {
             State::HalfOpen { succeeded, .. } if pass.probe => {
                 if failed || slow {
-                    let open_for = breaker.trip(&config, clock.now());
+                    let open_for = breaker.trip(&config, clock.now(), self.tag());
                     drop(shard);
                     self.count(|c| &c.opened, 1);
                     tracing::warn!(key = %pass.key, open_ms = open_for.as_millis() as u64, "circuit open again: a probe failed");
@@ -392,7 +554,7 @@ impl Shared {
                 *succeeded += 1;
                 if *succeeded >= config.half_open_calls {
                     breaker.trips = 0;
-                    breaker.set(State::Closed);
+                    breaker.set(State::Closed, self.tag());
                     drop(shard);
                     self.count(|c| &c.closed, 1);
                     tracing::info!(key = %pass.key, "circuit closed: the upstream recovered");
@@ -403,22 +565,7 @@ impl Shared {
                     Window::Time(_) => Some(clock.now()),
                     Window::Calls(_) => None,
                 };
-                breaker.push(Record { at, failed, slow });
-                match config.window {
-                    Window::Calls(n) => {
-                        while breaker.records.len() > n.max(1) {
-                            breaker.pop();
-                        }
-                    }
-                    Window::Time(span) => {
-                        let now = clock.now();
-                        while breaker.records.front().is_some_and(|r| {
-                            r.at.is_some_and(|at| now.saturating_duration_since(at) > span)
-                        }) {
-                            breaker.pop();
-                        }
-                    }
-                }
+                breaker.note(Record { at, failed, slow }, config.window, &mut clock);
                 let total = breaker.records.len();
                 if total < config.minimum_calls.max(1) {
                     return;
@@ -430,7 +577,7 @@ impl Shared {
                         .slow_call
                         .is_some_and(|(_, rate)| slows as f64 / total as f64 >= rate);
                 if failing || slowing {
-                    let open_for = breaker.trip(&config, clock.now());
+                    let open_for = breaker.trip(&config, clock.now(), self.tag());
                     drop(shard);
                     self.count(|c| &c.opened, 1);
                     tracing::warn!(
@@ -455,15 +602,18 @@ impl Shared {
             return;
         }
         pass.recorded = true;
-        let mut shard = self.place(&pass.key);
+        if pass.fast {
+            return;
+        }
+        let mut shard = self.place(&pass.key, || self.config().window);
         let Some(breaker) = shard.get() else {
             return;
         };
-        if breaker.instance != pass.instance {
+        if pass.tag < breaker.first_tag {
             return;
         }
         breaker.in_flight = breaker.in_flight.saturating_sub(1);
-        if pass.probe && breaker.generation == pass.generation {
+        if pass.probe && breaker.tag == pass.tag {
             if let State::HalfOpen { admitted, .. } = &mut breaker.state {
                 *admitted = admitted.saturating_sub(1);
             }
@@ -478,7 +628,10 @@ impl Shared {
 
     pub(crate) fn reset(&self) {
         self.forced.store(NOT_FORCED, Relaxed);
-        *lock(&self.anonymous) = None;
+        let mut anonymous = lock(&self.anonymous);
+        *anonymous = None;
+        self.publish(None, Window::Calls(0));
+        drop(anonymous);
         self.breakers.for_each_shard(|shard| shard.clear());
         tracing::info!("circuit reset");
     }
@@ -490,7 +643,7 @@ impl Shared {
             _ => {}
         }
         let now = Instant::now();
-        let mut shard = self.place(key);
+        let mut shard = self.place(key, || self.config().window);
         match shard.get().map(|b| b.state) {
             None | Some(State::Closed) => BreakerState::Closed,
             Some(State::Open { until, .. }) if until > now => BreakerState::Open {

@@ -543,3 +543,151 @@ async fn extreme_settings() {
     assert!(rejected.retry_after().is_some());
     probe.await.unwrap().unwrap();
 }
+
+mod model {
+    //! The anonymous breaker, driven call by call, against a plain model of its closed state: a
+    //! window of the last `n` outcomes, in the order the calls ended, of the calls let through
+    //! since the breaker last changed state or was reset.
+
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use proptest::prelude::*;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    struct Model {
+        calls: usize,
+        min: usize,
+        open: bool,
+        generation: u64,
+        window: VecDeque<bool>,
+        opened: u64,
+        failures: u64,
+    }
+
+    impl Model {
+        fn end(&mut self, generation: u64, failed: bool) {
+            self.failures += u64::from(failed);
+            if self.open || generation != self.generation {
+                return;
+            }
+            self.window.push_back(failed);
+            if self.window.len() > self.calls {
+                self.window.pop_front();
+            }
+            let failures = self.window.iter().filter(|f| **f).count();
+            if self.window.len() >= self.min && failures > 0 && failures * 2 >= self.window.len() {
+                self.open = true;
+                self.generation += 1;
+                self.window.clear();
+                self.opened += 1;
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Start,
+        End { pick: usize, failed: bool },
+        Drop { pick: usize },
+        Reset,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => Just(Step::Start),
+            4 => (any::<usize>(), proptest::bool::weighted(0.15))
+                .prop_map(|(pick, failed)| Step::End { pick, failed }),
+            1 => any::<usize>().prop_map(|pick| Step::Drop { pick }),
+            1 => Just(Step::Reset),
+        ]
+    }
+
+    type Call = Pin<Box<dyn Future<Output = Result<(), BoxError>>>>;
+
+    fn poll(call: &mut Call) -> Poll<Result<(), BoxError>> {
+        call.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn decides_as_a_window_of_the_last_calls_would(
+            calls in 1usize..8,
+            min in 1usize..6,
+            steps in proptest::collection::vec(step(), 1..120),
+        ) {
+            let layer = CircuitBreakerLayer::new()
+                .window(Window::Calls(calls))
+                .minimum_calls(min)
+                .open_for(Duration::from_secs(3600));
+            let handle = layer.handle();
+            let mut svc = ServiceBuilder::new().layer(layer).service(service_fn(
+                |outcome: oneshot::Receiver<bool>| async move {
+                    match outcome.await {
+                        Ok(false) => Ok(()),
+                        _ => Err::<(), BoxError>("upstream down".into()),
+                    }
+                },
+            ));
+            let mut model = Model {
+                calls,
+                min,
+                open: false,
+                generation: 0,
+                window: VecDeque::new(),
+                opened: 0,
+                failures: 0,
+            };
+            let mut running: Vec<(Call, oneshot::Sender<bool>, u64)> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Start => {
+                        let (tx, rx) = oneshot::channel();
+                        let mut call: Call = Box::pin(svc.call(rx));
+                        match poll(&mut call) {
+                            Poll::Pending => {
+                                prop_assert!(!model.open, "let through while open");
+                                running.push((call, tx, model.generation));
+                            }
+                            Poll::Ready(result) => {
+                                prop_assert!(model.open, "refused while closed");
+                                let err = result.unwrap_err();
+                                prop_assert_eq!(kind(&err), Some(RejectionKind::CircuitOpen));
+                            }
+                        }
+                    }
+                    Step::End { pick, failed } if !running.is_empty() => {
+                        let (mut call, tx, generation) = running.swap_remove(pick % running.len());
+                        tx.send(failed).unwrap();
+                        let Poll::Ready(result) = poll(&mut call) else {
+                            panic!("a call whose upstream answered is still pending");
+                        };
+                        prop_assert_eq!(result.is_err(), failed);
+                        model.end(generation, failed);
+                    }
+                    Step::Drop { pick } if !running.is_empty() => {
+                        drop(running.swap_remove(pick % running.len()));
+                    }
+                    Step::Reset => {
+                        handle.reset();
+                        model.open = false;
+                        model.generation += 1;
+                        model.window.clear();
+                    }
+                    _ => {}
+                }
+                let open = matches!(handle.state(), BreakerState::Open { .. });
+                prop_assert_eq!(open, model.open);
+                let stats = handle.stats();
+                prop_assert_eq!(stats.opened, model.opened);
+                prop_assert_eq!(stats.failures, model.failures);
+            }
+        }
+    }
+}
