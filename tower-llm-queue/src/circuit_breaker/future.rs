@@ -22,8 +22,7 @@ pin_project! {
     pub struct ResponseFuture<S, Req, F, C> {
         #[pin]
         call: CallWhenReady<S, Req, F>,
-        pass: Option<Pass>,
-        rejected: Option<Rejected>,
+        gate: Gate,
         shared: Arc<Shared>,
         classify: C,
     }
@@ -31,11 +30,22 @@ pin_project! {
     impl<S, Req, F, C> PinnedDrop for ResponseFuture<S, Req, F, C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(pass) = this.pass.as_mut() {
+            if let Gate::Passed(pass) = this.gate {
                 this.shared.abandon(pass);
             }
         }
     }
+}
+
+/// Where a call stands with the breaker.
+#[derive(Debug)]
+enum Gate {
+    /// Let through; recorded when it ends.
+    Passed(Pass),
+    /// Refused: the refusal is returned when the future is first polled.
+    Refused(Rejected),
+    /// Recorded, or its refusal returned.
+    Done,
 }
 
 impl<S, Req, F, C> ResponseFuture<S, Req, F, C> {
@@ -47,8 +57,7 @@ impl<S, Req, F, C> ResponseFuture<S, Req, F, C> {
     ) -> Self {
         ResponseFuture {
             call,
-            pass: Some(pass),
-            rejected: None,
+            gate: Gate::Passed(pass),
             shared,
             classify,
         }
@@ -57,8 +66,7 @@ impl<S, Req, F, C> ResponseFuture<S, Req, F, C> {
     pub(super) fn rejected(rejected: Rejected, shared: Arc<Shared>, classify: C) -> Self {
         ResponseFuture {
             call: CallWhenReady::none(),
-            pass: None,
-            rejected: Some(rejected),
+            gate: Gate::Refused(rejected),
             shared,
             classify,
         }
@@ -75,13 +83,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Some(rejected) = this.rejected.take() {
-            return Poll::Ready(Err(rejected.into()));
+        if matches!(this.gate, Gate::Refused(_)) {
+            if let Gate::Refused(rejected) = std::mem::replace(this.gate, Gate::Done) {
+                return Poll::Ready(Err(rejected.into()));
+            }
         }
         let mut call = this.call;
         let (poll, copy) = crate::copies::watch(|| call.as_mut().poll(cx));
         let result = ready!(poll);
-        if let Some(mut pass) = this.pass.take() {
+        if let Gate::Passed(mut pass) = std::mem::replace(this.gate, Gate::Done) {
             // A refusal by another of this crate's layers says nothing about the upstream, and
             // a copy of a shared call was counted by the request that made it.
             let ours = matches!(&result, Err(err) if Rejected::find(&**err).is_some());
@@ -99,7 +109,7 @@ where
 impl<S, Req, F, C> fmt::Debug for ResponseFuture<S, Req, F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("key", &self.pass.as_ref().map(|p| p.key()))
+            .field("gate", &self.gate)
             .finish_non_exhaustive()
     }
 }

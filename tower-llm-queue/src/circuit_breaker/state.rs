@@ -667,9 +667,3 @@ impl Shared {
         }
     }
 }
-
-impl Pass {
-    pub(crate) fn key(&self) -> &Key {
-        &self.key
-    }
-}
