@@ -24,9 +24,11 @@
 //!   ([`ResponseFuture::request_id`]), or, for HTTP, let [`RequestIdExtension`] take it from —
 //!   or put it into — the request's extensions, so that a handler can hand it to the client.
 //! * **Cost.** While nobody waits, a request is admitted with one atomic operation and
-//!   registered in one of several shards of requests (by id), and never takes the queue's lock;
-//!   only a request that must wait, and a release that hands its slot to a waiter, do. Those
-//!   take O(log n) in the number of waiting requests.
+//!   registered in one of several shards of requests (by id), in a place its response future
+//!   keeps, so that it ends without a lookup; it never takes the queue's lock. Only a request
+//!   that must wait, and a release that hands its slot to a waiter, do. Those take O(log n) in
+//!   the number of waiting requests. The handle finds a request admitted at once by walking its
+//!   shard, O(n) in the requests that ran at once there.
 //!
 //! # Example
 //!

@@ -5,8 +5,29 @@
 //! requests that start and end on different threads rarely meet on one lock, and a request
 //! admitted at once touches its own shard only — never the queue's lock. Each shard counts the
 //! requests that ended in it; stats add the shards up.
+//!
+//! # Two places in a shard
+//!
+//! A request that waits is kept in the shard's map by id, from its arrival to its end: the
+//! queue finds it there by id when its turn comes.
+//!
+//! A request admitted at once is kept in the shard's slab instead — a list of places with a
+//! list of the free ones — and its ticket keeps its place's index. Its end, and each look at
+//! its cancellation flag, go straight to that place: no hashing on the path of a request that
+//! never waits. What looks such a request up by id — [`PriorityQueueHandle::cancel`],
+//! [`entries`](super::PriorityQueueHandle::entries) — walks the slab of the id's shard, which
+//! holds at most as many places as requests of that shard ever ran at once; an operation of the
+//! handle can afford that.
+//!
+//! An id is in use while it is in either place, and a new request with an id in use is refused.
+//! Each shard remembers the highest id it has registered since it was last empty: an id above
+//! it is free without a look, which is the case of every id from [`RequestId::next`] in a shard
+//! that requests enter in the order of their ids. Any other id (an id chosen by a client, or one
+//! that lost a race to a later one) is looked for in the map and in the slab.
+//!
+//! [`PriorityQueueHandle::cancel`]: super::PriorityQueueHandle::cancel
+//! [`RequestId::next`]: super::RequestId::next
 
-use std::collections::hash_map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -16,33 +37,14 @@ use tokio::time::Instant;
 
 use crate::admission::Finish;
 use crate::key::Key;
-use crate::sharded::{lock, shrink, FastMap};
+use crate::sharded::{lock, shrink, shrink_to, FastMap};
 use crate::waiter::Waiter;
 
 use super::schedule::Position;
 use super::RequestId;
 
-/// How a running request learns that it was cancelled through the handle.
-#[derive(Debug)]
-pub(super) enum Cancel {
-    /// It waited: its hand-off with the queue carries the cancellation too.
-    Waiter(Arc<Waiter>),
-    /// It was admitted at once: the flag lives here, and the task to wake once it is set.
-    Direct {
-        cancelled: bool,
-        waker: Option<Waker>,
-    },
-}
-
-impl Cancel {
-    fn is_cancelled(&self) -> bool {
-        match self {
-            Cancel::Waiter(waiter) => waiter.is_cancelled(),
-            Cancel::Direct { cancelled, .. } => *cancelled,
-        }
-    }
-}
-
+/// Where a request that waited is; its hand-off with the queue carries a cancellation through
+/// the handle, in either phase.
 #[derive(Debug)]
 pub(super) enum Phase {
     Queued {
@@ -52,13 +54,12 @@ pub(super) enum Phase {
     },
     Running {
         waited: Duration,
-        /// When it was admitted, for the service-time estimate: requests that waited read the
-        /// clock anyway; of those admitted at once, only sampled ones do.
-        started: Option<Instant>,
-        cancel: Cancel,
+        started: Instant,
+        waiter: Arc<Waiter>,
     },
 }
 
+/// A request that waited, in its shard's map.
 #[derive(Debug)]
 pub(super) struct Entry {
     pub(super) user: Option<Key>,
@@ -70,10 +71,26 @@ impl Entry {
     /// Cancelled through the handle (a cancelled entry is no longer listed).
     pub(super) fn is_cancelled(&self) -> bool {
         match &self.phase {
-            Phase::Queued { waiter, .. } => waiter.is_cancelled(),
-            Phase::Running { cancel, .. } => cancel.is_cancelled(),
+            Phase::Queued { waiter, .. } | Phase::Running { waiter, .. } => waiter.is_cancelled(),
         }
     }
+}
+
+/// A place in a shard's slab, and the request admitted at once that holds it, if `taken`. A
+/// free place holds no user and no task.
+#[derive(Debug)]
+pub(super) struct Direct {
+    taken: bool,
+    pub(super) id: RequestId,
+    pub(super) user: Option<Key>,
+    pub(super) level: usize,
+    /// When it was admitted, for the service-time estimate: only sampled requests read the
+    /// clock.
+    started: Option<Instant>,
+    /// Cancelled through the handle.
+    pub(super) cancelled: bool,
+    /// The task to wake once it is cancelled.
+    waker: Option<Waker>,
 }
 
 /// What ended in one shard, and the requests admitted at once there.
@@ -98,26 +115,84 @@ impl std::ops::AddAssign for Counts {
 
 #[derive(Debug, Default)]
 pub(super) struct Book {
+    /// The requests that waited, by id.
     pub(super) entries: FastMap<RequestId, Entry>,
+    /// The requests admitted at once; the places not taken are listed in `free`.
+    slab: Vec<Direct>,
+    free: Vec<usize>,
+    /// The places taken in `slab`.
+    direct: usize,
+    /// No id above this one is in use here; `None`: no id is.
+    highest: Option<RequestId>,
     pub(super) counts: Counts,
     starts: u32,
 }
 
 impl Book {
-    /// The place of a new request `id`, found with one lookup; `None` (counted as a
-    /// rejection) if the id is in use.
+    /// The place of a new request `id`; `None` (counted as a rejection) if the id is in use.
     #[inline]
     pub(super) fn vacancy(&mut self, id: RequestId) -> Option<Vacancy<'_>> {
-        match self.entries.entry(id) {
-            hash_map::Entry::Occupied(_) => {
-                self.counts.rejected += 1;
-                None
+        if self.highest.is_some_and(|highest| id <= highest) && self.in_use(id) {
+            self.counts.rejected += 1;
+            return None;
+        }
+        Some(Vacancy { book: self, id })
+    }
+
+    #[cold]
+    fn in_use(&self, id: RequestId) -> bool {
+        self.entries.contains_key(&id) || self.find(id).is_some()
+    }
+
+    /// The request `id` admitted at once, and its place in the slab.
+    pub(super) fn find(&self, id: RequestId) -> Option<(usize, &Direct)> {
+        self.slab
+            .iter()
+            .enumerate()
+            .find(|(_, place)| place.taken && place.id == id)
+    }
+
+    /// The requests admitted at once.
+    pub(super) fn direct(&self) -> impl Iterator<Item = &Direct> {
+        self.slab.iter().filter(|place| place.taken)
+    }
+
+    /// Takes a request that waited out of the map.
+    pub(super) fn remove(&mut self, id: RequestId) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        shrink(&mut self.entries);
+        self.forget_ids();
+        Some(entry)
+    }
+
+    /// Frees the place `slot` of the slab, whose request has ended: lets its user and task
+    /// go. The slab keeps its length — the most requests that ran at once in this shard — until
+    /// its last request ends and it has become long enough to give memory back.
+    fn vacate(&mut self, slot: usize) {
+        let place = &mut self.slab[slot];
+        place.taken = false;
+        place.user = None;
+        place.waker = None;
+        self.direct -= 1;
+        if self.direct == 0 {
+            if let Some(to) = shrink_to(0, self.slab.capacity()) {
+                self.slab.clear();
+                self.free.clear();
+                self.slab.shrink_to(to);
+                self.free.shrink_to(to);
+            } else {
+                self.free.push(slot);
             }
-            hash_map::Entry::Vacant(place) => Some(Vacancy {
-                place,
-                counts: &mut self.counts,
-                starts: &mut self.starts,
-            }),
+            self.forget_ids();
+        } else {
+            self.free.push(slot);
+        }
+    }
+
+    /// Once no request is left, no id is in use.
+    fn forget_ids(&mut self) {
+        if self.direct == 0 && self.entries.is_empty() {
+            self.highest = None;
         }
     }
 
@@ -134,38 +209,57 @@ impl Book {
 
 /// The place of a new request in its shard, until it is registered there, running or queued.
 pub(super) struct Vacancy<'a> {
-    place: hash_map::VacantEntry<'a, RequestId, Entry>,
-    counts: &'a mut Counts,
-    starts: &'a mut u32,
+    book: &'a mut Book,
+    id: RequestId,
 }
 
 impl Vacancy<'_> {
-    /// Registers a request admitted at once; only sampled ones read the clock, for the
-    /// service-time estimate.
+    fn taken(&mut self) {
+        let highest = self.book.highest.get_or_insert(self.id);
+        *highest = (*highest).max(self.id);
+    }
+
+    /// Registers a request admitted at once, and gives its place in the slab; only sampled
+    /// ones read the clock, for the service-time estimate.
     // Inlined into both callers: it is on the path of every request admitted at once.
     #[inline(always)]
-    pub(super) fn run(self, user: Option<Key>, level: usize) {
-        tracing::trace!(id = %self.place.key(), user = ?user, level = level + 1, "admitted at once");
-        *self.starts = self.starts.wrapping_add(1);
-        let started = crate::service_time::sampled(*self.starts);
-        self.counts.admitted += 1;
-        self.place.insert(Entry {
-            user,
-            level,
-            phase: Phase::Running {
-                waited: Duration::ZERO,
-                started,
-                cancel: Cancel::Direct {
+    pub(super) fn run(mut self, user: Option<Key>, level: usize) -> usize {
+        tracing::trace!(id = %self.id, user = ?user, level = level + 1, "admitted at once");
+        self.taken();
+        let book = self.book;
+        book.starts = book.starts.wrapping_add(1);
+        let started = crate::service_time::sampled(book.starts);
+        book.counts.admitted += 1;
+        book.direct += 1;
+        let slot = match book.free.pop() {
+            Some(slot) => slot,
+            None => {
+                book.slab.push(Direct {
+                    taken: false,
+                    id: self.id,
+                    user: None,
+                    level,
+                    started: None,
                     cancelled: false,
                     waker: None,
-                },
-            },
-        });
+                });
+                book.slab.len() - 1
+            }
+        };
+        let place = &mut book.slab[slot];
+        place.taken = true;
+        place.id = self.id;
+        place.user = user;
+        place.level = level;
+        place.started = started;
+        place.cancelled = false;
+        slot
     }
 
     /// Registers a request that waits.
-    pub(super) fn queue(self, entry: Entry) {
-        self.place.insert(entry);
+    pub(super) fn queue(mut self, entry: Entry) {
+        self.taken();
+        self.book.entries.insert(self.id, entry);
     }
 }
 
@@ -219,38 +313,40 @@ impl Registry {
         self.shard(id).cancels.load(Ordering::Acquire)
     }
 
-    /// Cancels a running request admitted at once: sets its flag, and gives the task to wake
-    /// (if it registered one). `None` if there is no such request, or it was cancelled before.
-    pub(super) fn cancel_direct(&self, id: RequestId, book: &mut Book) -> Option<Option<Waker>> {
-        let entry = book.entries.get_mut(&id)?;
-        let Phase::Running {
-            cancel: Cancel::Direct { cancelled, waker },
-            ..
-        } = &mut entry.phase
-        else {
-            return None;
-        };
-        if *cancelled {
+    /// Cancels the running request in place `slot` of `book`, admitted at once: sets its flag,
+    /// and gives the task to wake (if it registered one). `None` if it was cancelled before.
+    pub(super) fn cancel_direct(
+        &self,
+        id: RequestId,
+        slot: usize,
+        book: &mut Book,
+    ) -> Option<Option<Waker>> {
+        let direct = book.slab.get_mut(slot).filter(|d| d.taken)?;
+        if direct.cancelled {
             return None;
         }
-        *cancelled = true;
+        direct.cancelled = true;
+        let waker = direct.waker.take();
         book.counts.cancelled += 1;
         self.shard(id).cancels.fetch_add(1, Ordering::Release);
-        Some(waker.take())
+        Some(waker)
     }
 
-    /// Whether the running request `id`, admitted at once, was cancelled; with `cx`, registers
-    /// its task to be woken when it is.
-    pub(super) fn direct_cancelled(&self, id: RequestId, cx: Option<&mut Context<'_>>) -> bool {
+    /// Whether the running request `id`, admitted at once into place `slot`, was cancelled;
+    /// with `cx`, registers its task to be woken when it is.
+    pub(super) fn direct_cancelled(
+        &self,
+        id: RequestId,
+        slot: usize,
+        cx: Option<&mut Context<'_>>,
+    ) -> bool {
         let mut book = self.lock(id);
-        let Some(Entry {
-            phase:
-                Phase::Running {
-                    cancel: Cancel::Direct { cancelled, waker },
-                    ..
-                },
+        let Some(Direct {
+            taken: true,
+            cancelled,
+            waker,
             ..
-        }) = book.entries.get_mut(&id)
+        }) = book.slab.get_mut(slot)
         else {
             return false;
         };
@@ -266,28 +362,53 @@ impl Registry {
         false
     }
 
-    /// Takes a running request out and counts how it ended (unless the handle cancelled it,
-    /// which counted it then). `None` if it is not there: it was waiting, and cancelled.
+    /// Takes a running request that waited out and counts how it ended (unless the handle
+    /// cancelled it, which counted it then). `None` if it is not there running: it was waiting,
+    /// and cancelled.
     pub(super) fn end(&self, id: RequestId, finish: Finish, panicking: bool) -> Option<Ended> {
         let mut book = self.lock(id);
-        let entry = book.entries.remove(&id)?;
+        let entry = book.entries.get(&id)?;
         let Phase::Running {
-            started, cancel, ..
-        } = entry.phase
+            started, waiter, ..
+        } = &entry.phase
         else {
-            book.entries.insert(id, entry);
             return None;
         };
-        if !cancel.is_cancelled() {
+        let started = *started;
+        if !waiter.is_cancelled() {
             book.count_end(finish, panicking);
         }
-        shrink(&mut book.entries);
+        let entry = book.remove(id)?;
         drop(book);
         Some(Ended {
             user: entry.user,
             level: entry.level,
-            started,
+            started: Some(started),
         })
+    }
+
+    /// Takes the running request `id`, admitted at once into place `slot`, out, and counts how
+    /// it ended (unless the handle cancelled it, which counted it then).
+    pub(super) fn end_direct(
+        &self,
+        id: RequestId,
+        slot: usize,
+        finish: Finish,
+        panicking: bool,
+    ) -> Option<Ended> {
+        let mut book = self.lock(id);
+        let direct = book.slab.get_mut(slot).filter(|d| d.taken)?;
+        let ended = Ended {
+            user: direct.user.take(),
+            level: direct.level,
+            started: direct.started,
+        };
+        if !direct.cancelled {
+            book.count_end(finish, panicking);
+        }
+        book.vacate(slot);
+        drop(book);
+        Some(ended)
     }
 
     /// Adds up the counts of every shard.

@@ -25,10 +25,10 @@ use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, shrink, FastMap};
+use crate::sharded::{lock, FastMap};
 use crate::waiter::Waiter;
 
-use super::registry::{Book, Cancel, Entry, Phase, Registry};
+use super::registry::{Book, Entry, Phase, Registry};
 use super::schedule::Schedule;
 use super::stats::{EntryState, QueueEntry, QueueStats, RecentWaits};
 use super::RequestId;
@@ -101,6 +101,8 @@ pub(crate) struct Ticket {
     id: RequestId,
     /// The hand-off with the queue, for a request that waited.
     waiter: Option<Arc<Waiter>>,
+    /// For a request admitted at once: its place in its shard's slab.
+    slot: usize,
     /// For a request admitted at once: its shard's cancellation count when it last looked at
     /// its flag.
     cancels_seen: AtomicU64,
@@ -187,6 +189,7 @@ impl Shared {
             shared: self.clone(),
             id,
             waiter,
+            slot: 0,
             cancels_seen: AtomicU64::new(0),
             registered: None,
             finish: Finish::Dropped,
@@ -194,9 +197,11 @@ impl Shared {
         }
     }
 
-    /// The ticket of a request admitted at once, registered already.
-    fn running_ticket(self: &Arc<Self>, id: RequestId) -> Ticket {
-        let ticket = self.ticket(id, None);
+    /// The ticket of a request admitted at once, registered already in place `slot`; called
+    /// under its shard's lock, so that no cancellation of it comes before the count it reads.
+    fn running_ticket(self: &Arc<Self>, id: RequestId, slot: usize) -> Ticket {
+        let mut ticket = self.ticket(id, None);
+        ticket.slot = slot;
         ticket
             .cancels_seen
             .store(self.registry.cancels(id), Ordering::Relaxed);
@@ -216,8 +221,8 @@ impl Shared {
                 return Err(duplicate(id));
             };
             if self.try_admit() {
-                vacancy.run(None, level);
-                return Ok(Enqueued::Running(self.running_ticket(id)));
+                let slot = vacancy.run(None, level);
+                return Ok(Enqueued::Running(self.running_ticket(id, slot)));
             }
         }
         self.enqueue_locked(id, user, level)
@@ -247,8 +252,8 @@ impl Shared {
                     Ok(_) => {
                         queue.schedule.admit_directly(level, user.as_ref());
                         drop(queue);
-                        vacancy.run(user, level);
-                        return Ok(Enqueued::Running(self.running_ticket(id)));
+                        let slot = vacancy.run(user, level);
+                        return Ok(Enqueued::Running(self.running_ticket(id, slot)));
                     }
                     Err(actual) => {
                         word = actual;
@@ -370,8 +375,8 @@ impl Shared {
         let waiter = waiter.clone();
         entry.phase = Phase::Running {
             waited,
-            started: Some(now),
-            cancel: Cancel::Waiter(waiter),
+            started: now,
+            waiter,
         };
         Some((waited, wake))
     }
@@ -385,10 +390,9 @@ impl Shared {
 
     /// Takes a waiting request out of the queue (it left, timed out or was cancelled).
     fn remove_waiting(&self, queue: &mut Queue, book: &mut Book, id: RequestId) {
-        let Some(entry) = book.entries.remove(&id) else {
+        let Some(entry) = book.remove(id) else {
             return;
         };
-        shrink(&mut book.entries);
         if let Phase::Queued { position, .. } = entry.phase {
             queue.schedule.remove(position, entry.user.as_ref());
             self.left(queue);
@@ -401,41 +405,46 @@ impl Shared {
         let mut queue = self.lock_queue();
         let mut book = self.registry.lock(id);
         let Some(entry) = book.entries.get(&id) else {
-            return false;
+            drop(queue);
+            return self.cancel_direct(id, owner, book);
         };
         if owner.is_some_and(|owner| entry.user.as_ref() != Some(owner)) {
             return false;
         }
-        match &entry.phase {
-            Phase::Queued { waiter, .. } => {
-                if !waiter.cancel() {
-                    return false;
-                }
-                tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
-                book.counts.cancelled += 1;
-                self.remove_waiting(&mut queue, &mut book, id);
-            }
-            Phase::Running {
-                cancel: Cancel::Waiter(waiter),
-                ..
-            } => {
-                if !waiter.cancel() {
-                    return false;
-                }
-                tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
-                book.counts.cancelled += 1;
-            }
-            Phase::Running { .. } => {
-                drop(queue);
-                tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
-                let Some(waker) = self.registry.cancel_direct(id, &mut book) else {
-                    return false;
-                };
-                drop(book);
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
-            }
+        let (Phase::Queued { waiter, .. } | Phase::Running { waiter, .. }) = &entry.phase;
+        if !waiter.cancel() {
+            return false;
+        }
+        tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
+        let queued = matches!(entry.phase, Phase::Queued { .. });
+        book.counts.cancelled += 1;
+        if queued {
+            self.remove_waiting(&mut queue, &mut book, id);
+        }
+        true
+    }
+
+    /// [`Shared::cancel`] of a request admitted at once, found in its shard's slab; wakes its
+    /// task once the shard's lock is let go.
+    fn cancel_direct(
+        &self,
+        id: RequestId,
+        owner: Option<&Key>,
+        mut book: MutexGuard<'_, Book>,
+    ) -> bool {
+        let Some((slot, direct)) = book.find(id) else {
+            return false;
+        };
+        if owner.is_some_and(|owner| direct.user.as_ref() != Some(owner)) {
+            return false;
+        }
+        tracing::debug!(%id, user = ?direct.user, "cancelled through the handle");
+        let Some(waker) = self.registry.cancel_direct(id, slot, &mut book) else {
+            return false;
+        };
+        drop(book);
+        if let Some(waker) = waker {
+            waker.wake();
         }
         true
     }
@@ -491,27 +500,32 @@ impl Shared {
             .collect();
         let mut entries = Vec::new();
         self.registry.for_each(|book| {
-            entries.extend(
-                book.entries
-                    .iter()
-                    .filter(|(_, e)| !e.is_cancelled())
-                    .map(|(id, e)| {
-                        let (state, waited) = match e.phase {
-                            Phase::Queued { since, .. } => {
-                                (EntryState::Queued, now.saturating_duration_since(since))
-                            }
-                            Phase::Running { waited, .. } => (EntryState::Running, waited),
-                        };
-                        QueueEntry {
-                            id: *id,
-                            user: e.user.clone(),
-                            level: e.level as u8 + 1,
-                            state,
-                            waited,
-                            position: places.get(id).copied(),
+            entries.extend(book.entries.iter().filter(|(_, e)| !e.is_cancelled()).map(
+                |(id, e)| {
+                    let (state, waited) = match e.phase {
+                        Phase::Queued { since, .. } => {
+                            (EntryState::Queued, now.saturating_duration_since(since))
                         }
-                    }),
-            )
+                        Phase::Running { waited, .. } => (EntryState::Running, waited),
+                    };
+                    QueueEntry {
+                        id: *id,
+                        user: e.user.clone(),
+                        level: e.level as u8 + 1,
+                        state,
+                        waited,
+                        position: places.get(id).copied(),
+                    }
+                },
+            ));
+            entries.extend(book.direct().filter(|d| !d.cancelled).map(|d| QueueEntry {
+                id: d.id,
+                user: d.user.clone(),
+                level: d.level as u8 + 1,
+                state: EntryState::Running,
+                waited: Duration::ZERO,
+                position: None,
+            }));
         });
         drop(queue);
         entries.sort_by_key(|e| e.id);
@@ -534,7 +548,7 @@ impl Slot for Ticket {
                     return false;
                 }
                 self.cancels_seen.store(cancels, Ordering::Relaxed);
-                registry.direct_cancelled(self.id, None)
+                registry.direct_cancelled(self.id, self.slot, None)
             }
         }
     }
@@ -565,17 +579,25 @@ impl Drop for Ticket {
             return;
         }
         let shared = &self.shared;
-        if let Some(waiter) = self.waiter.as_ref().filter(|w| w.is_waiting()) {
-            let mut queue = shared.lock_queue();
-            let mut book = shared.registry.lock(self.id);
-            if waiter.leave() {
-                book.counts.cancelled += 1;
-                shared.remove_waiting(&mut queue, &mut book, self.id);
-                return;
-            }
-        }
         let panicking = std::thread::panicking();
-        let Some(ended) = shared.registry.end(self.id, self.finish, panicking) else {
+        let ended = match &self.waiter {
+            None => shared
+                .registry
+                .end_direct(self.id, self.slot, self.finish, panicking),
+            Some(waiter) => {
+                if waiter.is_waiting() {
+                    let mut queue = shared.lock_queue();
+                    let mut book = shared.registry.lock(self.id);
+                    if waiter.leave() {
+                        book.counts.cancelled += 1;
+                        shared.remove_waiting(&mut queue, &mut book, self.id);
+                        return;
+                    }
+                }
+                shared.registry.end(self.id, self.finish, panicking)
+            }
+        };
+        let Some(ended) = ended else {
             return;
         };
         if let Some(started) = ended.started {
@@ -615,7 +637,9 @@ impl Guard for Ticket {
                 }
                 *seen = cancels;
                 self.registered = Some(cx.waker().clone());
-                self.shared.registry.direct_cancelled(self.id, Some(cx))
+                self.shared
+                    .registry
+                    .direct_cancelled(self.id, self.slot, Some(cx))
             }
         }
     }

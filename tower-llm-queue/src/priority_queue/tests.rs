@@ -496,3 +496,182 @@ async fn waiting_requests_know_their_place() {
     assert_eq!(handle.position(RequestId::from_u64(u64::MAX)), None);
     drop((running, a1, a2, b1));
 }
+
+/// Requests admitted at once live in places that later requests reuse: whatever the order of
+/// starts, ends, cancellations and callers that give up, over ids that repeat and share shards,
+/// an id names exactly the request that holds it — a cancel by id reaches that request and no
+/// other, and the list of entries and the stats match what is in flight.
+mod places_are_reused {
+    use std::collections::btree_map::Entry;
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+    use tower::util::BoxService;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Start(u64),
+        Finish(u64),
+        Cancel(u64),
+        GiveUp(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..20).prop_map(Op::Start),
+            2 => (0u64..20).prop_map(Op::Finish),
+            2 => (0u64..20).prop_map(Op::Cancel),
+            1 => (0u64..20).prop_map(Op::GiveUp),
+        ]
+    }
+
+    struct Call {
+        id: RequestId,
+        done: oneshot::Receiver<()>,
+    }
+
+    /// A request in flight, and how it must end.
+    struct InFlight {
+        task: JoinHandle<Result<RequestId, BoxError>>,
+        finish: Option<oneshot::Sender<()>>,
+        cancelled: bool,
+    }
+
+    fn service(
+        concurrency: usize,
+        fair: bool,
+    ) -> (BoxService<Call, RequestId, BoxError>, PriorityQueueHandle) {
+        let inner = service_fn(|call: Call| async move {
+            let _ = call.done.await;
+            Ok::<_, BoxError>(call.id)
+        });
+        let layer = PriorityQueueLayer::new(concurrency)
+            .capacity(100)
+            .request_id(|call: &mut Call| call.id);
+        let handle = layer.handle();
+        let svc = if fair {
+            BoxService::new(
+                ServiceBuilder::new()
+                    .layer(layer.fair_by(|call: &Call| call.id.get() % 3))
+                    .service(inner),
+            )
+        } else {
+            BoxService::new(ServiceBuilder::new().layer(layer).service(inner))
+        };
+        (svc, handle)
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Collects the requests that ended, each as it had to; checks the rest against the queue.
+    async fn check(
+        in_flight: &mut BTreeMap<u64, InFlight>,
+        handle: &PriorityQueueHandle,
+        concurrency: usize,
+    ) {
+        let ended: Vec<u64> = in_flight
+            .iter()
+            .filter(|(_, f)| f.task.is_finished())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            let f = in_flight.remove(&id).unwrap();
+            let result = f.task.await.unwrap();
+            if f.cancelled {
+                assert_eq!(
+                    kind(&result.unwrap_err()),
+                    RejectionKind::Cancelled,
+                    "request {id}"
+                );
+            } else {
+                assert!(f.finish.is_none(), "request {id} ended unasked: {result:?}");
+                assert_eq!(result.unwrap(), RequestId::from_u64(id));
+            }
+        }
+        for (id, f) in in_flight.iter() {
+            assert!(!f.cancelled, "cancelled request {id} still runs");
+        }
+        let listed: Vec<u64> = handle.entries().iter().map(|e| e.id.get()).collect();
+        let expected: Vec<u64> = in_flight.keys().copied().collect();
+        assert_eq!(listed, expected);
+        let stats = handle.stats();
+        assert_eq!(stats.running + stats.waiting, in_flight.len());
+        assert!(stats.running <= concurrency);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn an_id_names_the_request_that_holds_it(
+            concurrency in 1usize..6,
+            fair in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let (mut svc, handle) = service(concurrency, fair);
+                let mut in_flight: BTreeMap<u64, InFlight> = BTreeMap::new();
+                let mut refused = 0;
+                for op in ops {
+                    match op {
+                        Op::Start(id) => {
+                            let (finish, done) = oneshot::channel();
+                            let call = svc.call(Call { id: RequestId::from_u64(id), done });
+                            let task = tokio::spawn(call);
+                            match in_flight.entry(id) {
+                                Entry::Occupied(_) => {
+                                    let err = task.await.unwrap().unwrap_err();
+                                    assert_eq!(kind(&err), RejectionKind::MissingKey);
+                                    refused += 1;
+                                }
+                                Entry::Vacant(place) => {
+                                    place.insert(InFlight { task, finish: Some(finish), cancelled: false });
+                                }
+                            }
+                        }
+                        Op::Finish(id) => {
+                            if let Some(f) = in_flight.get_mut(&id) {
+                                if let Some(finish) = f.finish.take() {
+                                    let _ = finish.send(());
+                                }
+                            }
+                        }
+                        Op::Cancel(id) => {
+                            let held = in_flight.get_mut(&id);
+                            assert_eq!(handle.cancel(RequestId::from_u64(id)), held.is_some());
+                            if let Some(f) = held {
+                                f.cancelled = true;
+                            }
+                        }
+                        Op::GiveUp(id) => {
+                            if let Some(f) = in_flight.remove(&id) {
+                                f.task.abort();
+                            }
+                        }
+                    }
+                    settle().await;
+                    check(&mut in_flight, &handle, concurrency).await;
+                }
+                for f in in_flight.values_mut() {
+                    f.finish.take();
+                }
+                settle().await;
+                check(&mut in_flight, &handle, concurrency).await;
+                assert!(in_flight.is_empty());
+                let stats = handle.stats();
+                assert_eq!((stats.running, stats.waiting), (0, 0));
+                assert_eq!(stats.rejected, refused);
+                assert!(handle.entries().is_empty());
+            });
+        }
+    }
+}
