@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
+use http::HeaderName;
 use tower_llm_queue::key::{Key, MAX_KEY_LEN};
 
 use crate::errors::ApiError;
@@ -49,32 +50,39 @@ pub fn usable(text: &str) -> Option<&str> {
     (!text.is_empty() && text.len() <= MAX_KEY_LEN).then_some(text)
 }
 
-/// Finds the user of a request: the `x-user-id` header, else `otherwise()`, else the client's
-/// address (from axum's `ConnectInfo<SocketAddr>`), else `"anonymous"`. A header that is present
+/// The header as a name, so that a lookup need not parse it.
+static USER_HEADER_NAME: HeaderName = HeaderName::from_static(USER_HEADER);
+
+/// The user the `x-user-id` header names, `None` without the header. A header that is present
 /// but cannot name a user is a 400: a client that sends one means to be somebody in particular.
+pub fn from_header(parts: &Parts) -> Result<Option<UserId>, ApiError> {
+    let Some(value) = parts.headers.get(&USER_HEADER_NAME) else {
+        return Ok(None);
+    };
+    let text = value.to_str().ok().and_then(usable).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "the {USER_HEADER} header must be text of 1 to {MAX_KEY_LEN} bytes"
+        ))
+    })?;
+    Ok(Some(UserId(Arc::from(text))))
+}
+
+/// Finds the user of a request: the `x-user-id` header ([`from_header`]), else `otherwise()`,
+/// else the client's address (from axum's `ConnectInfo<SocketAddr>`), else `"anonymous"`.
 pub fn identify(
     parts: &Parts,
     otherwise: impl FnOnce() -> Option<String>,
 ) -> Result<UserId, ApiError> {
-    let from_header = match parts.headers.get(USER_HEADER) {
-        None => None,
-        Some(value) => {
-            let text = value.to_str().ok().and_then(usable).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "the {USER_HEADER} header must be text of 1 to {MAX_KEY_LEN} bytes"
-                ))
-            })?;
-            Some(text.to_string())
-        }
-    };
+    if let Some(user) = from_header(parts)? {
+        return Ok(user);
+    }
     let from_peer = || {
         parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|info| info.0.ip().to_string())
     };
-    let user = from_header
-        .or_else(otherwise)
+    let user = otherwise()
         .or_else(from_peer)
         .unwrap_or_else(|| "anonymous".to_string());
     Ok(UserId(Arc::from(user)))

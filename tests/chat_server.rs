@@ -26,6 +26,7 @@ const MAX_TOKENS: u64 = 512;
 /// A chat server in front of its own mock provider.
 struct Server {
     http: Http,
+    addr: SocketAddr,
     mock: Option<RunningMock>,
     mock_addr: SocketAddr,
     upstream: MockHandle,
@@ -58,11 +59,13 @@ async fn start_on(addr: SocketAddr, upstream: MockHandle, settings: &[(&str, &st
     env.extend_from_slice(settings);
     let config = chat_server::ChatConfig::from_env(&Env::fixed(env)).expect("a valid setting");
     let bound = chat_server::bind(config).await.expect("the server binds");
-    let http = Http::new(format!("http://{}", bound.addr()));
+    let own_addr = bound.addr();
+    let http = Http::new(format!("http://{own_addr}"));
     let state = bound.state().clone();
     tokio::spawn(bound.serve(std::future::pending()));
     Server {
         http,
+        addr: own_addr,
         mock_addr: addr,
         upstream,
         mock: None,
@@ -147,6 +150,21 @@ async fn chat(server: &Server, user: &str, message: impl AsRef<str>) -> Chat {
 }
 
 /// Polls `check` every 20 ms for at most 10 s.
+/// Writes `request` as it is to the server, and reads its answer to the end (the request says
+/// `connection: close`).
+async fn raw_exchange(server: &Server, request: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Until the server closes; a reset after its answer (for request bytes it left unread)
+    // ends the answer too.
+    let (mut answer, mut buf) = (Vec::new(), [0; 4096]);
+    while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn eventually(check: impl FnMut() -> bool) -> bool {
     support::eventually(Duration::from_secs(10), check).await
 }
@@ -743,6 +761,39 @@ async fn bad_input_gets_a_clear_4xx_and_holds_nothing() {
         .body(Full::new(Bytes::from(big)))
         .unwrap();
     assert_eq!(server.http.call(request).await.status, 413);
+    // On the gateway, with the user named by the header (so the body is not read to find
+    // one): refused whether the body declares its length or comes in chunks.
+    let big = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "x".repeat(2048)}],
+    })
+    .to_string();
+    let request = server
+        .http
+        .request("POST", "/v1/chat/completions")
+        .header("x-user-id", "ada")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let answer = server.http.call(request).await;
+    assert_eq!(answer.status, 413);
+    let message = answer.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("larger than 1024 bytes"), "{message}");
+    let chunked = raw_exchange(
+        &server,
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-user-id: ada\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\
+             connection: close\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+            big.len()
+        ),
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+    assert!(chunked.contains("larger than 1024 bytes"), "{chunked}");
     let request = server
         .http
         .request("POST", "/api/ai/chat")

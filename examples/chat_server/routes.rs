@@ -25,7 +25,7 @@ use super::app::AppState;
 use super::chat::{relay, Update};
 use super::errors::{failure, ApiError};
 use super::stack::{Estimate, BACKGROUND, INTERACTIVE};
-use super::user::UserId;
+use super::user::{LimitedBytes, UserId};
 use tower_llm_queue_servers::upstream::{Level, UpstreamRequest};
 
 /// The web page.
@@ -201,7 +201,7 @@ fn sse_event(update: Update) -> Result<Event, Infallible> {
 pub async fn chat(
     State(app): State<AppState>,
     Extension(user): Extension<UserId>,
-    body: Bytes,
+    LimitedBytes(body): LimitedBytes,
 ) -> Response {
     let shape = r#"JSON like {"message": "..."}"#;
     let chat: ChatBody = match parse(&body, shape) {
@@ -236,7 +236,7 @@ pub async fn chat(
 pub async fn summarize(
     State(app): State<AppState>,
     Extension(user): Extension<UserId>,
-    body: Bytes,
+    LimitedBytes(body): LimitedBytes,
 ) -> Response {
     let summary: SummarizeBody = match parse(&body, r#"JSON like {"text": "..."}"#) {
         Ok(summary) => summary,
@@ -305,7 +305,7 @@ pub async fn completions(
     State(app): State<AppState>,
     Extension(user): Extension<UserId>,
     headers: header::HeaderMap,
-    body: Bytes,
+    LimitedBytes(body): LimitedBytes,
 ) -> Response {
     let openai = ErrorFormat::OpenAi;
     let level = match gateway_level(&headers) {
