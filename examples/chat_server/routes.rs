@@ -4,7 +4,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -280,22 +281,33 @@ pub async fn summarize(
 /// 5.
 pub const PRIORITY_HEADER: &str = "x-priority";
 
-/// The level a gateway call asks for with [`PRIORITY_HEADER`]: [`INTERACTIVE`] without it.
-fn gateway_level(headers: &header::HeaderMap) -> Result<Level, ApiError> {
-    let Some(value) = headers.get(PRIORITY_HEADER) else {
-        return Ok(INTERACTIVE);
-    };
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u8>().ok())
-        .filter(|level| (1..=5).contains(level))
-        .map(Level)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "the {PRIORITY_HEADER} header must be a level from 1 (first) to 5"
-            ))
-        })
+/// The header as a name, so that a lookup need not parse it.
+static PRIORITY: header::HeaderName = header::HeaderName::from_static(PRIORITY_HEADER);
+
+/// The level a gateway call asks for with [`PRIORITY_HEADER`]: [`INTERACTIVE`] without it. An
+/// extractor that reads that one header; a level it cannot read is a 400 in OpenAI's format.
+pub struct GatewayLevel(Level);
+
+impl<S: Sync> FromRequestParts<S> for GatewayLevel {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let Some(value) = parts.headers.get(&PRIORITY) else {
+            return Ok(GatewayLevel(INTERACTIVE));
+        };
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .filter(|level| (1..=5).contains(level))
+            .map(|level| GatewayLevel(Level(level)))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "the {PRIORITY_HEADER} header must be a level from 1 (first) to 5"
+                ))
+                .response(ErrorFormat::OpenAi)
+            })
+    }
 }
 
 /// `POST /v1/chat/completions`: the OpenAI-compatible gateway. The body goes to the upstream
@@ -304,14 +316,10 @@ fn gateway_level(headers: &header::HeaderMap) -> Result<Level, ApiError> {
 pub async fn completions(
     State(app): State<AppState>,
     Extension(user): Extension<UserId>,
-    headers: header::HeaderMap,
+    GatewayLevel(level): GatewayLevel,
     LimitedBytes(body): LimitedBytes,
 ) -> Response {
     let openai = ErrorFormat::OpenAi;
-    let level = match gateway_level(&headers) {
-        Ok(level) => level,
-        Err(err) => return err.response(openai),
-    };
     // The body goes on as the client wrote it, unless it must be read as a whole.
     let upstream = match estimate_of_text(&body, app.config.max_tokens) {
         Some(Ok(estimate)) => upstream_call(&user, level, RequestId::next(), body, estimate),
