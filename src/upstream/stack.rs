@@ -21,7 +21,9 @@
 
 use std::time::Duration;
 
-use tower::{Layer, ServiceBuilder};
+use axum::body::Body;
+use tower::util::Either;
+use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_llm_queue::circuit_breaker::{CircuitBreakerHandle, Window};
 use tower_llm_queue::classify::HttpClassifier;
 use tower_llm_queue::key::ExtensionKey;
@@ -206,6 +208,10 @@ pub fn layered(
     };
     let tpm_handle = tpm.as_ref().map(|l| l.handle());
     let rpm_handle = rpm.as_ref().map(|l| l.handle());
+    // Without a quota, the client as it is: a box less to clone and to call through.
+    if tpm.is_none() && rpm.is_none() {
+        return queued(config, Either::Left(unboxed(counted)));
+    }
     let mut quota = boxed(counted);
     if let Some(layer) = tpm {
         quota = boxed(layer.layer(quota));
@@ -228,7 +234,29 @@ pub fn layered(
             quota = boxed(paced.layer(quota));
         }
     }
+    let (llm, handles) = queued::<Llm>(config, Either::Right(quota));
+    let handles = Handles {
+        rpm: rpm_handle,
+        tpm: tpm_handle,
+        ..handles
+    };
+    (llm, handles)
+}
 
+/// The client, or the client behind the quota's layers.
+type Quota<S> = Either<S, Llm>;
+
+/// The queue, the breaker and the retries around `quota`, boxed; the handles of all but the
+/// quota's (`None` here).
+fn queued<S>(config: &StackConfig, quota: Quota<S>) -> (Llm, Handles)
+where
+    S: tower::Service<UpstreamRequest, Response = http::Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let queue = PriorityQueueLayer::new(config.concurrency)
         .capacity(config.queue_capacity)
         .queue_timeout(config.timeout)
@@ -253,17 +281,17 @@ pub fn layered(
         Some(store) => {
             let leased = queue.clone().store(store.scope("queue"));
             let leases = leased.lease_handle();
-            (boxed(leased.layer(quota)), Some(leases))
+            (Either::Left(unboxed(leased.layer(quota))), Some(leases))
         }
-        None => (boxed(queue.clone().layer(quota)), None),
+        None => (Either::Right(unboxed(queue.clone().layer(quota))), None),
     };
     let handles = Handles {
         queue: queue.handle(),
         queue_leases,
         breaker: breaker.handle(),
         retry: retry.handle(),
-        rpm: rpm_handle,
-        tpm: tpm_handle,
+        rpm: None,
+        tpm: None,
     };
     let llm = boxed(
         ServiceBuilder::new()
@@ -272,6 +300,35 @@ pub fn layered(
             .service(queued),
     );
     (llm, handles)
+}
+
+/// `service` answering as an [`Llm`] does, without a box around it: either of two such
+/// services is one service.
+fn unboxed<S, B>(
+    service: S,
+) -> impl tower::Service<
+    UpstreamRequest,
+    Response = http::Response<Body>,
+    Error = BoxError,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static
+where
+    S: tower::Service<UpstreamRequest, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    service
+        .map_response(|response| response.map(Body::new))
+        .map_err(Into::into)
 }
 
 #[cfg(test)]
