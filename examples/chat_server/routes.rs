@@ -27,7 +27,7 @@ use super::chat::{relay, Update};
 use super::errors::{failure, ApiError};
 use super::stack::{Estimate, BACKGROUND, INTERACTIVE};
 use super::user::{LimitedBytes, UserId};
-use tower_llm_queue_servers::upstream::{Level, UpstreamRequest};
+use tower_llm_queue_servers::upstream::{Level, UpstreamRequest, CHAT_COMPLETIONS};
 
 /// The web page.
 pub async fn page() -> Html<&'static str> {
@@ -118,7 +118,7 @@ fn upstream_call(
     body: Bytes,
     estimate: Estimate,
 ) -> UpstreamRequest {
-    let mut request = http::Request::post("/chat/completions")
+    let mut request = http::Request::post(http::Uri::from_static(CHAT_COMPLETIONS))
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))
         .unwrap_or_default();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::uri::{PathAndQuery, Uri};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
@@ -31,7 +31,14 @@ struct Inner {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: Uri,
     authorization: Option<HeaderValue>,
+    /// [`CHAT_COMPLETIONS`] resolved, the path every server calls.
+    chat_completions: Uri,
+    /// The `Host` header for the base URL, as hyper-util would write it for each request.
+    host: Option<HeaderValue>,
 }
+
+/// The path of the chat-completions API, under the base URL.
+pub const CHAT_COMPLETIONS: &str = "/chat/completions";
 
 impl UpstreamClient {
     /// A client for `base` (scheme, host, port and path prefix), with an optional API key.
@@ -55,20 +62,47 @@ impl UpstreamClient {
             .enable_http1()
             .wrap_connector(http);
         let http = Client::builder(TokioExecutor::new()).build(connector);
+        let chat_completions = joined(&base, CHAT_COMPLETIONS)?;
+        let host = match (base.host(), base.port_u16()) {
+            (Some(host), Some(port)) if Some(port) != default_port(&base) => {
+                Some(HeaderValue::try_from(format!("{host}:{port}"))?)
+            }
+            (Some(host), _) => Some(HeaderValue::from_str(host)?),
+            (None, _) => None,
+        };
         Ok(UpstreamClient(Arc::new(Inner {
             http,
             base,
             authorization,
+            chat_completions,
+            host,
         })))
     }
 
     /// The full URI of `path` at the upstream.
     fn resolve(&self, path: Option<&PathAndQuery>) -> Result<Uri, BoxError> {
-        let prefix = self.0.base.path().trim_end_matches('/');
         let path = path.map_or("/", PathAndQuery::as_str);
-        let mut parts = self.0.base.clone().into_parts();
-        parts.path_and_query = Some(format!("{prefix}{path}").parse()?);
-        Ok(Uri::from_parts(parts)?)
+        if path == CHAT_COMPLETIONS {
+            return Ok(self.0.chat_completions.clone());
+        }
+        joined(&self.0.base, path)
+    }
+}
+
+/// `path` under `base`'s path.
+fn joined(base: &Uri, path: &str) -> Result<Uri, BoxError> {
+    let prefix = base.path().trim_end_matches('/');
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(format!("{prefix}{path}").parse()?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// The port a URL's scheme implies: 80 for http, 443 for https.
+fn default_port(uri: &Uri) -> Option<u16> {
+    match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
     }
 }
 
@@ -92,10 +126,51 @@ impl tower::Service<http::Request<Full<Bytes>>> for UpstreamClient {
         if let Some(authorization) = &self.0.authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
         }
+        // Written once here, rather than formatted again for every request by hyper-util.
+        if let Some(host) = &self.0.host {
+            headers.entry(HOST).or_insert_with(|| host.clone());
+        }
         headers
             .entry(CONTENT_TYPE)
             .or_insert(HeaderValue::from_static("application/json"));
         let call = self.0.http.request(request);
         Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chat_path_and_the_host_are_written_once_as_they_would_be_each_time() {
+        let cases = [
+            ("http://127.0.0.1:8080/v1", "127.0.0.1:8080"),
+            ("https://api.openai.com/v1/", "api.openai.com"),
+            ("http://localhost:80/v1", "localhost"),
+            ("https://example.com:8443", "example.com:8443"),
+        ];
+        for (base, host) in cases {
+            let client = UpstreamClient::new(base.parse().unwrap(), None).unwrap();
+            let chat = PathAndQuery::from_static(CHAT_COMPLETIONS);
+            assert_eq!(
+                client.resolve(Some(&chat)).unwrap(),
+                joined(&client.0.base, CHAT_COMPLETIONS).unwrap(),
+                "{base}"
+            );
+            assert_eq!(client.0.host.as_ref().unwrap(), host, "{base}");
+        }
+        let client = UpstreamClient::new("http://h:1/v1/".parse().unwrap(), None).unwrap();
+        let models = PathAndQuery::from_static("/models");
+        assert_eq!(
+            client.resolve(Some(&models)).unwrap(),
+            "http://h:1/v1/models"
+        );
+        assert_eq!(
+            client
+                .resolve(Some(&PathAndQuery::from_static(CHAT_COMPLETIONS)))
+                .unwrap(),
+            "http://h:1/v1/chat/completions"
+        );
     }
 }

@@ -26,7 +26,7 @@ use http::Uri;
 use crate::config::{ConfigError, Env};
 use crate::mock::{MockConfig, MockProvider, RunningMock};
 
-pub use self::client::{UpstreamBody, UpstreamClient};
+pub use self::client::{UpstreamBody, UpstreamClient, CHAT_COMPLETIONS};
 pub use self::first_token::{FirstTokenLayer, UpstreamStreamFailed};
 pub use self::service::{boxed, Level, Llm, UpstreamRequest};
 pub use self::stack::{Estimate, StackConfig};
