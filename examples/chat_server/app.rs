@@ -17,7 +17,7 @@ use super::config::ChatConfig;
 use super::metrics::Metrics;
 use super::routes;
 use super::stack::{self, Handles};
-use super::user::{identify, UserId};
+use super::user::{IdentifyLayer, UserId};
 use tower_llm_queue_servers::upstream::Llm;
 
 /// What every handler shares, behind one reference count: axum clones the state for every
@@ -119,10 +119,7 @@ pub fn router(config: ChatConfig, upstream: &Upstream) -> (Router, AppState) {
         )
         .route("/api/ai/requests/{id}", delete(routes::cancel_one))
         .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            identify,
-        ))
+        .layer(IdentifyLayer(state.clone()))
         .with_state(state.clone());
     (router, state)
 }

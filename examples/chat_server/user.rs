@@ -1,15 +1,20 @@
 //! Who a request belongs to: the `x-user-id` header, else the OpenAI `user` field of a JSON
 //! body, else the client's address (see `tower_llm_queue_servers::user`).
 
+use std::convert::Infallible;
 use std::fmt;
+use std::future::ready;
+use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Request, State};
-use axum::middleware::Next;
+use axum::extract::{FromRequest, Request};
+use axum::http::request::Parts;
 use axum::response::Response;
+use futures_util::future::{BoxFuture, Either};
 use http_body::Body as _;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use tower::{Layer, Service};
 use tower_llm_queue_servers::user::{self, usable};
 
 pub use tower_llm_queue_servers::user::UserId;
@@ -17,28 +22,78 @@ pub use tower_llm_queue_servers::user::UserId;
 use super::app::AppState;
 use super::errors::{format_for, ApiError};
 
-/// Finds the user, and puts a [`UserId`] into the request's extensions for the layers and the
-/// handlers. Without an `x-user-id` header, reads (and puts back) the body, up to
-/// `MAX_BODY_BYTES`, to find the `user` field; with one, leaves the body to the handler
-/// ([`LimitedBytes`]), refusing here only a body that declares a length over the limit.
-pub async fn identify(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    let format = format_for(request.uri().path());
-    match identified(&app, request).await {
-        Ok(request) => next.run(request).await,
-        Err(err) => err.response(format),
+/// Finds the user of every request, and puts a [`UserId`] into its extensions for the layers
+/// and the handlers. With an `x-user-id` header, the request goes on at once, its body left to
+/// the handler ([`LimitedBytes`]): only a body that declares a length over `MAX_BODY_BYTES` is
+/// refused here. Without one, the body is read (and put back), up to `MAX_BODY_BYTES`, to find
+/// the `user` field.
+#[derive(Debug, Clone)]
+pub struct IdentifyLayer(pub AppState);
+
+impl<S> Layer<S> for IdentifyLayer {
+    type Service = Identify<S>;
+
+    fn layer(&self, inner: S) -> Identify<S> {
+        Identify {
+            inner,
+            app: self.0.clone(),
+        }
     }
 }
 
-async fn identified(app: &AppState, request: Request) -> Result<Request, ApiError> {
-    let (mut parts, body) = request.into_parts();
-    let limit = app.config.max_body_bytes as usize;
-    if let Some(user) = user::from_header(&parts)? {
-        if body.size_hint().lower() > limit as u64 {
-            return Err(ApiError::too_large(limit));
-        }
-        parts.extensions.insert(user);
-        return Ok(Request::from_parts(parts, body));
+/// The service of [`IdentifyLayer`].
+#[derive(Debug, Clone)]
+pub struct Identify<S> {
+    inner: S,
+    app: AppState,
+}
+
+impl<S> Service<Request> for Identify<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let format = format_for(request.uri().path());
+        let refused = |err: ApiError| -> Self::Future {
+            Either::Right(Box::pin(ready(Ok(err.response(format)))))
+        };
+        let (mut parts, body) = request.into_parts();
+        let limit = self.app.config.max_body_bytes as usize;
+        match user::from_header(&parts) {
+            Ok(Some(_)) if body.size_hint().lower() > limit as u64 => {
+                refused(ApiError::too_large(limit))
+            }
+            Ok(Some(user)) => {
+                parts.extensions.insert(user);
+                Either::Left(self.inner.call(Request::from_parts(parts, body)))
+            }
+            Err(err) => refused(err),
+            Ok(None) => {
+                // The service that was made ready goes into the future; a clone stays.
+                let mut ready = self.inner.clone();
+                std::mem::swap(&mut ready, &mut self.inner);
+                Either::Right(Box::pin(async move {
+                    match by_body(parts, body, limit).await {
+                        Ok(request) => ready.call(request).await,
+                        Err(err) => Ok(err.response(format)),
+                    }
+                }))
+            }
+        }
+    }
+}
+
+/// The request with its user found from its body (or its address), the body put back.
+async fn by_body(mut parts: Parts, body: Body, limit: usize) -> Result<Request, ApiError> {
     let bytes: Bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::too_large(limit))?;
