@@ -649,6 +649,31 @@ async fn the_gateway_answers_what_the_upstream_answered() {
 }
 
 #[tokio::test]
+async fn a_gateway_call_without_the_header_is_its_user_fields() {
+    let server = start(streaming(0.0), &[("REQUESTS_PER_MINUTE", "1")]).await;
+    let call = |user: Option<&str>| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        if let Some(user) = user {
+            body["user"] = json!(user);
+        }
+        let request = server
+            .http
+            .request("POST", "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        server.http.call(request)
+    };
+    // One request a minute each: zed's second is refused, amy's first is not, and a call
+    // naming nobody is the client's address's.
+    assert_eq!(call(Some("zed")).await.status, 200);
+    assert_eq!(call(Some("zed")).await.status, 429);
+    assert_eq!(call(Some(" amy ")).await.status, 200);
+    assert_eq!(call(None).await.status, 200);
+    assert_eq!(call(Some("127.0.0.1")).await.status, 429);
+}
+
+#[tokio::test]
 async fn a_gateway_call_can_ask_for_a_lower_level() {
     let server = start(streaming(20.0), &[("MAX_CONCURRENT_CHATS", "1")]).await;
     let ask = |user: &str, priority: Option<&str>| {
