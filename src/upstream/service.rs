@@ -27,11 +27,36 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    BoxCloneSyncService::new(
-        service
-            .map_response(|response| response.map(Body::new))
-            .map_err(Into::into),
-    )
+    BoxCloneSyncService::new(unboxed(service))
+}
+
+/// `service` answering as an [`Llm`] does, without the box: either of two such services is one
+/// service.
+pub(crate) fn unboxed<S, B>(
+    service: S,
+) -> impl tower::Service<
+    UpstreamRequest,
+    Response = http::Response<Body>,
+    Error = BoxError,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static
+where
+    S: tower::Service<UpstreamRequest, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    service
+        .map_response(|response| response.map(Body::new))
+        .map_err(Into::into)
 }
 
 /// The priority level of an upstream request, carried as its extension for a

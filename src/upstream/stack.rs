@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use tower::util::Either;
-use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, ServiceBuilder};
 use tower_llm_queue::circuit_breaker::{CircuitBreakerHandle, Window};
 use tower_llm_queue::classify::HttpClassifier;
 use tower_llm_queue::key::ExtensionKey;
@@ -37,6 +37,7 @@ use tower_llm_queue::{
     SlidingWindowLayer, TokenBucketLayer,
 };
 
+use super::service::unboxed;
 use super::{boxed, FirstTokenLayer, Level, Llm, UpstreamClient, UpstreamRequest, UsageMeter};
 use crate::user::UserId;
 
@@ -300,35 +301,6 @@ where
             .service(queued),
     );
     (llm, handles)
-}
-
-/// `service` answering as an [`Llm`] does, without a box around it: either of two such
-/// services is one service.
-fn unboxed<S, B>(
-    service: S,
-) -> impl tower::Service<
-    UpstreamRequest,
-    Response = http::Response<Body>,
-    Error = BoxError,
-    Future = impl Send + 'static,
-> + Clone
-       + Send
-       + Sync
-       + 'static
-where
-    S: tower::Service<UpstreamRequest, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    service
-        .map_response(|response| response.map(Body::new))
-        .map_err(Into::into)
 }
 
 #[cfg(test)]
