@@ -94,9 +94,7 @@ where
 
 /// The request with its user found from its body (or its address), the body put back.
 async fn by_body(mut parts: Parts, body: Body, limit: usize) -> Result<Request, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::too_large(limit))?;
+    let bytes = read_limited(body, limit).await?;
     let user = user::identify(&parts, || user_field(&bytes))?;
     parts.extensions.insert(user);
     Ok(Request::from_parts(parts, Body::from(bytes)))
@@ -112,12 +110,18 @@ impl FromRequest<AppState> for LimitedBytes {
 
     async fn from_request(request: Request, app: &AppState) -> Result<Self, Response> {
         let format = format_for(request.uri().path());
-        let limit = app.config.max_body_bytes as usize;
-        axum::body::to_bytes(request.into_body(), limit)
+        read_limited(request.into_body(), app.config.max_body_bytes as usize)
             .await
             .map(LimitedBytes)
-            .map_err(|_| ApiError::too_large(limit).response(format))
+            .map_err(|err| err.response(format))
     }
+}
+
+/// A body read whole, up to `limit` bytes: a longer one is a 413.
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))
 }
 
 /// The OpenAI `user` field of a JSON object, when it is a string that can name a user; the
