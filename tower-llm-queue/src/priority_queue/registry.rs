@@ -120,8 +120,6 @@ pub(super) struct Book {
     /// The requests admitted at once; the places not taken are listed in `free`.
     slab: Vec<Direct>,
     free: Vec<usize>,
-    /// The places taken in `slab`.
-    direct: usize,
     /// No id above this one is in use here; `None`: no id is.
     highest: Option<RequestId>,
     pub(super) counts: Counts,
@@ -173,25 +171,26 @@ impl Book {
         place.taken = false;
         place.user = None;
         place.waker = None;
-        self.direct -= 1;
-        if self.direct == 0 {
+        self.free.push(slot);
+        if self.none_direct() {
             if let Some(to) = shrink_to(0, self.slab.capacity()) {
                 self.slab.clear();
                 self.free.clear();
                 self.slab.shrink_to(to);
                 self.free.shrink_to(to);
-            } else {
-                self.free.push(slot);
             }
             self.forget_ids();
-        } else {
-            self.free.push(slot);
         }
+    }
+
+    /// Whether no place of the slab is taken: every place is listed as free.
+    fn none_direct(&self) -> bool {
+        self.free.len() == self.slab.len()
     }
 
     /// Once no request is left, no id is in use.
     fn forget_ids(&mut self) {
-        if self.direct == 0 && self.entries.is_empty() {
+        if self.none_direct() && self.entries.is_empty() {
             self.highest = None;
         }
     }
@@ -230,7 +229,6 @@ impl Vacancy<'_> {
         book.starts = book.starts.wrapping_add(1);
         let started = crate::service_time::sampled(book.starts);
         book.counts.admitted += 1;
-        book.direct += 1;
         let slot = match book.free.pop() {
             Some(slot) => slot,
             None => {
