@@ -146,11 +146,15 @@ fn setup() -> impl Strategy<Value = Setup> {
         })
 }
 
-async fn run(setup: Setup, arrivals: Vec<Arrival>) -> Result<(), TestCaseError> {
-    let peak = Arc::new(Peak::default());
+/// The upstream every run calls: it counts what runs at once, overall and per user, works for
+/// the job's yields, and ends as the job says.
+fn upstream(
+    peak: &Arc<Peak>,
+) -> impl tower::Service<Job, Response = u8, Error = BoxError, Future: Send> + Clone + Send + 'static
+{
     peak.per_user.lock().unwrap().0 = vec![0; 4];
     let counted = peak.clone();
-    let upstream = service_fn(move |job: Job| {
+    service_fn(move |job: Job| {
         let counted = counted.clone();
         async move {
             let _in_flight = InFlight::enter(&counted, job.user);
@@ -161,7 +165,12 @@ async fn run(setup: Setup, arrivals: Vec<Arrival>) -> Result<(), TestCaseError> 
                 Ending::Panic => panic!("{}", PANIC_MESSAGE),
             }
         }
-    });
+    })
+}
+
+async fn run(setup: Setup, arrivals: Vec<Arrival>) -> Result<(), TestCaseError> {
+    let peak = Arc::new(Peak::default());
+    let upstream = upstream(&peak);
 
     let queue = PriorityQueueLayer::new(setup.concurrency)
         .capacity(setup.capacity)
@@ -284,5 +293,86 @@ proptest! {
             .build()
             .unwrap();
         runtime.block_on(run(setup, arrivals))?;
+    }
+}
+
+/// The per-user limit with waiting, alone, on several threads: slots taken and given back
+/// without a lock race with requests that join the line, leave it and are handed a slot.
+async fn run_per_user_waiting(
+    max: usize,
+    max_waiting: usize,
+    arrivals: Vec<Arrival>,
+) -> Result<(), TestCaseError> {
+    let peak = Arc::new(Peak::default());
+    let upstream = upstream(&peak);
+    let layer = PerUserConcurrencyLayer::new(max, |j: &Job| j.user as u64)
+        .wait(max_waiting, Duration::from_secs(3600));
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .boxed_clone()
+        .layer(layer)
+        .service(upstream);
+    let mut tasks = Vec::new();
+    for a in arrivals.iter().cloned() {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            yields(a.after).await;
+            let job = Job {
+                id: RequestId::next(),
+                user: a.user,
+                level: a.level,
+                work: a.work,
+                ending: a.ending,
+            };
+            let call = svc.oneshot(job);
+            match a.give_up_after {
+                Some(after) => {
+                    let _ = select(Box::pin(call), Box::pin(yields(after))).await;
+                }
+                None => {
+                    let _ = call.await;
+                }
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    // A waiter stranded while its user's slot is free would hang here: the wait itself never
+    // times out.
+    let finished = tokio::time::timeout(Duration::from_secs(20), all).await;
+    prop_assert!(finished.is_ok(), "some request never finished");
+    prop_assert!(peak.per_user.lock().unwrap().1 <= max);
+    prop_assert_eq!(peak.now.load(Ordering::SeqCst), 0);
+    let u = handle.stats();
+    prop_assert_eq!((u.users, u.in_flight, u.waiting), (0, 0, 0), "{:?}", u);
+    let ended = u.rejected + u.timed_out + u.cancelled + u.completed + u.failed;
+    prop_assert_eq!(ended, arrivals.len() as u64, "{:?}", u);
+    prop_assert_eq!(
+        u.admitted + u.waited + u.rejected,
+        arrivals.len() as u64,
+        "{:?}",
+        u
+    );
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn per_user_waiting_holds_across_threads(
+        max in 1usize..=3,
+        max_waiting in 0usize..=4,
+        threads in 2usize..=4,
+        arrivals in proptest::collection::vec(arrival(), 1..64),
+    ) {
+        quiet_intended_panics();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run_per_user_waiting(max, max_waiting, arrivals))?;
     }
 }

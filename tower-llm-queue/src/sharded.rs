@@ -41,6 +41,8 @@ pub(crate) struct Sharded<V> {
 /// The entries of one shard, each with its key and the key's hash.
 pub(crate) struct Shard<V> {
     entries: HashTable<(u64, Key, V)>,
+    /// Values of swept entries, kept for new keys (see [`Place::get_or_reuse`]).
+    spare: Vec<V>,
 }
 
 impl<V> Shard<V> {
@@ -53,6 +55,24 @@ impl<V> Shard<V> {
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
     }
+
+    /// Drops the entries for which `idle` is true, as the sweeps that new keys bring do, and
+    /// the values kept for reuse.
+    pub(crate) fn sweep(&mut self, idle: impl FnMut(&mut V) -> bool) {
+        sweep(&mut self.entries, idle, 0);
+        self.spare = Vec::new();
+    }
+
+    /// The values held.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.entries.iter().map(|(_, _, value)| value)
+    }
+
+    /// Room allocated for entries.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
 }
 
 impl<V> Sharded<V> {
@@ -64,6 +84,7 @@ impl<V> Sharded<V> {
                 .map(|_| {
                     Mutex::new(Shard {
                         entries: HashTable::new(),
+                        spare: Vec::new(),
                     })
                 })
                 .collect(),
@@ -83,6 +104,11 @@ impl<V> Sharded<V> {
             key,
             shard: lock(&self.shards[index]),
         }
+    }
+
+    /// The number of shards: [`Place::index`] is below it.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
     /// Visits every shard in turn, each locked while `f` runs.
@@ -111,6 +137,11 @@ pub(crate) struct Place<'a, V> {
 }
 
 impl<V> Place<'_, V> {
+    /// The index of the key's shard, for state a caller keeps per shard beside the map.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
     /// The key's entry.
     pub(crate) fn get(&mut self) -> Option<&mut V> {
         let key = self.key;
@@ -130,9 +161,30 @@ impl<V> Place<'_, V> {
         idle: impl FnMut(&mut V) -> bool,
         new: impl FnOnce() -> V,
     ) -> &mut V {
+        self.insert_with(idle, false, new)
+    }
+
+    /// [`get_or_insert_with`](Self::get_or_insert_with) for values worth keeping (an
+    /// allocation) that an idle entry leaves as good as new: a sweep keeps the values of the
+    /// entries it drops, as many as the shard keeps entries (and at least [`SWEEP_AT_LEAST`]),
+    /// and a new key takes one of them before it makes one with `new`.
+    pub(crate) fn get_or_reuse(
+        &mut self,
+        idle: impl FnMut(&mut V) -> bool,
+        new: impl FnOnce() -> V,
+    ) -> &mut V {
+        self.insert_with(idle, true, new)
+    }
+
+    fn insert_with(
+        &mut self,
+        mut idle: impl FnMut(&mut V) -> bool,
+        reuse: bool,
+        new: impl FnOnce() -> V,
+    ) -> &mut V {
         let (hash, key) = (self.hash, self.key);
-        let shard = &mut *self.shard;
-        let entries = match shard.entries.find_entry(hash, |(_, k, _)| k == key) {
+        let Shard { entries, spare } = &mut *self.shard;
+        let entries = match entries.find_entry(hash, |(_, k, _)| k == key) {
             Ok(entry) => return &mut entry.into_mut().2,
             Err(absent) => absent.into_table(),
         };
@@ -140,20 +192,47 @@ impl<V> Place<'_, V> {
         let new_keys = grown.fetch_add(1, Relaxed) + 1;
         let kept = (entries.len() + 1).saturating_sub(new_keys);
         if new_keys >= SWEEP_AT_LEAST.max(kept) {
-            sweep(entries, idle);
+            if reuse {
+                let room = SWEEP_AT_LEAST.max(entries.len());
+                for (_, _, value) in entries.extract_if(|(_, _, value)| idle(value)) {
+                    if spare.len() < room {
+                        spare.push(value);
+                    }
+                }
+                shrink_table(entries, SWEEP_AT_LEAST);
+            } else {
+                sweep(entries, idle, SWEEP_AT_LEAST);
+            }
             grown.store(0, Relaxed);
         }
-        let entry = entries.insert_unique(hash, (hash, key.clone(), new()), |(hash, _, _)| *hash);
+        let value = match reuse.then(|| spare.pop()).flatten() {
+            Some(value) => value,
+            None => new(),
+        };
+        let entry = entries.insert_unique(hash, (hash, key.clone(), value), |(hash, _, _)| *hash);
         &mut entry.into_mut().2
     }
 }
 
 /// Drops the entries for which `idle` is true, and gives memory back if the table has become
 /// mostly empty. `idle` may update an entry that it keeps.
-fn sweep<V>(entries: &mut HashTable<(u64, Key, V)>, mut idle: impl FnMut(&mut V) -> bool) {
+fn sweep<V>(
+    entries: &mut HashTable<(u64, Key, V)>,
+    mut idle: impl FnMut(&mut V) -> bool,
+    floor: usize,
+) {
     entries.retain(|(_, _, value)| !idle(value));
+    shrink_table(entries, floor);
+}
+
+/// Gives memory back if the table has become mostly empty (see [`shrink_to`]), keeping room
+/// for `floor` entries: a sweep that new keys bring keeps room for those that will come
+/// before the next one, rather than growing the table again key by key.
+fn shrink_table<V>(entries: &mut HashTable<(u64, Key, V)>, floor: usize) {
     if let Some(to) = shrink_to(entries.len(), entries.capacity()) {
-        entries.shrink_to(to, |(hash, _, _)| *hash);
+        if to.max(floor) < entries.capacity() {
+            entries.shrink_to(to.max(floor), |(hash, _, _)| *hash);
+        }
     }
 }
 
@@ -227,7 +306,7 @@ mod tests {
         }
         let mut capacity = 0;
         map.for_each_shard(|shard| {
-            sweep(&mut shard.entries, |_| true);
+            sweep(&mut shard.entries, |_| true, 0);
             capacity += shard.entries.capacity();
         });
         assert_eq!(map.len(), 0);

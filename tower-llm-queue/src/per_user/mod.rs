@@ -7,8 +7,11 @@
 //! [`wait`](PerUserConcurrencyLayer::wait) it waits, in arrival order per user, for one of the
 //! user's requests to complete.
 //!
-//! A user with nothing in flight and nobody waiting leaves no state behind: memory returns to its
-//! baseline however many distinct users have come and gone.
+//! While nobody of a user waits, a request takes and gives back its slot with one atomic
+//! operation on the user's cell; only waiting takes a lock. A user with nothing in flight and
+//! nobody waiting keeps a small cell until it is swept: as new users arrive, and whenever the
+//! stats are read. Memory stays within about twice what the users active at once need, however
+//! many distinct users have come and gone.
 //!
 //! # Example
 //!

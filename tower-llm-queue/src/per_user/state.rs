@@ -1,17 +1,21 @@
-//! Per-user slots, held in shards; a user with nothing in flight and nobody waiting has no entry.
+//! Per-user slots. Each user seen lately has a cell, found through a sharded map; a request
+//! holds its user's cell, so that ending it touches that cell alone.
 //!
-//! A request hashes its user's key once: the hash picks the shard and finds the user in the
-//! shard's table, and the request keeps it to find the user again when it ends. Each shard
-//! counts what happened in it, under the lock it takes anyway; stats add the shards up.
+//! A cell's state is one word: the slots held, and a flag set while requests wait in the cell's
+//! line. While nobody waits, a slot is taken and given back with one compare-and-swap on that
+//! word, without a lock; the line's lock is taken only to wait, to leave the line, or to hand a
+//! slot to the next in it. The flag changes only under the line's lock, so a slot given back
+//! without it can never be owed to a waiter.
+//!
+//! A cell nobody holds (no request in flight or waiting) stays in the map until it is swept:
+//! as new users arrive (each shard sweeps once it has taken in as many new users as it kept,
+//! see [`Sharded`]) and whenever the stats are read. Counters are per shard, summed on read.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::Duration;
-
-use hashbrown::HashTable;
 
 use crate::admission::{Finish, Slot};
 use crate::clock::AtomicDuration;
@@ -19,74 +23,81 @@ use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, Hasher};
+use crate::sharded::{lock, Sharded};
 use crate::waiter::Waiter;
 
 use super::stats::PerUserStats;
 
-#[derive(Debug)]
-struct User {
-    hash: u64,
-    key: Key,
-    in_flight: usize,
-    waiters: VecDeque<Arc<Waiter>>,
-}
+/// The flag of a cell's state word set while its line is not empty; the other bits count the
+/// slots held.
+const WAITING: usize = 1 << (usize::BITS - 1);
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    admitted: u64,
-    rejected: u64,
-    waited: u64,
-    timed_out: u64,
-    cancelled: u64,
-    completed: u64,
-    failed: u64,
-}
-
+/// One user's slots and line.
 #[derive(Debug, Default)]
-struct Book {
-    users: HashTable<User>,
-    counters: Counters,
-    starts: u32,
+struct User {
+    /// Slots held, and [`WAITING`].
+    state: AtomicUsize,
+    /// Requests waiting for one of the user's slots, by arrival.
+    line: Mutex<VecDeque<Arc<Waiter>>>,
 }
 
-impl Book {
-    fn find(&mut self, hash: u64, key: &Key) -> Option<&mut User> {
-        self.users.find_mut(hash, |u| u.key == *key)
-    }
-
-    /// Takes the user out once nothing is left of it.
-    fn forget_if_idle(&mut self, hash: u64, key: &Key) {
-        if let Ok(entry) = self.users.find_entry(hash, |u| u.key == *key) {
-            let user = entry.get();
-            if user.in_flight == 0 && user.waiters.is_empty() {
-                entry.remove();
-                self.shrink();
+impl User {
+    /// Gives a slot back: to the first in line if anybody waits, otherwise to the user. Returns
+    /// the task to wake.
+    fn release(&self) -> Option<std::task::Waker> {
+        let mut state = self.state.load(Relaxed);
+        while state & WAITING == 0 {
+            match self
+                .state
+                .compare_exchange_weak(state, state - 1, AcqRel, Relaxed)
+            {
+                Ok(_) => return None,
+                Err(actual) => state = actual,
             }
         }
-    }
-
-    /// Gives memory back when the table has become mostly empty (see
-    /// [`shrink_to`](crate::sharded::shrink_to)).
-    fn shrink(&mut self) {
-        if let Some(to) = crate::sharded::shrink_to(self.users.len(), self.users.capacity()) {
-            self.users.shrink_to(to, |u| u.hash);
+        let mut line = lock(&self.line);
+        while let Some(next) = line.pop_front() {
+            if let Some(wake) = next.grant() {
+                if line.is_empty() {
+                    self.state.fetch_and(!WAITING, Relaxed);
+                }
+                return wake;
+            }
         }
+        self.state
+            .fetch_update(AcqRel, Relaxed, |state| Some((state & !WAITING) - 1))
+            .ok();
+        None
     }
 }
 
-/// A shard on a cache line of its own.
+/// What happened in one shard, counted as it happens.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Shard(Mutex<Book>);
+struct Counters {
+    admitted: AtomicU64,
+    rejected: AtomicU64,
+    waited: AtomicU64,
+    timed_out: AtomicU64,
+    cancelled: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    /// Starts, for picking the requests sampled for the service-time estimate.
+    starts: AtomicU32,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}
 
 #[derive(Debug)]
 pub(crate) struct Shared {
     max_per_user: AtomicUsize,
     max_waiting: AtomicUsize,
     timeout: AtomicDuration,
-    shards: Box<[Shard]>,
-    hasher: Hasher,
+    users: Sharded<Arc<User>>,
+    /// One per shard of `users`.
+    counters: Box<[Counters]>,
     /// How long a request holds a user's slot, for the `retry_after` of `UserLimit`.
     service_time: ServiceTime,
 }
@@ -100,8 +111,10 @@ pub(crate) enum Acquired {
 #[derive(Debug)]
 pub(crate) struct UserSlot {
     shared: Arc<Shared>,
+    user: Arc<User>,
+    /// The shard of the user's cell, whose counters count this request.
+    shard: usize,
     key: Key,
-    hash: u64,
     /// `None` when the slot was taken at once; otherwise the slot is held once this waiter has
     /// been granted.
     waiter: Option<Arc<Waiter>>,
@@ -112,16 +125,22 @@ pub(crate) struct UserSlot {
     started: Option<tokio::time::Instant>,
 }
 
+/// A cell only the map holds: no request of its user is in flight or waiting.
+fn unheld(user: &mut Arc<User>) -> bool {
+    Arc::strong_count(user) == 1
+}
+
 impl Shared {
     pub(crate) fn new(max_per_user: usize) -> Self {
-        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let count = (cores * 4).next_power_of_two();
+        let users = Sharded::new();
         Shared {
             max_per_user: AtomicUsize::new(max_per_user),
             max_waiting: AtomicUsize::new(0),
             timeout: AtomicDuration::new(None),
-            shards: (0..count).map(|_| Shard::default()).collect(),
-            hasher: Hasher::default(),
+            counters: (0..users.shard_count())
+                .map(|_| Counters::default())
+                .collect(),
+            users,
             service_time: ServiceTime::default(),
         }
     }
@@ -144,156 +163,144 @@ impl Shared {
         self.max_waiting.load(Relaxed)
     }
 
-    /// The shard of the key with this hash, locked. The shard comes from the hash's high bits,
-    /// the table's buckets from its low ones.
-    fn lock(&self, hash: u64) -> MutexGuard<'_, Book> {
-        lock(&self.shards[(hash >> 48) as usize & (self.shards.len() - 1)].0)
-    }
-
     pub(crate) fn acquire(self: &Arc<Self>, key: Key) -> Result<Acquired, Rejected> {
         let max = self.max_per_user.load(Relaxed);
-        let max_waiting = self.max_waiting.load(Relaxed);
-        let hash = self.hasher.hash_one(&key);
-        let mut book = self.lock(hash);
-        let user = book
-            .users
-            .entry(hash, |u| u.key == key, |u| u.hash)
-            .or_insert_with(|| User {
-                hash,
-                key: key.clone(),
-                in_flight: 0,
-                waiters: VecDeque::new(),
-            })
-            .into_mut();
-        if user.in_flight < max && user.waiters.is_empty() {
-            user.in_flight += 1;
-            book.counters.admitted += 1;
-            book.starts = book.starts.wrapping_add(1);
-            let starts = book.starts;
-            drop(book);
-            tracing::trace!(user = %key, "admitted");
-            return Ok(Acquired::Running(UserSlot {
-                shared: self.clone(),
-                key,
-                hash,
-                waiter: None,
-                released: false,
-                finish: Finish::Dropped,
-                started: crate::service_time::sampled(starts),
-            }));
-        }
-        if user.waiters.len() < max_waiting {
+        let (user, shard) = {
+            let mut place = self.users.lock(&key);
+            let user = place.get_or_reuse(unheld, Arc::default).clone();
+            (user, place.index())
+        };
+        let counters = &self.counters[shard];
+        let slot = |shared: &Arc<Self>, user, key, waiter, started| UserSlot {
+            shared: shared.clone(),
+            user,
+            shard,
+            key,
+            waiter,
+            released: false,
+            finish: Finish::Dropped,
+            started,
+        };
+        let mut state = user.state.load(Relaxed);
+        let mut line = None;
+        loop {
+            if state & WAITING == 0 && state < max {
+                match user
+                    .state
+                    .compare_exchange_weak(state, state + 1, AcqRel, Relaxed)
+                {
+                    Ok(_) => {
+                        drop(line);
+                        count(&counters.admitted);
+                        let starts = counters.starts.fetch_add(1, Relaxed).wrapping_add(1);
+                        tracing::trace!(user = %key, "admitted");
+                        let started = crate::service_time::sampled(starts);
+                        return Ok(Acquired::Running(slot(self, user, key, None, started)));
+                    }
+                    Err(actual) => state = actual,
+                }
+                continue;
+            }
+            // The line's flag changes only under its lock: take it, and look again.
+            let Some(waiting) = line.as_mut() else {
+                line = Some(lock(&user.line));
+                state = user.state.load(Relaxed);
+                continue;
+            };
+            if waiting.len() >= self.max_waiting.load(Relaxed) {
+                break;
+            }
+            if state & WAITING == 0 {
+                if let Err(actual) =
+                    user.state
+                        .compare_exchange_weak(state, state | WAITING, AcqRel, Relaxed)
+                {
+                    state = actual;
+                    continue;
+                }
+            }
             let waiter = Arc::new(Waiter::new());
-            user.waiters.push_back(waiter.clone());
-            book.counters.waited += 1;
-            drop(book);
+            waiting.push_back(waiter.clone());
+            drop(line);
+            count(&counters.waited);
             tracing::debug!(user = %key, "waiting for one of the user's slots");
             let timeout = self.timeout.get();
-            return Ok(Acquired::Waiting(
-                UserSlot {
-                    shared: self.clone(),
-                    key,
-                    hash,
-                    waiter: Some(waiter),
-                    released: false,
-                    finish: Finish::Dropped,
-                    started: None,
-                },
-                timeout,
-            ));
+            let slot = slot(self, user, key, Some(waiter), None);
+            return Ok(Acquired::Waiting(slot, timeout));
         }
-        let in_flight = user.in_flight;
-        book.forget_if_idle(hash, &key);
-        book.counters.rejected += 1;
-        drop(book);
+        drop(line);
+        count(&counters.rejected);
         tracing::debug!(user = %key, max_per_user = max, "rejected: user limit");
         Err(Rejected::new(RejectionKind::UserLimit)
             .with_message(format!(
                 "too many concurrent requests: at most {max} per user; \
                  wait for a current one to complete"
             ))
-            .with_retry_after(self.service_time.next_free(in_flight)))
-    }
-
-    /// Counts how a request that held a slot ended, gives its slot to the user's next waiter,
-    /// or frees it.
-    fn release(&self, hash: u64, key: &Key, count: impl FnOnce(&mut Counters)) {
-        let mut book = self.lock(hash);
-        count(&mut book.counters);
-        let Ok(mut entry) = book.users.find_entry(hash, |u| u.key == *key) else {
-            return;
-        };
-        let user = entry.get_mut();
-        while let Some(next) = user.waiters.pop_front() {
-            if let Some(wake) = next.grant() {
-                drop(book);
-                if let Some(waker) = wake {
-                    waker.wake();
-                }
-                return;
-            }
-        }
-        user.in_flight -= 1;
-        if user.in_flight == 0 && user.waiters.is_empty() {
-            entry.remove();
-            book.shrink();
-        }
-    }
-
-    /// A waiter gives up; true if it left before it was granted a slot.
-    fn leave(&self, hash: u64, key: &Key, waiter: &Arc<Waiter>, count: fn(&mut Counters)) -> bool {
-        let mut book = self.lock(hash);
-        if !waiter.leave() {
-            return false;
-        }
-        count(&mut book.counters);
-        if let Some(user) = book.find(hash, key) {
-            if let Some(at) = user.waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) {
-                user.waiters.remove(at);
-            }
-            book.forget_if_idle(hash, key);
-        }
-        true
+            .with_retry_after(self.service_time.next_free(state & !WAITING)))
     }
 
     pub(crate) fn in_flight_of(&self, key: &Key) -> usize {
-        let hash = self.hasher.hash_one(key);
-        self.lock(hash).find(hash, key).map_or(0, |u| u.in_flight)
+        self.users
+            .lock(key)
+            .get()
+            .map_or(0, |user| user.state.load(Relaxed) & !WAITING)
     }
 
     pub(crate) fn stats(&self) -> PerUserStats {
         let (mut users, mut in_flight, mut waiting) = (0, 0, 0);
-        let mut c = Counters::default();
-        for shard in self.shards.iter() {
-            let book = lock(&shard.0);
-            users += book.users.len();
-            for user in book.users.iter() {
-                in_flight += user.in_flight;
-                waiting += user.waiters.len();
+        self.users.for_each_shard(|shard| {
+            shard.sweep(unheld);
+            for user in shard.values() {
+                let line = lock(&user.line).len();
+                let held = user.state.load(Relaxed) & !WAITING;
+                users += usize::from(held > 0 || line > 0);
+                in_flight += held;
+                waiting += line;
             }
-            let s = book.counters;
-            c.admitted += s.admitted;
-            c.rejected += s.rejected;
-            c.waited += s.waited;
-            c.timed_out += s.timed_out;
-            c.cancelled += s.cancelled;
-            c.completed += s.completed;
-            c.failed += s.failed;
-        }
+        });
+        let sum = |counter: fn(&Counters) -> &AtomicU64| {
+            self.counters
+                .iter()
+                .map(|c| counter(c).load(Relaxed))
+                .sum::<u64>()
+        };
         PerUserStats {
             max_per_user: self.max_per_user(),
             max_waiting_per_user: self.max_waiting(),
             users,
             in_flight,
             waiting,
-            admitted: c.admitted,
-            rejected: c.rejected,
-            waited: c.waited,
-            timed_out: c.timed_out,
-            cancelled: c.cancelled,
-            completed: c.completed,
-            failed: c.failed,
+            admitted: sum(|c| &c.admitted),
+            rejected: sum(|c| &c.rejected),
+            waited: sum(|c| &c.waited),
+            timed_out: sum(|c| &c.timed_out),
+            cancelled: sum(|c| &c.cancelled),
+            completed: sum(|c| &c.completed),
+            failed: sum(|c| &c.failed),
         }
+    }
+}
+
+impl UserSlot {
+    fn counters(&self) -> &Counters {
+        &self.shared.counters[self.shard]
+    }
+
+    /// The waiter gives up; true if it left before it was granted a slot.
+    fn leave(&self, waiter: &Arc<Waiter>, counter: fn(&Counters) -> &AtomicU64) -> bool {
+        let mut line = lock(&self.user.line);
+        if !waiter.leave() {
+            return false;
+        }
+        if let Some(at) = line.iter().position(|w| Arc::ptr_eq(w, waiter)) {
+            line.remove(at);
+        }
+        if line.is_empty() {
+            self.user.state.fetch_and(!WAITING, Relaxed);
+        }
+        drop(line);
+        count(counter(self.counters()));
+        true
     }
 }
 
@@ -304,10 +311,7 @@ impl Slot for UserSlot {
 
     fn time_out(&mut self) -> Option<Rejected> {
         let waiter = self.waiter.as_ref()?;
-        if !self
-            .shared
-            .leave(self.hash, &self.key, waiter, |c| c.timed_out += 1)
-        {
+        if !self.leave(waiter, |c| &c.timed_out) {
             return None;
         }
         tracing::debug!(user = %self.key, "rejected: waited too long for a user slot");
@@ -333,23 +337,22 @@ impl Drop for UserSlot {
             return;
         }
         if let Some(waiter) = &self.waiter {
-            if self
-                .shared
-                .leave(self.hash, &self.key, waiter, |c| c.cancelled += 1)
-            {
+            if self.leave(waiter, |c| &c.cancelled) {
                 return;
             }
         }
         if let Some(started) = self.started {
             self.shared.service_time.observe(started);
         }
-        let (panicking, finish) = (std::thread::panicking(), self.finish);
-        self.shared
-            .release(self.hash, &self.key, |c| match (panicking, finish) {
-                (true, _) | (false, Finish::Failed) => c.failed += 1,
-                (false, Finish::Completed) => c.completed += 1,
-                (false, Finish::Dropped) => c.cancelled += 1,
-            });
+        let counters = self.counters();
+        count(match (self.finish, std::thread::panicking()) {
+            (Finish::Failed, _) | (_, true) => &counters.failed,
+            (Finish::Completed, false) => &counters.completed,
+            (Finish::Dropped, false) => &counters.cancelled,
+        });
+        if let Some(waker) = self.user.release() {
+            waker.wake();
+        }
     }
 }
 
@@ -369,11 +372,9 @@ impl From<UserSlot> for Permit {
 impl Shared {
     /// Room allocated for per-user entries, and the number of shards.
     pub(super) fn user_capacity(&self) -> (usize, usize) {
-        let capacity = self
-            .shards
-            .iter()
-            .map(|s| lock(&s.0).users.capacity())
-            .sum();
-        (capacity, self.shards.len())
+        let mut capacity = 0;
+        self.users
+            .for_each_shard(|shard| capacity += shard.capacity());
+        (capacity, self.users.shard_count())
     }
 }
