@@ -13,7 +13,6 @@ use crate::classify::{Classify, Outcome};
 use crate::rejected::Rejected;
 
 use super::state::{Ending, Shared};
-use super::Config;
 
 pin_project! {
     /// The response future of [`RetryBackoff`](super::RetryBackoff): the attempts of one call,
@@ -28,9 +27,9 @@ pin_project! {
         inner: S,
         request: Req,
         shared: Arc<Shared>,
-        config: Config,
         classify: C,
         retries: u32,
+        // The last backoff, for decorrelated jitter; zero before the first retry.
         previous: Duration,
         #[pin]
         state: State<F>,
@@ -42,8 +41,6 @@ pin_project! {
     enum State<F> {
         // Not polled yet: the first attempt is counted when it starts.
         New,
-        // Before an attempt: looks for a shared cool-down.
-        Attempt,
         // Waits out the cool-down, then makes the attempt. (Timers are boxed: they are large, and
         // most calls never wait.)
         CoolingDown { sleep: Pin<Box<Sleep>> },
@@ -60,22 +57,15 @@ impl<S, Req, C> ResponseFuture<S, Req, S::Future, C>
 where
     S: Service<Req> + Clone,
 {
-    pub(super) fn new(
-        template: S,
-        request: Req,
-        shared: Arc<Shared>,
-        config: Config,
-        classify: C,
-    ) -> Self {
+    pub(super) fn new(template: S, request: Req, shared: Arc<Shared>, classify: C) -> Self {
         ResponseFuture {
             inner: template.clone(),
             template,
             request,
             shared,
-            config,
             classify,
             retries: 0,
-            previous: config.backoff.initial(),
+            previous: Duration::ZERO,
             state: State::New,
         }
     }
@@ -102,23 +92,7 @@ where
             let result = match this.state.as_mut().project() {
                 StateProj::New => {
                     this.shared.first_attempt();
-                    this.state.set(State::Attempt);
-                    continue;
-                }
-                StateProj::Attempt => {
-                    let cooldown = if this.config.cooldown {
-                        this.shared.cooldown()
-                    } else {
-                        None
-                    };
-                    match cooldown {
-                        Some(until) => {
-                            this.shared.waited_for_cooldown();
-                            let sleep = Box::pin(tokio::time::sleep_until(until));
-                            this.state.set(State::CoolingDown { sleep });
-                        }
-                        None => this.state.set(State::Ready),
-                    }
+                    this.state.set(attempt(this.shared));
                     continue;
                 }
                 StateProj::CoolingDown { sleep } => {
@@ -141,7 +115,7 @@ where
                 StateProj::Calling { future } => ready!(future.poll(cx)).map_err(Into::into),
                 StateProj::BackingOff { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
-                    this.state.set(State::Attempt);
+                    this.state.set(attempt(this.shared));
                     continue;
                 }
                 StateProj::Done => {
@@ -150,7 +124,6 @@ where
             };
             match next(
                 this.shared,
-                this.config,
                 this.classify,
                 this.retries,
                 this.previous,
@@ -172,11 +145,23 @@ where
     }
 }
 
+/// The state before an attempt: waiting out a shared cool-down if one is in force, otherwise
+/// ready to call.
+fn attempt<F>(shared: &Shared) -> State<F> {
+    match shared.cooldown() {
+        Some(until) => {
+            shared.waited_for_cooldown();
+            let sleep = Box::pin(tokio::time::sleep_until(until));
+            State::CoolingDown { sleep }
+        }
+        None => State::Ready,
+    }
+}
+
 /// Classifies an attempt's result and decides whether to return it or to try again, after
 /// which delay; counts how the call ended.
 fn next<R, C: Classify<R>>(
     shared: &Shared,
-    config: &Config,
     classify: &C,
     retries: &mut u32,
     previous: &mut Duration,
@@ -193,6 +178,7 @@ fn next<R, C: Classify<R>>(
         } => (retryable, not_before),
         Outcome::ClientError => (false, None),
     };
+    let config = shared.config();
     // A refusal of this crate's own layers (a user's window, a full queue) concerns this
     // request, or its key, only: it delays this request, never the others.
     let from_upstream = !matches!(result, Err(err) if Rejected::find(&**err).is_some());

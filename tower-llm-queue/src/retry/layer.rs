@@ -89,7 +89,6 @@ impl<S, C: Clone> Layer<S> for RetryBackoffLayer<C> {
             inner,
             shared: self.shared.clone(),
             classify: self.classify.clone(),
-            settings: self.shared.settings(),
         }
     }
 }

@@ -7,7 +7,6 @@ use tower_service::Service;
 use crate::classify::Classify;
 
 use super::state::Shared;
-use super::Config;
 use super::ResponseFuture;
 use super::RetryHandle;
 
@@ -18,8 +17,6 @@ pub struct RetryBackoff<S, C> {
     pub(super) inner: S,
     pub(super) shared: Arc<Shared>,
     pub(super) classify: C,
-    /// The layer's settings as last read, and their version.
-    pub(super) settings: (Config, u64),
 }
 
 impl<S, C> RetryBackoff<S, C> {
@@ -47,14 +44,10 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if self.shared.version() != self.settings.1 {
-            self.settings = self.shared.settings();
-        }
         ResponseFuture::new(
             self.inner.clone(),
             request,
             self.shared.clone(),
-            self.settings.0,
             self.classify.clone(),
         )
     }

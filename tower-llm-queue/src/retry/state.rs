@@ -1,5 +1,5 @@
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -46,14 +46,13 @@ impl Book {
 /// What every service of one retry layer shares: the settings, the budget, the cool-down and the
 /// counters.
 ///
-/// A call that succeeds at once touches two counters and reads one word for the cool-down (and,
-/// in its service, one for the settings' version); the locks are for retries and settings.
+/// A call that succeeds at once touches two counters and reads one word for the cool-down; the
+/// lock is for failures (the settings are read under it then) and for the budget.
 #[derive(Debug)]
 pub(crate) struct Shared {
     book: Mutex<Book>,
-    /// Rises with every change of the settings, so that services know when to read them again.
-    version: AtomicU64,
     /// The end of the cool-down, in nanoseconds after `cooldown_base` (plus one); 0 for none.
+    /// Stays 0 while the cool-down is disabled.
     cooldown_until: AtomicU64,
     cooldown_base: OnceLock<Instant>,
     counters: Counters,
@@ -77,7 +76,6 @@ impl Shared {
                 ledger: BudgetLedger::new(RetryBudget::default()),
                 firsts_seen: 0,
             }),
-            version: AtomicU64::new(0),
             cooldown_until: AtomicU64::new(0),
             cooldown_base: OnceLock::new(),
             counters: Counters::default(),
@@ -91,22 +89,14 @@ impl Shared {
     pub(super) fn configure(&self, f: impl FnOnce(&mut Config)) {
         let mut book = lock(&self.book);
         f(&mut book.config);
-        self.version.fetch_add(1, Release);
+        if !book.config.cooldown {
+            self.cooldown_until.store(0, Relaxed);
+        }
     }
 
+    /// The settings, as a failed attempt reads them.
     pub(super) fn config(&self) -> Config {
         lock(&self.book).config
-    }
-
-    /// The settings and their version.
-    pub(super) fn settings(&self) -> (Config, u64) {
-        let book = lock(&self.book);
-        (book.config, self.version.load(Acquire))
-    }
-
-    /// The settings' version now: a service whose copy is of another version reads them again.
-    pub(super) fn version(&self) -> u64 {
-        self.version.load(Acquire)
     }
 
     /// Counts a call's first attempt.
