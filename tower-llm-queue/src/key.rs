@@ -73,6 +73,7 @@ impl Key {
     }
 
     /// Whether this is the [`Key::anonymous`] key.
+    #[inline]
     pub fn is_anonymous(&self) -> bool {
         matches!(self.0, Repr::Anonymous)
     }

@@ -313,6 +313,7 @@ impl Shared {
     }
 
     /// The settings' version now: a service whose copy is of another version reads them again.
+    #[inline]
     pub(crate) fn version(&self) -> u64 {
         self.version.load(Acquire)
     }
@@ -390,6 +391,7 @@ impl Shared {
 
     /// Counts a success of a call let through without the lock, if the anonymous breaker is
     /// still clean and in the same state; `false` if the call must be recorded under the lock.
+    #[inline]
     fn record_fast(&self, tag: u64) -> bool {
         let mut word = self.fast.load(Relaxed);
         loop {
@@ -410,23 +412,29 @@ impl Shared {
     }
 
     /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
+    #[inline]
     pub(crate) fn admit(&self, key: Key, config: &Config) -> Result<Pass, Rejected> {
-        let forced = self.forced.load(Relaxed);
-        let slow_limit = config.slow_call.map(|(limit, _)| limit);
-        if forced != FORCED_OPEN && key.is_anonymous() {
+        if key.is_anonymous() && self.forced.load(Relaxed) != FORCED_OPEN {
             let word = self.fast.load(Relaxed);
             if word & CLEAN != 0 {
-                self.count(|c| &c.calls, 1);
+                self.counters.calls.fetch_add(1, Relaxed);
                 return Ok(Pass {
                     key,
                     tag: word >> TAG_SHIFT,
                     probe: false,
                     fast: true,
-                    watch: slow_limit.map(|limit| (Instant::now(), limit)),
+                    watch: config.slow_call.map(|(limit, _)| (Instant::now(), limit)),
                     recorded: false,
                 });
             }
         }
+        self.admit_locked(key, config)
+    }
+
+    /// [`admit`](Self::admit) under the lock of the key's breaker.
+    fn admit_locked(&self, key: Key, config: &Config) -> Result<Pass, Rejected> {
+        let forced = self.forced.load(Relaxed);
+        let slow_limit = config.slow_call.map(|(limit, _)| limit);
         let mut clock = Clock(None);
         let mut shard = self.place(&key, || config.window);
         let breaker = shard.get_or_insert_with(|| Breaker::new(self.tag()));
@@ -494,7 +502,19 @@ impl Shared {
     }
 
     /// Records how a call that was let through ended.
+    #[inline]
     pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
+        let unwatched_success = matches!(outcome, Outcome::Success) && pass.watch.is_none();
+        if unwatched_success && pass.fast && self.record_fast(pass.tag) {
+            pass.recorded = true;
+            return;
+        }
+        self.record_locked(pass, outcome)
+    }
+
+    /// [`record`](Self::record) under the lock of the key's breaker, unless the call was let
+    /// through without it and succeeded in time while the breaker stays clean.
+    fn record_locked(&self, pass: &mut Pass, outcome: Outcome) {
         let mut clock = Clock(None);
         let slow = pass.watch.is_some_and(|(started, limit)| {
             clock.now().saturating_duration_since(started) >= limit

@@ -147,15 +147,19 @@ where
 
 /// The state before an attempt: waiting out a shared cool-down if one is in force, otherwise
 /// ready to call.
+#[inline]
 fn attempt<F>(shared: &Shared) -> State<F> {
     match shared.cooldown() {
-        Some(until) => {
-            shared.waited_for_cooldown();
-            let sleep = Box::pin(tokio::time::sleep_until(until));
-            State::CoolingDown { sleep }
-        }
+        Some(until) => cool_down(shared, until),
         None => State::Ready,
     }
+}
+
+#[cold]
+fn cool_down<F>(shared: &Shared, until: tokio::time::Instant) -> State<F> {
+    shared.waited_for_cooldown();
+    let sleep = Box::pin(tokio::time::sleep_until(until));
+    State::CoolingDown { sleep }
 }
 
 /// Classifies an attempt's result and decides whether to return it or to try again, after

@@ -100,6 +100,7 @@ impl Shared {
     }
 
     /// Counts a call's first attempt.
+    #[inline]
     pub(super) fn first_attempt(&self) {
         let calls = self.counters.calls.fetch_add(1, Relaxed) + 1;
         if calls % FIRSTS_EVERY == 0 {
@@ -119,6 +120,7 @@ impl Shared {
         granted
     }
 
+    #[inline]
     pub(super) fn ended(&self, ending: Ending) {
         let c = &self.counters;
         match ending {
@@ -149,11 +151,17 @@ impl Shared {
     }
 
     /// When the cool-down ends, if one is in force.
+    #[inline]
     pub(super) fn cooldown(&self) -> Option<Instant> {
-        let nanos = self.cooldown_until.load(Relaxed);
-        if nanos == 0 {
-            return None;
+        match self.cooldown_until.load(Relaxed) {
+            0 => None,
+            nanos => self.cooldown_at(nanos),
         }
+    }
+
+    /// The end of the cool-down written as `nanos`, unless it has passed.
+    #[cold]
+    fn cooldown_at(&self, nanos: u64) -> Option<Instant> {
         let base = *self.cooldown_base.get()?;
         let until = base + Duration::from_nanos(nanos - 1);
         if until > Instant::now() {
