@@ -36,6 +36,7 @@
 //! ```
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -50,10 +51,10 @@ pub const MAX_KEY_LEN: usize = 256;
 /// Cheap to clone and hash. Build one from a string, any integer (the same number is the same
 /// key whatever its type), sixteen bytes such as a UUID, or an IP address; the
 /// [`Key::anonymous`] key stands for every request that carried no key.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key(Repr);
 
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Repr {
     Anonymous,
     /// Every integer from `i64::MIN` to `u64::MAX`: a number is one key, whatever its type.
@@ -99,6 +100,35 @@ fn write_uuid(f: &mut fmt::Formatter<'_>, bytes: &[u8; 16]) -> fmt::Result {
         write!(f, "{b:02x}")?;
     }
     Ok(())
+}
+
+/// An integer key, the common case, is hashed as one word; the other kinds add a tag first.
+/// Keys of different kinds never compare equal, so a shared hash costs nothing but a probe.
+impl Hash for Key {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match &self.0 {
+            Repr::Int(n) => state.write_u64(*n),
+            Repr::Anonymous => state.write_u8(0),
+            Repr::Negative(n) => {
+                state.write_u8(1);
+                state.write_i64(*n);
+            }
+            Repr::Wide(high, low) => {
+                state.write_u8(2);
+                state.write_u64(*high);
+                state.write_u64(*low);
+            }
+            Repr::Bytes(bytes) => {
+                state.write_u8(3);
+                state.write(bytes);
+            }
+            Repr::Text(text) => {
+                state.write_u8(4);
+                text.hash(state);
+            }
+        }
+    }
 }
 
 impl fmt::Display for Key {

@@ -170,7 +170,6 @@ impl<S, C: Clone, E: Clone> Layer<S> for CircuitBreakerLayer<C, E> {
             shared: self.shared.clone(),
             classify: self.classify.clone(),
             key: self.key.clone(),
-            settings: self.shared.settings(),
         }
     }
 }

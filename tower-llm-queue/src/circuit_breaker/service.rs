@@ -9,7 +9,7 @@ use crate::classify::Classify;
 use crate::key::ExtractKey;
 
 use super::future::ResponseFuture;
-use super::state::{Config, Shared};
+use super::state::Shared;
 use super::CircuitBreakerHandle;
 
 /// Fails fast while the upstream is unhealthy. Built by
@@ -23,8 +23,6 @@ pub struct CircuitBreaker<S, C, E> {
     pub(super) shared: Arc<Shared>,
     pub(super) classify: C,
     pub(super) key: E,
-    /// The layer's settings as last read, and their version.
-    pub(super) settings: (Config, u64),
 }
 
 impl<S, C, E> CircuitBreaker<S, C, E> {
@@ -54,16 +52,9 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if self.shared.version() != self.settings.1 {
-            self.settings = self.shared.settings();
-        }
         let shared = self.shared.clone();
         let classify = self.classify.clone();
-        match self
-            .key
-            .extract(&request)
-            .and_then(|key| shared.admit(key, &self.settings.0))
-        {
+        match self.key.extract(&request).and_then(|key| shared.admit(key)) {
             Ok(pass) => {
                 let call = CallWhenReady::new(self.inner.clone(), request);
                 ResponseFuture::running(call, pass, shared, classify)

@@ -1,8 +1,8 @@
 //! The breakers of one layer, one per key, and their state machine.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -201,8 +201,8 @@ struct Counters {
 #[derive(Debug)]
 pub(crate) struct Shared {
     config: RwLock<Config>,
-    /// Rises with every change of the settings, so that services know when to read them again.
-    version: AtomicU64,
+    /// Whether the settings watch for slow calls, for calls let through without a lock.
+    watch_slow: AtomicBool,
     forced: AtomicU8,
     /// The breaker of the anonymous key — the only one of a layer without `keyed_by` — apart
     /// from the others: no hashing, no sweeping, and a path without its lock (see [`CLEAN`]).
@@ -262,8 +262,8 @@ pub(crate) struct Pass {
     probe: bool,
     /// Let through by the anonymous breaker without its lock: not counted in `in_flight`.
     fast: bool,
-    /// When the call started, and the slow-call limit, when slow calls are watched.
-    watch: Option<(Instant, Duration)>,
+    /// When the call started, when slow calls are watched.
+    started: Option<Instant>,
     recorded: bool,
 }
 
@@ -280,7 +280,7 @@ impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         Shared {
             config: RwLock::new(config),
-            version: AtomicU64::new(0),
+            watch_slow: AtomicBool::new(config.slow_call.is_some()),
             forced: AtomicU8::new(NOT_FORCED),
             anonymous: Mutex::new(None),
             fast: AtomicU64::new(0),
@@ -299,23 +299,11 @@ impl Shared {
             self.take_in(breaker, before);
         }
         self.publish(anonymous.as_ref(), config.window);
-        self.version.fetch_add(1, Release);
+        self.watch_slow.store(config.slow_call.is_some(), Relaxed);
     }
 
     pub(crate) fn config(&self) -> Config {
         *self.config.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The settings and their version.
-    pub(crate) fn settings(&self) -> (Config, u64) {
-        let config = self.config.read().unwrap_or_else(PoisonError::into_inner);
-        (*config, self.version.load(Acquire))
-    }
-
-    /// The settings' version now: a service whose copy is of another version reads them again.
-    #[inline]
-    pub(crate) fn version(&self) -> u64 {
-        self.version.load(Acquire)
     }
 
     fn count(&self, counter: impl FnOnce(&Counters) -> &AtomicU64, n: u64) {
@@ -411,9 +399,9 @@ impl Shared {
         }
     }
 
-    /// Lets a call through, or refuses it with `CircuitOpen`, under the settings `config`.
+    /// Lets a call through, or refuses it with `CircuitOpen`.
     #[inline]
-    pub(crate) fn admit(&self, key: Key, config: &Config) -> Result<Pass, Rejected> {
+    pub(crate) fn admit(&self, key: Key) -> Result<Pass, Rejected> {
         if key.is_anonymous() && self.forced.load(Relaxed) != FORCED_OPEN {
             let word = self.fast.load(Relaxed);
             if word & CLEAN != 0 {
@@ -423,18 +411,18 @@ impl Shared {
                     tag: word >> TAG_SHIFT,
                     probe: false,
                     fast: true,
-                    watch: config.slow_call.map(|(limit, _)| (Instant::now(), limit)),
+                    started: self.watch_slow.load(Relaxed).then(Instant::now),
                     recorded: false,
                 });
             }
         }
-        self.admit_locked(key, config)
+        self.admit_locked(key)
     }
 
     /// [`admit`](Self::admit) under the lock of the key's breaker.
-    fn admit_locked(&self, key: Key, config: &Config) -> Result<Pass, Rejected> {
+    fn admit_locked(&self, key: Key) -> Result<Pass, Rejected> {
+        let config = &self.config();
         let forced = self.forced.load(Relaxed);
-        let slow_limit = config.slow_call.map(|(limit, _)| limit);
         let mut clock = Clock(None);
         let mut shard = self.place(&key, || config.window);
         let breaker = shard.get_or_insert_with(|| Breaker::new(self.tag()));
@@ -496,7 +484,7 @@ impl Shared {
             tag,
             probe,
             fast: false,
-            watch: slow_limit.map(|limit| (clock.now(), limit)),
+            started: config.slow_call.map(|_| clock.now()),
             recorded: false,
         })
     }
@@ -504,7 +492,7 @@ impl Shared {
     /// Records how a call that was let through ended.
     #[inline]
     pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
-        let unwatched_success = matches!(outcome, Outcome::Success) && pass.watch.is_none();
+        let unwatched_success = matches!(outcome, Outcome::Success) && pass.started.is_none();
         if unwatched_success && pass.fast && self.record_fast(pass.tag) {
             pass.recorded = true;
             return;
@@ -515,10 +503,14 @@ impl Shared {
     /// [`record`](Self::record) under the lock of the key's breaker, unless the call was let
     /// through without it and succeeded in time while the breaker stays clean.
     fn record_locked(&self, pass: &mut Pass, outcome: Outcome) {
+        let config = self.config();
         let mut clock = Clock(None);
-        let slow = pass.watch.is_some_and(|(started, limit)| {
-            clock.now().saturating_duration_since(started) >= limit
-        });
+        let slow = match (pass.started, config.slow_call) {
+            (Some(started), Some((limit, _))) => {
+                clock.now().saturating_duration_since(started) >= limit
+            }
+            _ => false,
+        };
         let (failed, not_before) = match outcome {
             Outcome::Success if !slow && pass.fast && self.record_fast(pass.tag) => {
                 pass.recorded = true;
@@ -528,7 +520,6 @@ impl Shared {
             Outcome::Failure { not_before, .. } => (true, not_before),
             Outcome::ClientError => (true, None),
         };
-        let config = self.config();
         if matches!(outcome, Outcome::ClientError) && !config.count_client_errors {
             return self.abandon(pass);
         }
