@@ -12,7 +12,7 @@
 //! see [`Sharded`]) and whenever the stats are read. Counters are per shard, summed on read.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::Duration;
@@ -82,8 +82,6 @@ struct Counters {
     cancelled: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
-    /// Starts, for picking the requests sampled for the service-time estimate.
-    starts: AtomicU32,
 }
 
 fn count(counter: &AtomicU64) {
@@ -191,10 +189,11 @@ impl Shared {
                 {
                     Ok(_) => {
                         drop(line);
-                        count(&counters.admitted);
-                        let starts = counters.starts.fetch_add(1, Relaxed).wrapping_add(1);
+                        // The count of requests admitted at once picks those sampled for the
+                        // service-time estimate.
+                        let admitted = counters.admitted.fetch_add(1, Relaxed).wrapping_add(1);
                         tracing::trace!(user = %key, "admitted");
-                        let started = crate::service_time::sampled(starts);
+                        let started = crate::service_time::sampled(admitted as u32);
                         return Ok(Acquired::Running(slot(self, user, key, None, started)));
                     }
                     Err(actual) => state = actual,
