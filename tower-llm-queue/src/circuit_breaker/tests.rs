@@ -261,6 +261,28 @@ async fn slow_calls_open_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn settings_changed_after_the_service_was_built_apply_to_its_next_calls() {
+    let up = Upstream::default();
+    let layer = breaker();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(up.service());
+    // Unwatched, slow successes go the way without a lock and count as nothing but successes.
+    for _ in 0..4 {
+        assert_eq!(svc.clone().oneshot(6).await.unwrap(), 6);
+    }
+    assert_eq!(handle.stats().slow, 0);
+    // Watched from now on, through a clone of the layer: the same service sees it.
+    let _ = layer.slow_call(Duration::from_secs(5), 0.5);
+    for _ in 0..4 {
+        assert_eq!(svc.clone().oneshot(6).await.unwrap(), 6);
+    }
+    assert_eq!(handle.stats().slow, 4);
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_time_window_forgets_old_failures() {
     let up = Upstream::default();
     let layer = breaker().window(Window::Time(Duration::from_secs(60)));
