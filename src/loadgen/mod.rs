@@ -5,7 +5,7 @@
 //! README's "Load harness".
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn run() -> Result<(), tower::BoxError> {
 //! use std::sync::Arc;
 //! use tower_llm_queue_servers::loadgen::{self, targets, MockUpstream, Scale, Scenario};
 //! use tower_llm_queue_servers::upstream::UpstreamClient;
