@@ -24,7 +24,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The fewest new keys a shard takes in between two sweeps.
-const SWEEP_AT_LEAST: usize = 256;
+pub(crate) const SWEEP_AT_LEAST: usize = 256;
 
 /// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
 /// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Entries that have become

@@ -18,13 +18,16 @@
 //! which a request that leaves from the middle is marked gone, and each level's turns are a
 //! binary heap in which a turn given up stays until it comes to the top (or until the heap is
 //! rebuilt, once such turns outnumber the live ones). A request waiting in a steady queue then
-//! costs no allocation of the schedule's own.
+//! costs no allocation of the schedule's own. A user's line that is forgotten stays in the map,
+//! reset, until forgotten lines outnumber the others: a user who sends one request at a time
+//! while nobody waits takes the same entry back, rather than making and removing one per
+//! request.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::key::Key;
-use crate::sharded::FastMap;
+use crate::sharded::{FastMap, SWEEP_AT_LEAST};
 
 use super::RequestId;
 
@@ -129,6 +132,13 @@ impl Flow {
     fn idle(&self) -> bool {
         self.running == 0 && self.waiting.is_empty()
     }
+
+    /// Forgotten: idle, with no next tag to remember. Such a line is as good as absent — a user
+    /// who comes back starts at the level's virtual time either way — and stays in the map,
+    /// to be taken back without a new entry, until a sweep drops it.
+    fn forgotten(&self) -> bool {
+        self.idle() && self.next_tag == 0
+    }
 }
 
 /// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user (`None`
@@ -191,6 +201,18 @@ impl Level {
     }
 }
 
+/// An idle user's line: kept among the level's idle users while the level remembers its next
+/// tag; otherwise forgotten (see [`Flow::forgotten`]), and then true.
+fn park_or_forget(at: &mut Level, flow: &mut Flow, user: &Key) -> bool {
+    if at.remembers(flow.next_tag) {
+        at.idle.insert((flow.next_tag, user.clone()));
+        false
+    } else {
+        flow.next_tag = 0;
+        true
+    }
+}
+
 /// The line of `user` at `level`, found through split borrows of the schedule.
 fn flow_mut<'a>(
     unkeyed: &'a mut Flow,
@@ -214,6 +236,8 @@ pub(crate) struct Schedule {
     oldest_every: u32,
     turns: u32,
     len: usize,
+    /// Lines forgotten since the last sweep of the map.
+    forgotten: usize,
 }
 
 impl Schedule {
@@ -225,6 +249,7 @@ impl Schedule {
             oldest_every,
             turns: 0,
             len: 0,
+            forgotten: 0,
         }
     }
 
@@ -233,7 +258,7 @@ impl Schedule {
         if levels == self.levels.len() {
             self.oldest_every = oldest_every;
             true
-        } else if self.len == 0 && self.flows.is_empty() {
+        } else if self.len == 0 && self.flows.values().all(Flow::forgotten) {
             *self = Schedule::new(levels, oldest_every);
             true
         } else {
@@ -271,7 +296,7 @@ impl Schedule {
             created = true;
             Flow::new(now)
         });
-        if !created && flow.idle() && !at.idle.is_empty() {
+        if !created && flow.idle() && flow.next_tag != 0 && !at.idle.is_empty() {
             at.idle.remove(&(flow.next_tag, user.clone()));
         }
         flow
@@ -317,27 +342,22 @@ impl Schedule {
             }
             return;
         };
-        let key = (level, user.clone());
-        let Some(next_tag) = self
-            .flows
-            .get(&key)
-            .filter(|flow| flow.idle())
-            .map(|flow| flow.next_tag)
-        else {
+        let Some(flow) = self.flows.get_mut(&(level, user.clone())) else {
             return;
         };
-        self.park_or_forget(key, next_tag);
+        if flow.idle() && park_or_forget(&mut self.levels[level], flow, user) {
+            self.forgot();
+        }
     }
 
-    /// An idle user's line: kept among the level's idle users while the level remembers its
-    /// next tag, forgotten otherwise.
-    fn park_or_forget(&mut self, key: (usize, Key), next_tag: u64) {
-        let at = &mut self.levels[key.0];
-        if at.remembers(next_tag) {
-            at.idle.insert((next_tag, key.1));
-        } else {
-            self.flows.remove(&key);
+    /// Counts a line forgotten; once they are as many as the others (and at least
+    /// [`SWEEP_AT_LEAST`]), drops them all from the map.
+    fn forgot(&mut self) {
+        self.forgotten += 1;
+        if self.forgotten >= SWEEP_AT_LEAST.max(self.flows.len() / 2) {
+            self.flows.retain(|_, flow| !flow.forgotten());
             crate::sharded::shrink(&mut self.flows);
+            self.forgotten = 0;
         }
     }
 
@@ -520,14 +540,12 @@ impl Schedule {
         let Some(user) = user else {
             return;
         };
-        let key = (level, user.clone());
-        let Some(flow) = self.flows.get_mut(&key) else {
+        let Some(flow) = self.flows.get_mut(&(level, user.clone())) else {
             return;
         };
         flow.running = flow.running.saturating_sub(1);
-        if flow.idle() {
-            let next_tag = flow.next_tag;
-            self.park_or_forget(key, next_tag);
+        if flow.idle() && park_or_forget(&mut self.levels[level], flow, user) {
+            self.forgot();
         }
     }
 }
@@ -716,6 +734,53 @@ mod tests {
         assert_eq!(s.levels[0].current_turns, 10);
         let popped: Vec<RequestId> = std::iter::from_fn(|| s.pop()).collect();
         assert_eq!(popped.len(), 10, "every current turn is served once");
+    }
+
+    #[test]
+    fn forgotten_lines_are_swept_and_changing_levels_sees_past_them() {
+        let mut s = Schedule::new(2, 4);
+        for n in 0..10_000u64 {
+            let user = Key::from(n);
+            s.admit_directly(1, Some(&user));
+            assert_eq!(s.flow_count(), 1);
+            s.finish(1, Some(&user));
+            assert!(
+                s.flows.len() <= SWEEP_AT_LEAST,
+                "{} lines kept",
+                s.flows.len()
+            );
+        }
+        assert_eq!(s.flow_count(), 0);
+        assert!(
+            !s.flows.is_empty(),
+            "the last lines wait for the next sweep"
+        );
+        assert!(s.reconfigure(3, 4), "forgotten lines hold nothing back");
+        assert_eq!(s.levels(), 3);
+    }
+
+    #[test]
+    fn a_forgotten_user_comes_back_as_a_new_one_would() {
+        // `a` ran ahead while nobody waited, then was forgotten; `b` is new. Both start at the
+        // level's virtual time: they take turns from the first request on.
+        let (a, b) = (Key::from("a"), Key::from("b"));
+        let mut s = Schedule::new(1, 0);
+        for _ in 0..5 {
+            s.admit_directly(0, Some(&a));
+            s.finish(0, Some(&a));
+        }
+        for n in 0..3 {
+            s.push(0, Some(&a), id(n));
+        }
+        for n in 10..13 {
+            s.push(0, Some(&b), id(n));
+        }
+        let order: Vec<_> = std::iter::from_fn(|| s.pop()).collect();
+        assert_eq!(
+            order,
+            [id(0), id(10), id(1), id(11), id(2), id(12)],
+            "users take turns"
+        );
     }
 
     #[test]
