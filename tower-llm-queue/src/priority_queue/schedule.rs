@@ -19,15 +19,20 @@
 //! binary heap in which a turn given up stays until it comes to the top (or until the heap is
 //! rebuilt, once such turns outnumber the live ones). A request waiting in a steady queue then
 //! costs no allocation of the schedule's own. A user's line that is forgotten stays in the map,
-//! reset, until forgotten lines outnumber the others: a user who sends one request at a time
-//! while nobody waits takes the same entry back, rather than making and removing one per
-//! request.
+//! reset, until new users' lines outnumber the others and a sweep drops it: a user who sends
+//! one request at a time while nobody waits takes the same entry back, rather than making and
+//! removing one per request; a line is found by a borrowed key, and the key is copied only
+//! when a request takes or makes its user's entry.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::key::Key;
-use crate::sharded::{FastMap, SWEEP_AT_LEAST};
+use std::hash::{Hash, Hasher};
+
+use hashbrown::{Equivalent, HashMap};
+
+use crate::sharded::{self, SWEEP_AT_LEAST};
 
 use super::RequestId;
 
@@ -146,7 +151,30 @@ impl Flow {
 type Turn = Reverse<(u64, u64, Option<Key>)>;
 
 /// The users' lines, by level and user.
-type Flows = FastMap<(usize, Key), Flow>;
+type Flows = HashMap<(usize, Key), Flow, sharded::Hasher>;
+
+/// A user's line's key in [`Flows`], borrowed: hashed and compared as the owned key.
+struct FlowKey<'a>(usize, &'a Key);
+
+impl Hash for FlowKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+        self.1.hash(state);
+    }
+}
+
+impl Equivalent<(usize, Key)> for FlowKey<'_> {
+    fn equivalent(&self, key: &(usize, Key)) -> bool {
+        self.0 == key.0 && *self.1 == key.1
+    }
+}
+
+/// Gives memory back when the map has become mostly empty (see [`sharded::shrink_to`]).
+fn shrink(flows: &mut Flows) {
+    if let Some(to) = sharded::shrink_to(flows.len(), flows.capacity()) {
+        flows.shrink_to(to);
+    }
+}
 
 /// The requests of one level.
 #[derive(Debug)]
@@ -183,7 +211,7 @@ impl Level {
     fn flow<'a>(&'a self, flows: &'a Flows, level: usize, user: Option<&Key>) -> Option<&'a Flow> {
         match user {
             None => Some(&self.unkeyed),
-            Some(user) => flows.get(&(level, user.clone())),
+            Some(user) => flows.get(&FlowKey(level, user)),
         }
     }
 
@@ -202,14 +230,12 @@ impl Level {
 }
 
 /// An idle user's line: kept among the level's idle users while the level remembers its next
-/// tag; otherwise forgotten (see [`Flow::forgotten`]), and then true.
-fn park_or_forget(at: &mut Level, flow: &mut Flow, user: &Key) -> bool {
+/// tag, forgotten otherwise (see [`Flow::forgotten`]).
+fn park_or_forget(at: &mut Level, flow: &mut Flow, user: &Key) {
     if at.remembers(flow.next_tag) {
         at.idle.insert((flow.next_tag, user.clone()));
-        false
     } else {
         flow.next_tag = 0;
-        true
     }
 }
 
@@ -222,7 +248,7 @@ fn flow_mut<'a>(
 ) -> Option<&'a mut Flow> {
     match user {
         None => Some(unkeyed),
-        Some(user) => flows.get_mut(&(level, user.clone())),
+        Some(user) => flows.get_mut(&FlowKey(level, user)),
     }
 }
 
@@ -236,20 +262,20 @@ pub(crate) struct Schedule {
     oldest_every: u32,
     turns: u32,
     len: usize,
-    /// Lines forgotten since the last sweep of the map.
-    forgotten: usize,
+    /// Lines made since the last sweep of forgotten ones.
+    made: usize,
 }
 
 impl Schedule {
     pub(crate) fn new(levels: usize, oldest_every: u32) -> Self {
         Schedule {
             levels: (0..levels).map(|_| Level::new()).collect(),
-            flows: FastMap::default(),
+            flows: HashMap::default(),
             seq: 0,
             oldest_every,
             turns: 0,
             len: 0,
-            forgotten: 0,
+            made: 0,
         }
     }
 
@@ -291,12 +317,18 @@ impl Schedule {
             return &mut at.unkeyed;
         };
         let now = at.virtual_time;
-        let mut created = false;
+        if self.made >= SWEEP_AT_LEAST.max(self.flows.len() / 2) {
+            self.flows.retain(|_, flow| !flow.forgotten());
+            shrink(&mut self.flows);
+            self.made = 0;
+        }
+        let mut made = false;
         let flow = self.flows.entry((level, user.clone())).or_insert_with(|| {
-            created = true;
+            made = true;
             Flow::new(now)
         });
-        if !created && flow.idle() && flow.next_tag != 0 && !at.idle.is_empty() {
+        self.made += usize::from(made);
+        if !made && flow.idle() && flow.next_tag != 0 && !at.idle.is_empty() {
             at.idle.remove(&(flow.next_tag, user.clone()));
         }
         flow
@@ -342,22 +374,11 @@ impl Schedule {
             }
             return;
         };
-        let Some(flow) = self.flows.get_mut(&(level, user.clone())) else {
+        let Some(flow) = self.flows.get_mut(&FlowKey(level, user)) else {
             return;
         };
-        if flow.idle() && park_or_forget(&mut self.levels[level], flow, user) {
-            self.forgot();
-        }
-    }
-
-    /// Counts a line forgotten; once they are as many as the others (and at least
-    /// [`SWEEP_AT_LEAST`]), drops them all from the map.
-    fn forgot(&mut self) {
-        self.forgotten += 1;
-        if self.forgotten >= SWEEP_AT_LEAST.max(self.flows.len() / 2) {
-            self.flows.retain(|_, flow| !flow.forgotten());
-            crate::sharded::shrink(&mut self.flows);
-            self.forgotten = 0;
+        if flow.idle() {
+            park_or_forget(&mut self.levels[level], flow, user);
         }
     }
 
@@ -376,9 +397,9 @@ impl Schedule {
                 break;
             }
             at.idle.pop_first();
-            self.flows.remove(&(level, user));
+            self.flows.remove(&FlowKey(level, &user));
         }
-        crate::sharded::shrink(&mut self.flows);
+        shrink(&mut self.flows);
     }
 
     /// A request admitted at once, without waiting: it still takes its user's turn.
@@ -540,12 +561,12 @@ impl Schedule {
         let Some(user) = user else {
             return;
         };
-        let Some(flow) = self.flows.get_mut(&(level, user.clone())) else {
+        let Some(flow) = self.flows.get_mut(&FlowKey(level, user)) else {
             return;
         };
         flow.running = flow.running.saturating_sub(1);
-        if flow.idle() && park_or_forget(&mut self.levels[level], flow, user) {
-            self.forgot();
+        if flow.idle() {
+            park_or_forget(&mut self.levels[level], flow, user);
         }
     }
 }
@@ -745,7 +766,7 @@ mod tests {
             assert_eq!(s.flow_count(), 1);
             s.finish(1, Some(&user));
             assert!(
-                s.flows.len() <= SWEEP_AT_LEAST,
+                s.flows.len() <= 2 * SWEEP_AT_LEAST,
                 "{} lines kept",
                 s.flows.len()
             );
