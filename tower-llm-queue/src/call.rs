@@ -15,35 +15,31 @@ pin_project! {
     /// Generic over the inner future `F` (always `S::Future`) rather than naming `S::Future`
     /// in a field, as tower's futures are: the compiler can then prove the whole future `Send`
     /// in spawned tasks and handlers.
-    pub(crate) struct CallWhenReady<S, Req, F> {
-        #[pin]
-        running: Option<F>,
-        inner: Option<S>,
-        request: Option<Req>,
+    #[project = StageProj]
+    #[project_replace = StageReplace]
+    pub(crate) enum CallWhenReady<S, Req, F> {
+        /// Waiting for the inner service.
+        Ready { inner: S, request: Req },
+        /// Called: waiting for the call.
+        Running { #[pin] call: F },
+        /// Ended, or never to run.
+        Done,
     }
 }
 
 impl<S, Req, F> CallWhenReady<S, Req, F> {
     pub(crate) fn new(inner: S, request: Req) -> Self {
-        CallWhenReady {
-            running: None,
-            inner: Some(inner),
-            request: Some(request),
-        }
+        CallWhenReady::Ready { inner, request }
     }
 
     /// A call that never runs: polling it is an error.
     pub(crate) fn none() -> Self {
-        CallWhenReady {
-            running: None,
-            inner: None,
-            request: None,
-        }
+        CallWhenReady::Done
     }
 
     /// Whether the inner service has been called.
     pub(crate) fn is_running(&self) -> bool {
-        self.running.is_some()
+        matches!(self, CallWhenReady::Running { .. })
     }
 }
 
@@ -54,25 +50,32 @@ where
 {
     type Output = Result<S::Response, tower::BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            if let Some(call) = this.running.as_mut().as_pin_mut() {
-                let result = ready!(call.poll(cx));
-                this.running.set(None);
-                return Poll::Ready(result.map_err(Into::into));
+            match self.as_mut().project() {
+                StageProj::Running { call } => {
+                    let result = ready!(call.poll(cx));
+                    self.set(CallWhenReady::Done);
+                    return Poll::Ready(result.map_err(Into::into));
+                }
+                StageProj::Ready { inner, .. } => {
+                    if let Err(err) = ready!(inner.poll_ready(cx)) {
+                        self.set(CallWhenReady::Done);
+                        return Poll::Ready(Err(err.into()));
+                    }
+                    let StageReplace::Ready { mut inner, request } =
+                        self.as_mut().project_replace(CallWhenReady::Done)
+                    else {
+                        return Poll::Ready(Err("response future polled after completion".into()));
+                    };
+                    self.set(CallWhenReady::Running {
+                        call: inner.call(request),
+                    });
+                }
+                StageProj::Done => {
+                    return Poll::Ready(Err("response future polled after completion".into()));
+                }
             }
-            let Some(inner) = this.inner.as_mut() else {
-                return Poll::Ready(Err("response future polled after completion".into()));
-            };
-            let ready = ready!(inner.poll_ready(cx));
-            let (Some(mut inner), Some(request)) = (this.inner.take(), this.request.take()) else {
-                return Poll::Ready(Err("response future polled after completion".into()));
-            };
-            if let Err(err) = ready {
-                return Poll::Ready(Err(err.into()));
-            }
-            this.running.set(Some(inner.call(request)));
         }
     }
 }
@@ -80,7 +83,7 @@ where
 impl<S, Req, F> fmt::Debug for CallWhenReady<S, Req, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CallWhenReady")
-            .field("running", &self.running.is_some())
+            .field("running", &self.is_running())
             .finish_non_exhaustive()
     }
 }

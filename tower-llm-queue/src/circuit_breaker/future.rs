@@ -91,17 +91,18 @@ where
         let mut call = this.call;
         let (poll, copy) = crate::copies::watch(|| call.as_mut().poll(cx));
         let result = ready!(poll);
-        if let Gate::Passed(mut pass) = std::mem::replace(this.gate, Gate::Done) {
+        if let Gate::Passed(pass) = this.gate {
             // A refusal by another of this crate's layers says nothing about the upstream, and
             // a copy of a shared call was counted by the request that made it.
             let ours = matches!(&result, Err(err) if Rejected::find(&**err).is_some());
             if ours || copy {
-                this.shared.abandon(&mut pass);
+                this.shared.abandon(pass);
             } else {
                 let outcome: Outcome = this.classify.classify(result.as_ref());
-                this.shared.record(&mut pass, outcome);
+                this.shared.record(pass, outcome);
             }
         }
+        *this.gate = Gate::Done;
         Poll::Ready(result)
     }
 }
