@@ -26,12 +26,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
-
-use crate::key::Key;
 use std::hash::{Hash, Hasher};
 
 use hashbrown::{Equivalent, HashMap};
 
+use crate::key::Key;
 use crate::sharded::{self, SWEEP_AT_LEAST};
 
 use super::RequestId;
