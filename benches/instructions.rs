@@ -9,13 +9,14 @@
 //!
 //! Run each stack twice with different counts: the difference of the two totals divided by the
 //! difference of the counts is the cost of one request, start-up excluded. Without arguments it
-//! runs every stack briefly and prints the names.
+//! runs every stack briefly and prints the names. `contended_<stack> <rounds>` runs the
+//! contended workload of `benches/queue.rs` instead, for a sampling profiler such as `perf`.
 
 use tower::ServiceExt;
 
 use tower_llm_queue_servers::bench::{
     current_thread, full_stack, immediate, rate_stacks, scheduling_stacks, tower_retry,
-    upstream_stack, yielding, Boxed,
+    two_threads, upstream_stack, yielding, Boxed,
 };
 
 fn stacks() -> Vec<(String, Boxed)> {
@@ -64,6 +65,30 @@ fn stacks() -> Vec<(String, Boxed)> {
     stacks
 }
 
+/// The contended workload of `benches/queue.rs`, `rounds` times: 1,000 tasks at once through
+/// a limit of 50, on two threads, the inner call yielding three times. For a profiler, not
+/// for counting: the threads' interleaving moves its instruction counts.
+fn contended(name: &str, rounds: u64) {
+    let runtime = two_threads();
+    let Some((_, svc)) = scheduling_stacks(yielding(3))
+        .into_iter()
+        .find(|(stack, _)| *stack == name)
+    else {
+        eprintln!("no scheduling stack named {name}");
+        std::process::exit(2);
+    };
+    runtime.block_on(async {
+        for _ in 0..rounds {
+            let tasks: Vec<_> = (0..1_000u64)
+                .map(|n| tokio::spawn(svc.clone().oneshot(n)))
+                .collect();
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        }
+    });
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -71,6 +96,9 @@ fn main() {
         .collect();
     let only = args.first().cloned();
     let count: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1_000);
+    if let Some(stack) = only.as_deref().and_then(|s| s.strip_prefix("contended_")) {
+        return contended(stack, count);
+    }
     let runtime = current_thread();
     for (name, svc) in stacks() {
         if only.as_deref().is_some_and(|only| only != name) {
