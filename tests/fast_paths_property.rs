@@ -6,6 +6,7 @@
 //! Nothing here waits on the clock: the work of a request is a number of yields, and every
 //! request ends by itself; the runtime's timeout only guards against a hang.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,6 +98,21 @@ fn quiet_intended_panics() {
             }
         }));
     });
+}
+
+/// Awaits `call`, or drops it after `give_up_after` yields.
+async fn call_or_give_up(
+    call: impl Future<Output = Result<u8, BoxError>>,
+    give_up_after: Option<u8>,
+) {
+    match give_up_after {
+        Some(after) => {
+            let _ = select(Box::pin(call), Box::pin(yields(after))).await;
+        }
+        None => {
+            let _ = call.await;
+        }
+    }
 }
 
 async fn yields(n: u8) {
@@ -219,15 +235,7 @@ async fn run(setup: Setup, arrivals: Vec<Arrival>) -> Result<(), TestCaseError> 
                     handle.cancel(id);
                 });
             }
-            let call = svc.oneshot(job);
-            match a.give_up_after {
-                Some(after) => {
-                    let _ = select(Box::pin(call), Box::pin(yields(after))).await;
-                }
-                None => {
-                    let _ = call.await;
-                }
-            }
+            call_or_give_up(svc.oneshot(job), a.give_up_after).await;
         }));
     }
     let watcher = {
@@ -324,15 +332,7 @@ async fn run_per_user_waiting(
                 work: a.work,
                 ending: a.ending,
             };
-            let call = svc.oneshot(job);
-            match a.give_up_after {
-                Some(after) => {
-                    let _ = select(Box::pin(call), Box::pin(yields(after))).await;
-                }
-                None => {
-                    let _ = call.await;
-                }
-            }
+            call_or_give_up(svc.oneshot(job), a.give_up_after).await;
         }));
     }
     let all = async {
