@@ -26,6 +26,14 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The fewest new keys a shard takes in between two sweeps.
 pub(crate) const SWEEP_AT_LEAST: usize = 256;
 
+/// Whether a map of `len` entries, `new` of them made since its last sweep of idle ones, is due
+/// for the next: once the new outnumber those the sweep kept, and at least [`SWEEP_AT_LEAST`]
+/// came. Each sweep is then paid for by the insertions before it (amortized O(1)), and a map
+/// never holds much more than twice its live keys.
+pub(crate) fn sweep_due(new: usize, len: usize) -> bool {
+    new >= SWEEP_AT_LEAST.max(len.saturating_sub(new))
+}
+
 /// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
 /// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Entries that have become
 /// idle are dropped by the sweeps that new keys bring ([`Place::get_or_insert_with`]).
@@ -151,11 +159,9 @@ impl<V> Place<'_, V> {
             .map(|(_, _, value)| value)
     }
 
-    /// The key's entry, made with `new` if there is none. Before a new key's entry is made,
-    /// when its shard has taken in as many new keys as it kept at its last sweep (and at least
-    /// [`SWEEP_AT_LEAST`]), the shard drops the entries for which `idle` is true. Each sweep is
-    /// paid for by the insertions before it, so the cost is amortized O(1), and a shard never
-    /// holds much more than twice its live keys. `idle` may update an entry that it keeps.
+    /// The key's entry, made with `new` if there is none. Before a new key's entry is made, when
+    /// its shard is due for a sweep ([`sweep_due`]), the shard drops the entries for which
+    /// `idle` is true. `idle` may update an entry that it keeps.
     pub(crate) fn get_or_insert_with(
         &mut self,
         idle: impl FnMut(&mut V) -> bool,
@@ -190,8 +196,7 @@ impl<V> Place<'_, V> {
         };
         let grown = &self.sharded.grown[self.index];
         let new_keys = grown.fetch_add(1, Relaxed) + 1;
-        let kept = (entries.len() + 1).saturating_sub(new_keys);
-        if new_keys >= SWEEP_AT_LEAST.max(kept) {
+        if sweep_due(new_keys, entries.len() + 1) {
             if reuse {
                 let room = SWEEP_AT_LEAST.max(entries.len());
                 for (_, _, value) in entries.extract_if(|(_, _, value)| idle(value)) {

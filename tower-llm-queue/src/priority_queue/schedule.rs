@@ -31,7 +31,7 @@ use std::hash::{Hash, Hasher};
 use hashbrown::{Equivalent, HashMap};
 
 use crate::key::Key;
-use crate::sharded::{self, SWEEP_AT_LEAST};
+use crate::sharded::{self, sweep_due};
 
 use super::RequestId;
 
@@ -168,7 +168,8 @@ impl Equivalent<(usize, Key)> for FlowKey<'_> {
     }
 }
 
-/// Gives memory back when the map has become mostly empty (see [`sharded::shrink_to`]).
+/// Gives memory back when the map has become mostly empty: [`sharded::shrink`]'s rule, for a
+/// hashbrown map (found by a borrowed key, which the standard map cannot do).
 fn shrink(flows: &mut Flows) {
     if let Some(to) = sharded::shrink_to(flows.len(), flows.capacity()) {
         flows.shrink_to(to);
@@ -316,7 +317,7 @@ impl Schedule {
             return &mut at.unkeyed;
         };
         let now = at.virtual_time;
-        if self.made >= SWEEP_AT_LEAST.max(self.flows.len() / 2) {
+        if sweep_due(self.made, self.flows.len()) {
             self.flows.retain(|_, flow| !flow.forgotten());
             shrink(&mut self.flows);
             self.made = 0;
@@ -765,7 +766,7 @@ mod tests {
             assert_eq!(s.flow_count(), 1);
             s.finish(1, Some(&user));
             assert!(
-                s.flows.len() <= 2 * SWEEP_AT_LEAST,
+                s.flows.len() <= 2 * sharded::SWEEP_AT_LEAST,
                 "{} lines kept",
                 s.flows.len()
             );
