@@ -50,6 +50,7 @@ where
 {
     type Output = Result<S::Response, tower::BoxError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {
