@@ -8,15 +8,20 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// One request in `SAMPLE_EVERY` reads the clock when it starts, to measure how long it holds
-/// its slot; the others cost no clock read. Layers count their starts where they count anything
-/// else (per shard, under a lock they hold anyway) and ask [`sampled`].
+/// One request in `SAMPLE_EVERY` is measured, to learn how long requests hold their slots; the
+/// others cost no clock read. Layers count their starts (or ends) where they count anything
+/// else (per shard, under a lock they hold anyway) and ask [`sampled`] or [`is_sampled`].
 const SAMPLE_EVERY: u32 = 8;
 
 /// When the request that is the `count`-th start of its counter started, if it is one of the
 /// sampled.
 pub(crate) fn sampled(count: u32) -> Option<Instant> {
-    (count % SAMPLE_EVERY == 0).then(Instant::now)
+    is_sampled(count).then(Instant::now)
+}
+
+/// Whether the `count`-th start (or end) of a counter is one of the sampled.
+pub(crate) fn is_sampled(count: u32) -> bool {
+    count % SAMPLE_EVERY == 0
 }
 
 /// The estimate while nothing has been measured.
@@ -36,6 +41,11 @@ impl ServiceTime {
     #[cfg(test)]
     pub(crate) fn sample(&self) -> Option<Instant> {
         sampled(self.starts.fetch_add(1, Relaxed).wrapping_add(1))
+    }
+
+    /// Whether anything has been measured yet.
+    pub(crate) fn measured(&self) -> bool {
+        self.nanos.load(Relaxed) != 0
     }
 
     /// A request that started at `started` has released its slot.

@@ -23,6 +23,20 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A value on cache lines of its own, so that threads writing it do not slow down those that
+/// read or write its neighbours (two lines: CPUs fetch lines in adjacent pairs).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// The fewest new keys a shard takes in between two sweeps.
 pub(crate) const SWEEP_AT_LEAST: usize = 256;
 
@@ -38,7 +52,7 @@ pub(crate) fn sweep_due(new: usize, len: usize) -> bool {
 /// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Entries that have become
 /// idle are dropped by the sweeps that new keys bring ([`Place::get_or_insert_with`]).
 pub(crate) struct Sharded<V> {
-    shards: Box<[Mutex<Shard<V>>]>,
+    shards: Box<[Padded<Mutex<Shard<V>>>]>,
     /// New keys per shard since its last sweep (see [`Place::get_or_insert_with`]).
     grown: Box<[AtomicUsize]>,
     /// Picks the shard (from the hash's middle bits) and places the key in it (hashbrown reads
@@ -90,10 +104,10 @@ impl<V> Sharded<V> {
         Sharded {
             shards: (0..count)
                 .map(|_| {
-                    Mutex::new(Shard {
+                    Padded(Mutex::new(Shard {
                         entries: HashTable::new(),
                         spare: Vec::new(),
-                    })
+                    }))
                 })
                 .collect(),
             grown: (0..count).map(|_| AtomicUsize::new(0)).collect(),

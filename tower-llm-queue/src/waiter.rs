@@ -1,8 +1,9 @@
 //! The hand-off between a layer's shared state and one waiting request: a status word and the
 //! waker of the task that waits on it.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 
@@ -28,6 +29,8 @@ pub(crate) enum Outcome {
 #[derive(Debug, Default)]
 pub(crate) struct Waiter {
     status: AtomicU8,
+    /// How long it waited, in nanoseconds, once granted through [`Waiter::grant_after`].
+    waited: AtomicU64,
     waker: AtomicWaker,
 }
 
@@ -36,11 +39,18 @@ impl Waiter {
         Waiter::default()
     }
 
+    /// Makes a waiter nobody else holds new again, so that its allocation serves another
+    /// request.
+    pub(crate) fn reset(&mut self) {
+        *self = Waiter::default();
+    }
+
     /// A waiter that already holds its slot.
     #[cfg(test)]
     pub(crate) fn granted() -> Self {
         Waiter {
             status: AtomicU8::new(GRANTED),
+            waited: AtomicU64::new(0),
             waker: AtomicWaker::new(),
         }
     }
@@ -52,6 +62,18 @@ impl Waiter {
             .compare_exchange(WAITING, GRANTED, Ordering::AcqRel, Ordering::Acquire)
             .ok()
             .map(|_| self.waker.take())
+    }
+
+    /// [`Waiter::grant`], after a wait of `waited`, which [`Waiter::waited`] tells from then on.
+    pub(crate) fn grant_after(&self, waited: Duration) -> Option<Option<Waker>> {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.waited.store(nanos, Ordering::Relaxed);
+        self.grant()
+    }
+
+    /// How long a request granted through [`Waiter::grant_after`] waited; zero otherwise.
+    pub(crate) fn waited(&self) -> Duration {
+        Duration::from_nanos(self.waited.load(Ordering::Relaxed))
     }
 
     /// Marks the request cancelled and wakes it, whether it waits or runs. False if it was

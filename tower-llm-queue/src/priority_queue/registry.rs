@@ -8,8 +8,11 @@
 //!
 //! # Two places in a shard
 //!
-//! A request that waits is kept in the shard's map by id, from its arrival to its end: the
-//! queue finds it there by id when its turn comes.
+//! A request that waits is kept in the shard's map by id, from its arrival to its end, with
+//! its waiter: the hand-off that the queue, which keeps the waiter too, uses to give it a slot
+//! without looking here. The waiter's status tells whether the request waits or runs. When a
+//! request that waited ends, the shard keeps its waiter (up to a few) for the next request that
+//! waits there, so that a steady queue allocates none.
 //!
 //! A request admitted at once is kept in the shard's slab instead — a list of places with a
 //! list of the free ones — and its ticket keeps its place's index. Its end, and each look at
@@ -31,7 +34,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -43,36 +45,24 @@ use crate::waiter::Waiter;
 use super::schedule::Position;
 use super::RequestId;
 
-/// Where a request that waited is; its hand-off with the queue carries a cancellation through
-/// the handle, in either phase.
-#[derive(Debug)]
-pub(super) enum Phase {
-    Queued {
-        position: Position,
-        since: Instant,
-        waiter: Arc<Waiter>,
-    },
-    Running {
-        waited: Duration,
-        started: Instant,
-        waiter: Arc<Waiter>,
-    },
-}
-
-/// A request that waited, in its shard's map.
+/// A request that waited, in its shard's map. Its waiter tells its phase: waiting until the
+/// queue grants it a slot (under the queue's lock), running after; it also carries a
+/// cancellation through the handle, in either phase.
 #[derive(Debug)]
 pub(super) struct Entry {
     pub(super) user: Option<Key>,
     pub(super) level: usize,
-    pub(super) phase: Phase,
+    /// Its place in the queue while it waits.
+    pub(super) position: Position,
+    /// When it arrived.
+    pub(super) since: Instant,
+    pub(super) waiter: Arc<Waiter>,
 }
 
 impl Entry {
     /// Cancelled through the handle (a cancelled entry is no longer listed).
     pub(super) fn is_cancelled(&self) -> bool {
-        match &self.phase {
-            Phase::Queued { waiter, .. } | Phase::Running { waiter, .. } => waiter.is_cancelled(),
-        }
+        self.waiter.is_cancelled()
     }
 }
 
@@ -124,7 +114,13 @@ pub(super) struct Book {
     highest: Option<RequestId>,
     pub(super) counts: Counts,
     starts: u32,
+    /// Waiters of ended requests, for the next requests that wait here: most waiting requests
+    /// then cost no allocation.
+    spare: Vec<Arc<Waiter>>,
 }
+
+/// The most waiters a shard keeps for reuse.
+const SPARE_WAITERS: usize = 32;
 
 impl Book {
     /// The place of a new request `id`; `None` (counted as a rejection) if the id is in use.
@@ -153,6 +149,21 @@ impl Book {
     /// The requests admitted at once.
     pub(super) fn direct(&self) -> impl Iterator<Item = &Direct> {
         self.slab.iter().filter(|place| place.taken)
+    }
+
+    /// A waiter for a new request that waits: a spare one if the shard has one.
+    fn waiter(&mut self) -> Arc<Waiter> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps the waiter of an ended request for reuse, if nothing else holds it.
+    fn recycle(&mut self, mut waiter: Arc<Waiter>) {
+        if self.spare.len() < SPARE_WAITERS {
+            if let Some(w) = Arc::get_mut(&mut waiter) {
+                w.reset();
+                self.spare.push(waiter);
+            }
+        }
     }
 
     /// Takes a request that waited out of the map.
@@ -252,6 +263,11 @@ impl Vacancy<'_> {
         place.started = started;
         place.cancelled = false;
         slot
+    }
+
+    /// The hand-off for a request that is to wait here.
+    pub(super) fn waiter(&mut self) -> Arc<Waiter> {
+        self.book.waiter()
     }
 
     /// Registers a request that waits.
@@ -361,27 +377,32 @@ impl Registry {
     }
 
     /// Takes a running request that waited out and counts how it ended (unless the handle
-    /// cancelled it, which counted it then). `None` if it is not there running: it was waiting,
-    /// and cancelled.
-    pub(super) fn end(&self, id: RequestId, finish: Finish, panicking: bool) -> Option<Ended> {
+    /// cancelled it, which counted it then); its waiter, `waiter`, is kept for reuse. `None` if
+    /// it is not there: it was cancelled while it waited. Only sampled requests give when
+    /// they started, for the service-time estimate, and every one while `unmeasured`.
+    pub(super) fn end(
+        &self,
+        id: RequestId,
+        waiter: Arc<Waiter>,
+        (finish, panicking): (Finish, bool),
+        unmeasured: bool,
+    ) -> Option<Ended> {
         let mut book = self.lock(id);
         let entry = book.entries.get(&id)?;
-        let Phase::Running {
-            started, waiter, ..
-        } = &entry.phase
-        else {
-            return None;
-        };
-        let started = *started;
-        if !waiter.is_cancelled() {
+        let started = entry.since + entry.waiter.waited();
+        if !entry.is_cancelled() {
             book.count_end(finish, panicking);
         }
         let entry = book.remove(id)?;
+        drop(entry.waiter);
+        book.recycle(waiter);
+        book.starts = book.starts.wrapping_add(1);
+        let sampled = unmeasured || crate::service_time::is_sampled(book.starts);
         drop(book);
         Some(Ended {
             user: entry.user,
             level: entry.level,
-            started: Some(started),
+            started: sampled.then_some(started),
         })
     }
 

@@ -33,8 +33,6 @@ use hashbrown::{Equivalent, HashMap};
 use crate::key::Key;
 use crate::sharded::{self, sweep_due};
 
-use super::RequestId;
-
 /// Where a waiting request sits; needed to take it out again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Position {
@@ -112,18 +110,18 @@ impl<T> Line<T> {
 
 /// One user's line at one level.
 #[derive(Debug)]
-struct Flow {
+struct Flow<T> {
     /// The tag the user's next turn gets, unless virtual time has moved past it.
     next_tag: u64,
     /// The user's requests admitted at this level and not finished yet.
     running: usize,
     /// The user's waiting requests, by arrival.
-    waiting: Line<RequestId>,
+    waiting: Line<T>,
     /// The user's turn, `(tag, seq)` of its first waiting request, while it has one.
     turn: Option<(u64, u64)>,
 }
 
-impl Flow {
+impl<T> Flow<T> {
     fn new(next_tag: u64) -> Self {
         Flow {
             next_tag,
@@ -150,7 +148,7 @@ impl Flow {
 type Turn = Reverse<(u64, u64, Option<Key>)>;
 
 /// The users' lines, by level and user.
-type Flows = HashMap<(usize, Key), Flow, sharded::Hasher>;
+type Flows<T> = HashMap<(usize, Key), Flow<T>, sharded::Hasher>;
 
 /// A user's line's key in [`Flows`], borrowed: hashed and compared as the owned key.
 struct FlowKey<'a>(usize, &'a Key);
@@ -170,7 +168,7 @@ impl Equivalent<(usize, Key)> for FlowKey<'_> {
 
 /// Gives memory back when the map has become mostly empty: [`sharded::shrink`]'s rule, for a
 /// hashbrown map (found by a borrowed key, which the standard map cannot do).
-fn shrink(flows: &mut Flows) {
+fn shrink<T>(flows: &mut Flows<T>) {
     if let Some(to) = sharded::shrink_to(flows.len(), flows.capacity()) {
         flows.shrink_to(to);
     }
@@ -178,7 +176,7 @@ fn shrink(flows: &mut Flows) {
 
 /// The requests of one level.
 #[derive(Debug)]
-struct Level {
+struct Level<T> {
     /// The users' turns, smallest `(tag, seq)` first; a turn is current only while its user's
     /// flow still holds it.
     turns: BinaryHeap<Turn>,
@@ -186,7 +184,7 @@ struct Level {
     current_turns: usize,
     /// The line of the requests without a fairness key: one more user, kept here rather than
     /// looked up. Idle, it is as good as forgotten once its next tag is zero.
-    unkeyed: Flow,
+    unkeyed: Flow<T>,
     /// Users with nothing waiting or running whose next tag is still ahead of virtual time, by
     /// that tag.
     idle: BTreeSet<(u64, Key)>,
@@ -195,7 +193,7 @@ struct Level {
     virtual_time: u64,
 }
 
-impl Level {
+impl<T> Level<T> {
     fn new() -> Self {
         Level {
             turns: BinaryHeap::new(),
@@ -208,7 +206,12 @@ impl Level {
     }
 
     /// The line of `user` at this level, among `flows`.
-    fn flow<'a>(&'a self, flows: &'a Flows, level: usize, user: Option<&Key>) -> Option<&'a Flow> {
+    fn flow<'a>(
+        &'a self,
+        flows: &'a Flows<T>,
+        level: usize,
+        user: Option<&Key>,
+    ) -> Option<&'a Flow<T>> {
         match user {
             None => Some(&self.unkeyed),
             Some(user) => flows.get(&FlowKey(level, user)),
@@ -222,7 +225,7 @@ impl Level {
     }
 
     /// Whether `turn` is the one its user's line holds now.
-    fn is_current(&self, flows: &Flows, level: usize, turn: &Turn) -> bool {
+    fn is_current(&self, flows: &Flows<T>, level: usize, turn: &Turn) -> bool {
         let Reverse((tag, seq, user)) = turn;
         self.flow(flows, level, user.as_ref())
             .is_some_and(|flow| flow.turn == Some((*tag, *seq)))
@@ -231,7 +234,7 @@ impl Level {
 
 /// An idle user's line: kept among the level's idle users while the level remembers its next
 /// tag, forgotten otherwise (see [`Flow::forgotten`]).
-fn park_or_forget(at: &mut Level, flow: &mut Flow, user: &Key) {
+fn park_or_forget<T>(at: &mut Level<T>, flow: &mut Flow<T>, user: &Key) {
     if at.remembers(flow.next_tag) {
         at.idle.insert((flow.next_tag, user.clone()));
     } else {
@@ -240,12 +243,12 @@ fn park_or_forget(at: &mut Level, flow: &mut Flow, user: &Key) {
 }
 
 /// The line of `user` at `level`, found through split borrows of the schedule.
-fn flow_mut<'a>(
-    unkeyed: &'a mut Flow,
-    flows: &'a mut Flows,
+fn flow_mut<'a, T>(
+    unkeyed: &'a mut Flow<T>,
+    flows: &'a mut Flows<T>,
     level: usize,
     user: Option<&Key>,
-) -> Option<&'a mut Flow> {
+) -> Option<&'a mut Flow<T>> {
     match user {
         None => Some(unkeyed),
         Some(user) => flows.get_mut(&FlowKey(level, user)),
@@ -253,9 +256,9 @@ fn flow_mut<'a>(
 }
 
 #[derive(Debug)]
-pub(crate) struct Schedule {
-    levels: Vec<Level>,
-    flows: Flows,
+pub(crate) struct Schedule<T> {
+    levels: Vec<Level<T>>,
+    flows: Flows<T>,
     seq: u64,
     /// Every `oldest_every`-th admission from the queue goes to the level of the request that has
     /// waited longest, whatever its level. Zero: strict priority.
@@ -266,7 +269,7 @@ pub(crate) struct Schedule {
     made: usize,
 }
 
-impl Schedule {
+impl<T> Schedule<T> {
     pub(crate) fn new(levels: usize, oldest_every: u32) -> Self {
         Schedule {
             levels: (0..levels).map(|_| Level::new()).collect(),
@@ -311,7 +314,7 @@ impl Schedule {
 
     /// The line of `user` at `level`, made if it has none; an idle user taken back leaves the
     /// idle set.
-    fn flow(&mut self, level: usize, user: Option<&Key>) -> &mut Flow {
+    fn flow(&mut self, level: usize, user: Option<&Key>) -> &mut Flow<T> {
         let at = &mut self.levels[level];
         let Some(user) = user else {
             return &mut at.unkeyed;
@@ -416,11 +419,11 @@ impl Schedule {
         *vt = (*vt).max(tag);
     }
 
-    pub(crate) fn push(&mut self, level: usize, user: Option<&Key>, id: RequestId) -> Position {
+    pub(crate) fn push(&mut self, level: usize, user: Option<&Key>, item: T) -> Position {
         self.seq += 1;
         let seq = self.seq;
         let flow = self.flow(level, user);
-        flow.waiting.push(seq, id);
+        flow.waiting.push(seq, item);
         if flow.turn.is_none() {
             self.next_turn(level, user);
         }
@@ -447,7 +450,7 @@ impl Schedule {
     }
 
     /// The next request to admit. Its user stays active until [`Schedule::finish`].
-    pub(crate) fn pop(&mut self) -> Option<RequestId> {
+    pub(crate) fn pop(&mut self) -> Option<T> {
         if self.len == 0 {
             return None;
         }
@@ -486,9 +489,9 @@ impl Schedule {
 
     /// The waiting requests of one level in the order they would be admitted: each user's line
     /// in arrival order, the users taking turns by tag.
-    fn level_order(&self, level: usize) -> Vec<(u64, u64, RequestId)> {
+    fn level_order(&self, level: usize) -> Vec<(u64, u64, &T)> {
         let at = &self.levels[level];
-        let mut order: Vec<(u64, u64, RequestId)> = at
+        let mut order: Vec<(u64, u64, &T)> = at
             .turns
             .iter()
             .filter(|turn| at.is_current(&self.flows, level, turn))
@@ -500,7 +503,7 @@ impl Schedule {
                 flow.waiting
                     .iter()
                     .enumerate()
-                    .map(move |(i, (seq, &id))| (tag + i as u64, seq, id))
+                    .map(move |(i, (seq, item))| (tag + i as u64, seq, item))
             })
             .collect();
         order.sort_unstable_by_key(|&(tag, seq, _)| (tag, seq));
@@ -509,7 +512,7 @@ impl Schedule {
 
     /// Waiting requests in the order they would be admitted (level, then turn, then arrival),
     /// not counting the turns of the longest-waiting request.
-    pub(crate) fn order(&self) -> impl Iterator<Item = RequestId> + '_ {
+    pub(crate) fn order(&self) -> impl Iterator<Item = &T> + '_ {
         (0..self.levels.len())
             .flat_map(|level| self.level_order(level).into_iter().map(|(_, _, id)| id))
     }
@@ -573,6 +576,7 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
+    use super::super::RequestId;
     use super::*;
 
     fn id(n: u64) -> RequestId {
@@ -759,7 +763,7 @@ mod tests {
 
     #[test]
     fn forgotten_lines_are_swept_and_changing_levels_sees_past_them() {
-        let mut s = Schedule::new(2, 4);
+        let mut s = Schedule::<RequestId>::new(2, 4);
         for n in 0..10_000u64 {
             let user = Key::from(n);
             s.admit_directly(1, Some(&user));

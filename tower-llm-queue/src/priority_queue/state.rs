@@ -12,6 +12,9 @@
 //! The flag changes only under the queue's lock, and is set only while every slot is taken; the
 //! compare-and-swap of a request admitted at once, and of a release without the lock, fails
 //! whenever the flag is set. Lock order: the queue, then a registry shard.
+//!
+//! The queue keeps each waiting request's waiter and arrival time, so that a release hands the
+//! slot over under the queue's lock alone; the registry learns of it from the waiter.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,10 +28,10 @@ use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, FastMap};
+use crate::sharded::{lock, FastMap, Padded};
 use crate::waiter::Waiter;
 
-use super::registry::{Book, Entry, Phase, Registry};
+use super::registry::{Book, Entry, Registry};
 use super::schedule::Schedule;
 use super::stats::{EntryState, QueueEntry, QueueStats, RecentWaits};
 use super::RequestId;
@@ -57,6 +60,15 @@ fn level_index(levels: usize, priority: u8) -> usize {
     (priority.max(1) as usize).min(levels) - 1
 }
 
+/// A waiting request, as the queue keeps it: what its turn needs to hand it the slot without
+/// looking it up in the registry.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    id: RequestId,
+    waiter: Arc<Waiter>,
+    since: Instant,
+}
+
 /// Counts kept under the queue's lock; the registry's shards keep the others.
 #[derive(Debug, Default)]
 struct Counters {
@@ -70,7 +82,7 @@ struct Counters {
 #[derive(Debug)]
 struct Queue {
     config: Config,
-    schedule: Schedule,
+    schedule: Schedule<Waiting>,
     counters: Counters,
     waits: RecentWaits,
 }
@@ -87,10 +99,12 @@ pub(crate) struct Shared {
     concurrency: u64,
     /// The number of levels, readable without the lock.
     levels: AtomicUsize,
-    queue: Mutex<Queue>,
+    /// On lines of its own: it changes hands with every request that waits, and the fields
+    /// read on every request must not move with it.
+    queue: Padded<Mutex<Queue>>,
     registry: Registry,
     /// How long a request holds its slot, for the `retry_after` of `QueueFull`.
-    service_time: ServiceTime,
+    service_time: Padded<ServiceTime>,
 }
 
 /// A request's registration in the queue. Dropping it — at any moment — takes the request out of
@@ -106,9 +120,9 @@ pub(crate) struct Ticket {
     /// For a request admitted at once: its shard's cancellation count when it last looked at
     /// its flag.
     cancels_seen: AtomicU64,
-    /// For a request admitted at once: the task it last registered to be woken by a
-    /// cancellation. While that task polls and no request of the shard was cancelled since, the
-    /// registration stands and the flag is not looked at again.
+    /// The task it last registered to be woken by a cancellation. While that task polls, the
+    /// registration stands: a request that waited only looks at its status, and one admitted at
+    /// once looks at its flag only when a request of its shard was cancelled since.
     registered: Option<Waker>,
     finish: Finish,
     released: bool,
@@ -133,14 +147,14 @@ impl Shared {
             word: Word(AtomicU64::new(0)),
             concurrency: config.concurrency.min(MAX_CONCURRENCY) as u64,
             levels: AtomicUsize::new(config.levels),
-            queue: Mutex::new(Queue {
+            queue: Padded(Mutex::new(Queue {
                 config,
                 schedule,
                 counters: Counters::default(),
                 waits: RecentWaits::default(),
-            }),
+            })),
             registry: Registry::new(),
-            service_time: ServiceTime::default(),
+            service_time: Padded::default(),
         }
     }
 
@@ -167,9 +181,16 @@ impl Shared {
         self.lock_queue().config.clone()
     }
 
-    /// Takes a slot if one is free and nobody waits.
-    fn try_admit(&self) -> bool {
-        let mut word = self.word.0.load(Ordering::Relaxed);
+    /// The admission word, if it shows a free slot and nobody waiting: only then is admission
+    /// at once tried.
+    #[inline]
+    fn may_admit(&self) -> Option<u64> {
+        let word = self.word.0.load(Ordering::Relaxed);
+        (word & WAITING == 0 && word & RUNNING < self.concurrency).then_some(word)
+    }
+
+    /// Takes a slot if one is free and nobody waits; `word` is the word as last read.
+    fn try_admit(&self, mut word: u64) -> bool {
         while word & WAITING == 0 && word & RUNNING < self.concurrency {
             match self.word.0.compare_exchange_weak(
                 word,
@@ -215,29 +236,34 @@ impl Shared {
         priority: u8,
     ) -> Result<Enqueued, Rejected> {
         let level = level_index(self.levels.load(Ordering::Relaxed), priority);
-        if user.is_none() {
+        let word = self.may_admit();
+        if let (None, Some(word)) = (&user, word) {
             let mut book = self.registry.lock(id);
             let Some(vacancy) = book.vacancy(id) else {
                 return Err(duplicate(id));
             };
-            if self.try_admit() {
+            if self.try_admit(word) {
                 let slot = vacancy.run(None, level);
                 return Ok(Enqueued::Running(self.running_ticket(id, slot)));
             }
         }
-        self.enqueue_locked(id, user, level)
+        // A request likely to wait reads the clock before it takes the queue's lock.
+        let since = word.is_none().then(Instant::now);
+        self.enqueue_locked(id, user, level, since)
     }
 
-    /// Admits or queues a request under the queue's lock.
+    /// Admits or queues a request under the queue's lock; `since` is when it arrived, if read
+    /// already.
     fn enqueue_locked(
         self: &Arc<Self>,
         id: RequestId,
         user: Option<Key>,
         level: usize,
+        since: Option<Instant>,
     ) -> Result<Enqueued, Rejected> {
         let mut queue = self.lock_queue();
         let mut book = self.registry.lock(id);
-        let Some(vacancy) = book.vacancy(id) else {
+        let Some(mut vacancy) = book.vacancy(id) else {
             return Err(duplicate(id));
         };
         let mut word = self.word.0.load(Ordering::Relaxed);
@@ -281,17 +307,21 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let position = queue.schedule.push(level, user.as_ref(), id);
+        let waiter = vacancy.waiter();
+        let since = since.unwrap_or_else(Instant::now);
+        let waiting = Waiting {
+            id,
+            waiter: waiter.clone(),
+            since,
+        };
+        let position = queue.schedule.push(level, user.as_ref(), waiting);
         tracing::debug!(%id, user = ?user, level = level + 1, waiting = queue.schedule.len(), "queued");
-        let waiter = Arc::new(Waiter::new());
         vacancy.queue(Entry {
             user,
             level,
-            phase: Phase::Queued {
-                position,
-                since: Instant::now(),
-                waiter: waiter.clone(),
-            },
+            position,
+            since,
+            waiter: waiter.clone(),
         });
         drop(book);
         let timeout = queue.config.queue_timeout;
@@ -326,8 +356,10 @@ impl Shared {
         let now = Instant::now();
         let mut handed = false;
         let mut wake = None;
-        while let Some(id) = queue.schedule.pop() {
-            if let Some((waited, waker)) = self.grant(id, now) {
+        while let Some(next) = queue.schedule.pop() {
+            let waited = now.saturating_duration_since(next.since);
+            if let Some(waker) = next.waiter.grant_after(waited) {
+                tracing::debug!(id = %next.id, waited_ms = waited.as_millis() as u64, "admitted");
                 wake = waker;
                 let at_once = self.word.0.load(Ordering::Relaxed) >> (RUNNING_BITS + 1);
                 queue.counters.admitted += 1;
@@ -361,26 +393,6 @@ impl Shared {
         }
     }
 
-    /// Gives the slot to waiting request `id`: how long it waited, and its task to wake once
-    /// the locks are let go; `None` if it had gone.
-    fn grant(&self, id: RequestId, now: Instant) -> Option<(Duration, Option<Waker>)> {
-        let mut book = self.registry.lock(id);
-        let entry = book.entries.get_mut(&id)?;
-        let Phase::Queued { since, waiter, .. } = &entry.phase else {
-            return None;
-        };
-        let wake = waiter.grant()?;
-        let waited = now.saturating_duration_since(*since);
-        tracing::debug!(%id, user = ?entry.user, level = entry.level + 1, waited_ms = waited.as_millis() as u64, "admitted");
-        let waiter = waiter.clone();
-        entry.phase = Phase::Running {
-            waited,
-            started: now,
-            waiter,
-        };
-        Some((waited, wake))
-    }
-
     /// Clears the flag if the last waiter has gone.
     fn left(&self, queue: &Queue) {
         if queue.schedule.len() == 0 {
@@ -393,10 +405,8 @@ impl Shared {
         let Some(entry) = book.remove(id) else {
             return;
         };
-        if let Phase::Queued { position, .. } = entry.phase {
-            queue.schedule.remove(position, entry.user.as_ref());
-            self.left(queue);
-        }
+        queue.schedule.remove(entry.position, entry.user.as_ref());
+        self.left(queue);
     }
 
     /// Cancels a queued or running request — with `owner`, only one of that user. False if no
@@ -411,12 +421,12 @@ impl Shared {
         if owner.is_some_and(|owner| entry.user.as_ref() != Some(owner)) {
             return false;
         }
-        let (Phase::Queued { waiter, .. } | Phase::Running { waiter, .. }) = &entry.phase;
-        if !waiter.cancel() {
+        // Under the queue's lock, a waiting request is neither granted nor gone meanwhile.
+        let queued = entry.waiter.is_waiting();
+        if !entry.waiter.cancel() {
             return false;
         }
         tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
-        let queued = matches!(entry.phase, Phase::Queued { .. });
         book.counts.cancelled += 1;
         if queued {
             self.remove_waiting(&mut queue, &mut book, id);
@@ -483,10 +493,11 @@ impl Shared {
     pub(crate) fn position(&self, id: RequestId) -> Option<usize> {
         let queue = self.lock_queue();
         let book = self.registry.lock(id);
-        match book.entries.get(&id)?.phase {
-            Phase::Queued { position, .. } => Some(queue.schedule.rank(position)),
-            Phase::Running { .. } => None,
-        }
+        let entry = book.entries.get(&id)?;
+        entry
+            .waiter
+            .is_waiting()
+            .then(|| queue.schedule.rank(entry.position))
     }
 
     pub(crate) fn entries(&self) -> Vec<QueueEntry> {
@@ -496,17 +507,16 @@ impl Shared {
             .schedule
             .order()
             .enumerate()
-            .map(|(place, id)| (id, place))
+            .map(|(place, waiting)| (waiting.id, place))
             .collect();
         let mut entries = Vec::new();
         self.registry.for_each(|book| {
             entries.extend(book.entries.iter().filter(|(_, e)| !e.is_cancelled()).map(
                 |(id, e)| {
-                    let (state, waited) = match e.phase {
-                        Phase::Queued { since, .. } => {
-                            (EntryState::Queued, now.saturating_duration_since(since))
-                        }
-                        Phase::Running { waited, .. } => (EntryState::Running, waited),
+                    let (state, waited) = if e.waiter.is_waiting() {
+                        (EntryState::Queued, now.saturating_duration_since(e.since))
+                    } else {
+                        (EntryState::Running, e.waiter.waited())
                     };
                     QueueEntry {
                         id: *id,
@@ -580,7 +590,7 @@ impl Drop for Ticket {
         }
         let shared = &self.shared;
         let panicking = std::thread::panicking();
-        let ended = match &self.waiter {
+        let ended = match self.waiter.take() {
             None => shared
                 .registry
                 .end_direct(self.id, self.slot, self.finish, panicking),
@@ -594,7 +604,10 @@ impl Drop for Ticket {
                         return;
                     }
                 }
-                shared.registry.end(self.id, self.finish, panicking)
+                let unmeasured = !shared.service_time.measured();
+                shared
+                    .registry
+                    .end(self.id, waiter, (self.finish, panicking), unmeasured)
             }
         };
         let Some(ended) = ended else {
@@ -624,7 +637,18 @@ impl Drop for Ticket {
 impl Guard for Ticket {
     fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
         match &self.waiter {
-            Some(waiter) => waiter.poll_cancelled(cx),
+            Some(waiter) => {
+                // The task stays registered from one poll to the next while it does not change.
+                let standing = self
+                    .registered
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()));
+                if standing {
+                    return waiter.is_cancelled();
+                }
+                self.registered = Some(cx.waker().clone());
+                waiter.poll_cancelled(cx)
+            }
             None => {
                 let cancels = self.shared.registry.cancels(self.id);
                 let seen = self.cancels_seen.get_mut();

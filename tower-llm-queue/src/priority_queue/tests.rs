@@ -340,6 +340,58 @@ async fn cancel_by_id_queued_and_running() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_that_waited_runs_with_its_wait_and_passes_on_a_clean_hand_off() {
+    // Ids a multiple of 1,024 apart share a shard of the registry, where an ended request's
+    // hand-off is kept for the next one that waits.
+    let ids = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let layer = PriorityQueueLayer::new(1).request_id(move |_: &mut u64| {
+        RequestId::from_u64(1 + ids.fetch_add(1024, std::sync::atomic::Ordering::Relaxed))
+    });
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|secs: u64| async move {
+            sleep(Duration::from_secs(secs)).await;
+            Ok::<_, BoxError>(secs)
+        }));
+    let state_of = |id: RequestId| {
+        let entry = handle.entries().into_iter().find(|e| e.id == id).unwrap();
+        (entry.state, entry.waited)
+    };
+    // Each round: one request runs 10 s while the next waits; the one that waited then runs
+    // with its wait, and ends, leaving its hand-off for the next round's waiting request.
+    let mut running = tokio::spawn(svc.call(10));
+    for round in 0..3u64 {
+        let waiting = svc.call(10);
+        let id = waiting.request_id();
+        let waiting = tokio::spawn(waiting);
+        sleep(Duration::from_secs(4)).await;
+        assert_eq!(state_of(id), (EntryState::Queued, Duration::from_secs(4)));
+        sleep(Duration::from_secs(6)).await;
+        running.await.unwrap().unwrap();
+        tokio::task::yield_now().await;
+        sleep(Duration::from_secs(1)).await;
+        // Each round starts a second later in the running request's 10 s than the one before.
+        let waited = Duration::from_secs(10 - round);
+        assert_eq!(state_of(id), (EntryState::Running, waited));
+        if round == 2 {
+            assert!(
+                handle.cancel(id),
+                "a running request that waited is cancelled"
+            );
+            let err = waiting.await.unwrap().unwrap_err();
+            assert_eq!(kind(&err), RejectionKind::Cancelled);
+            break;
+        }
+        running = waiting;
+    }
+    let stats = handle.stats();
+    assert_eq!((stats.completed, stats.cancelled), (3, 1));
+    assert_eq!((stats.running, stats.waiting), (0, 0));
+    assert!(handle.entries().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn lowest_level_still_progresses() {
     for (every, at_most) in [(10u32, 10usize), (0, 51)] {
         let log = Log::default();
