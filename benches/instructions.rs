@@ -10,7 +10,9 @@
 //! Run each stack twice with different counts: the difference of the two totals divided by the
 //! difference of the counts is the cost of one request, start-up excluded. Without arguments it
 //! runs every stack briefly and prints the names. `contended_<stack> <rounds>` runs the
-//! contended workload of `benches/queue.rs` instead, for a sampling profiler such as `perf`.
+//! contended workload of `benches/queue.rs` instead, for a sampling profiler such as `perf`;
+//! `queued_<stack> <rounds>` runs it on one thread, where the count of a round does not move,
+//! to count what a request that waits costs.
 
 use tower::ServiceExt;
 
@@ -65,11 +67,10 @@ fn stacks() -> Vec<(String, Boxed)> {
     stacks
 }
 
-/// The contended workload of `benches/queue.rs`, `rounds` times: 1,000 tasks at once through
-/// a limit of 50, on two threads, the inner call yielding three times. For a profiler, not
-/// for counting: the threads' interleaving moves its instruction counts.
-fn contended(name: &str, rounds: u64) {
-    let runtime = two_threads();
+/// The contended workload of `benches/queue.rs`, `rounds` times, on `runtime`: 1,000 tasks at
+/// once through a limit of 50, the inner call yielding three times. On two threads it is for a
+/// profiler, not for counting: the threads' interleaving moves its instruction counts.
+fn contended(name: &str, rounds: u64, runtime: tokio::runtime::Runtime) {
     let Some((_, svc)) = scheduling_stacks(yielding(3))
         .into_iter()
         .find(|(stack, _)| *stack == name)
@@ -97,7 +98,10 @@ fn main() {
     let only = args.first().cloned();
     let count: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1_000);
     if let Some(stack) = only.as_deref().and_then(|s| s.strip_prefix("contended_")) {
-        return contended(stack, count);
+        return contended(stack, count, two_threads());
+    }
+    if let Some(stack) = only.as_deref().and_then(|s| s.strip_prefix("queued_")) {
+        return contended(stack, count, current_thread());
     }
     let runtime = current_thread();
     for (name, svc) in stacks() {
