@@ -83,9 +83,15 @@ impl<T> Line<T> {
     fn remove(&mut self, seq: u64) -> Option<T> {
         // Most requests leave from the front (admitted in arrival order) or the back (the
         // last to come gives up first); the rest are found by binary search.
-        let at = if self.items.front().is_some_and(|&(s, _)| s == seq) {
-            0
-        } else if self.items.back().is_some_and(|&(s, _)| s == seq) {
+        if self.items.front().is_some_and(|&(s, _)| s == seq) {
+            let item = self.items.pop_front()?.1?;
+            self.live -= 1;
+            while self.items.front().is_some_and(|(_, item)| item.is_none()) {
+                self.items.pop_front();
+            }
+            return Some(item);
+        }
+        let at = if self.items.back().is_some_and(|&(s, _)| s == seq) {
             self.items.len() - 1
         } else {
             self.items.binary_search_by_key(&seq, |&(s, _)| s).ok()?
@@ -143,9 +149,9 @@ impl<T> Flow<T> {
     }
 }
 
-/// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user (`None`
-/// for the level's requests without a fairness key).
-type Turn = Reverse<(u64, u64, Option<Key>)>;
+/// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user. (The
+/// turn of the level's requests without a fairness key is kept beside the heap, in their line.)
+type Turn = Reverse<(u64, u64, Key)>;
 
 /// The users' lines, by level and user.
 type Flows<T> = HashMap<(usize, Key), Flow<T>, sharded::Hasher>;
@@ -178,7 +184,8 @@ fn shrink<T>(flows: &mut Flows<T>) {
 #[derive(Debug)]
 struct Level<T> {
     /// The users' turns, smallest `(tag, seq)` first; a turn is current only while its user's
-    /// flow still holds it.
+    /// flow still holds it. The line without a fairness key holds its turn itself: a level
+    /// whose requests have no key takes its turns without the heap.
     turns: BinaryHeap<Turn>,
     /// How many of `turns` are current.
     current_turns: usize,
@@ -227,7 +234,7 @@ impl<T> Level<T> {
     /// Whether `turn` is the one its user's line holds now.
     fn is_current(&self, flows: &Flows<T>, level: usize, turn: &Turn) -> bool {
         let Reverse((tag, seq, user)) = turn;
-        self.flow(flows, level, user.as_ref())
+        self.flow(flows, level, Some(user))
             .is_some_and(|flow| flow.turn == Some((*tag, *seq)))
     }
 }
@@ -349,13 +356,19 @@ impl<T> Schedule<T> {
         let tag = flow.next_tag.max(at.virtual_time);
         flow.next_tag = tag + 1;
         flow.turn = Some((tag, seq));
-        at.turns.push(Reverse((tag, seq, user.cloned())));
-        at.current_turns += 1;
+        if let Some(user) = user {
+            at.turns.push(Reverse((tag, seq, user.clone())));
+            at.current_turns += 1;
+        }
     }
 
     /// The user's turn is given up (its request left): it stays in the heap until it comes to
     /// the top, or until turns given up outnumber the current ones and the heap is rebuilt.
-    fn drop_turn(&mut self, level: usize) {
+    /// (The turn of the line without a key was never in the heap.)
+    fn drop_turn(&mut self, level: usize, user: Option<&Key>) {
+        if user.is_none() {
+            return;
+        }
         let at = &mut self.levels[level];
         at.current_turns -= 1;
         if at.current_turns == 0 {
@@ -458,10 +471,21 @@ impl<T> Schedule<T> {
         // it keeps every level moving without undoing fairness within one.
         let level = self.next_level()?;
         let at = &mut self.levels[level];
+        // The smallest current turn: the heap's top (once the turns given up there are
+        // dropped) or the turn of the line without a key, whichever comes first.
         let (tag, seq, user, id) = loop {
+            let heap_first = match (at.turns.peek(), at.unkeyed.turn) {
+                (Some(Reverse((tag, seq, _))), Some(unkeyed)) => (*tag, *seq) < unkeyed,
+                (top, _) => top.is_some(),
+            };
+            if !heap_first {
+                let (tag, seq) = at.unkeyed.turn?;
+                let id = at.unkeyed.waiting.remove(seq)?;
+                at.unkeyed.turn = None;
+                break (tag, seq, None, id);
+            }
             let Reverse((tag, seq, user)) = at.turns.pop()?;
-            let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, level, user.as_ref())
-            else {
+            let Some(flow) = self.flows.get_mut(&FlowKey(level, &user)) else {
                 continue;
             };
             if flow.turn != Some((tag, seq)) {
@@ -469,12 +493,10 @@ impl<T> Schedule<T> {
             }
             let id = flow.waiting.remove(seq)?;
             flow.turn = None;
-            if user.is_some() {
-                flow.running += 1;
-            }
-            break (tag, seq, user, id);
+            flow.running += 1;
+            at.current_turns -= 1;
+            break (tag, seq, Some(user), id);
         };
-        at.current_turns -= 1;
         at.arrivals.remove(seq);
         if at.arrivals.is_empty() {
             at.turns.clear();
@@ -491,14 +513,15 @@ impl<T> Schedule<T> {
     /// in arrival order, the users taking turns by tag.
     fn level_order(&self, level: usize) -> Vec<(u64, u64, &T)> {
         let at = &self.levels[level];
+        let unkeyed = at.unkeyed.turn.map(|(tag, _)| (tag, &at.unkeyed));
         let mut order: Vec<(u64, u64, &T)> = at
             .turns
             .iter()
             .filter(|turn| at.is_current(&self.flows, level, turn))
             .filter_map(|Reverse((tag, _, user))| {
-                at.flow(&self.flows, level, user.as_ref())
-                    .map(|f| (*tag, f))
+                at.flow(&self.flows, level, Some(user)).map(|f| (*tag, f))
             })
+            .chain(unkeyed)
             .flat_map(|(tag, flow)| {
                 flow.waiting
                     .iter()
@@ -549,7 +572,7 @@ impl<T> Schedule<T> {
         at.arrivals.remove(pos.seq);
         self.len -= 1;
         if held_turn.is_some() {
-            self.drop_turn(pos.level);
+            self.drop_turn(pos.level, user);
             self.next_turn(pos.level, user);
         }
         self.forget_if_idle(pos.level, user);
@@ -591,6 +614,27 @@ mod tests {
         }
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
         assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn requests_without_a_key_take_turns_as_one_more_user() {
+        // Three of user a, three without a key, three of user b, all at one level: the line
+        // without a key takes its turns among the users', in the order the handle lists.
+        let (a, b) = (Key::from(1u64), Key::from(2u64));
+        let mut s = Schedule::new(1, 0);
+        for n in 0..3 {
+            s.push(0, Some(&a), id(10 + n));
+        }
+        for n in 0..3 {
+            s.push(0, None, id(20 + n));
+        }
+        for n in 0..3 {
+            s.push(0, Some(&b), id(30 + n));
+        }
+        let listed: Vec<u64> = s.order().map(|i| i.get()).collect();
+        let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
+        assert_eq!(order, vec![10, 20, 30, 11, 21, 31, 12, 22, 32]);
+        assert_eq!(listed, order);
     }
 
     #[test]
