@@ -10,9 +10,7 @@
 //!
 //! A request that waits is kept in the shard's map by id, from its arrival to its end, with
 //! its waiter: the hand-off that the queue, which keeps the waiter too, uses to give it a slot
-//! without looking here. The waiter's status tells whether the request waits or runs. When a
-//! request that waited ends, the shard keeps its waiter (up to a few) for the next request that
-//! waits there, so that a steady queue allocates none.
+//! without looking here. The waiter's status tells whether the request waits or runs.
 //!
 //! A request admitted at once is kept in the shard's slab instead — a list of places with a
 //! list of the free ones — and its ticket keeps its place's index. Its end, and each look at
@@ -114,13 +112,7 @@ pub(super) struct Book {
     highest: Option<RequestId>,
     pub(super) counts: Counts,
     starts: u32,
-    /// Waiters of ended requests, for the next requests that wait here: most waiting requests
-    /// then cost no allocation.
-    spare: Vec<Arc<Waiter>>,
 }
-
-/// The most waiters a shard keeps for reuse.
-const SPARE_WAITERS: usize = 32;
 
 impl Book {
     /// The place of a new request `id`; `None` (counted as a rejection) if the id is in use.
@@ -149,21 +141,6 @@ impl Book {
     /// The requests admitted at once.
     pub(super) fn direct(&self) -> impl Iterator<Item = &Direct> {
         self.slab.iter().filter(|place| place.taken)
-    }
-
-    /// A waiter for a new request that waits: a spare one if the shard has one.
-    fn waiter(&mut self) -> Arc<Waiter> {
-        self.spare.pop().unwrap_or_default()
-    }
-
-    /// Keeps the waiter of an ended request for reuse, if nothing else holds it.
-    fn recycle(&mut self, mut waiter: Arc<Waiter>) {
-        if self.spare.len() < SPARE_WAITERS {
-            if let Some(w) = Arc::get_mut(&mut waiter) {
-                w.reset();
-                self.spare.push(waiter);
-            }
-        }
     }
 
     /// Takes a request that waited out of the map.
@@ -263,11 +240,6 @@ impl Vacancy<'_> {
         place.started = started;
         place.cancelled = false;
         slot
-    }
-
-    /// The hand-off for a request that is to wait here.
-    pub(super) fn waiter(&mut self) -> Arc<Waiter> {
-        self.book.waiter()
     }
 
     /// Registers a request that waits.
@@ -377,25 +349,27 @@ impl Registry {
     }
 
     /// Takes a running request that waited out and counts how it ended (unless the handle
-    /// cancelled it, which counted it then); its waiter, `waiter`, is kept for reuse. `None` if
-    /// it is not there: it was cancelled while it waited. Only sampled requests give when
+    /// cancelled it, which counted it then). `None` if it is not there: it was cancelled while
+    /// it waited (and its id may be another request's by now, which `waiter`, the request's
+    /// own, tells apart). Only sampled requests give when
     /// they started, for the service-time estimate, and every one while `unmeasured`.
     pub(super) fn end(
         &self,
         id: RequestId,
-        waiter: Arc<Waiter>,
+        waiter: &Arc<Waiter>,
         (finish, panicking): (Finish, bool),
         unmeasured: bool,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
-        let entry = book.entries.get(&id)?;
+        let entry = book
+            .entries
+            .get(&id)
+            .filter(|entry| Arc::ptr_eq(&entry.waiter, waiter))?;
         let started = entry.since + entry.waiter.waited();
         if !entry.is_cancelled() {
             book.count_end(finish, panicking);
         }
         let entry = book.remove(id)?;
-        drop(entry.waiter);
-        book.recycle(waiter);
         book.starts = book.starts.wrapping_add(1);
         let sampled = unmeasured || crate::service_time::is_sampled(book.starts);
         drop(book);

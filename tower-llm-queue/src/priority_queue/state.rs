@@ -85,6 +85,29 @@ struct Queue {
     schedule: Schedule<Waiting>,
     counters: Counters,
     waits: RecentWaits,
+    /// Waiters of requests that waited and have ended while others waited, for the next
+    /// requests that wait: a steady queue allocates none.
+    spare: Vec<Arc<Waiter>>,
+}
+
+/// The most waiters a queue keeps for reuse.
+const SPARE_WAITERS: usize = 1024;
+
+impl Queue {
+    /// A waiter for a new request that waits: a spare one if there is one.
+    fn waiter(&mut self) -> Arc<Waiter> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps the waiter of an ended request for reuse, if nothing else holds it.
+    fn recycle(&mut self, mut waiter: Arc<Waiter>) {
+        if self.spare.len() < SPARE_WAITERS {
+            if let Some(w) = Arc::get_mut(&mut waiter) {
+                w.reset();
+                self.spare.push(waiter);
+            }
+        }
+    }
 }
 
 /// The admission word on a cache line of its own.
@@ -152,6 +175,7 @@ impl Shared {
                 schedule,
                 counters: Counters::default(),
                 waits: RecentWaits::default(),
+                spare: Vec::new(),
             })),
             registry: Registry::new(),
             service_time: Padded::default(),
@@ -263,7 +287,7 @@ impl Shared {
     ) -> Result<Enqueued, Rejected> {
         let mut queue = self.lock_queue();
         let mut book = self.registry.lock(id);
-        let Some(mut vacancy) = book.vacancy(id) else {
+        let Some(vacancy) = book.vacancy(id) else {
             return Err(duplicate(id));
         };
         let mut word = self.word.0.load(Ordering::Relaxed);
@@ -307,7 +331,7 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let waiter = vacancy.waiter();
+        let waiter = queue.waiter();
         let since = since.unwrap_or_else(Instant::now);
         let waiting = Waiting {
             id,
@@ -329,8 +353,9 @@ impl Shared {
         Ok(Enqueued::Waiting(self.ticket(id, Some(waiter)), timeout))
     }
 
-    /// Gives a slot back: to the next waiter if there is one, otherwise to the pool.
-    fn release(&self) {
+    /// Gives a slot back: to the next waiter if there is one, otherwise to the pool. The waiter
+    /// of a request that waited, `spent`, is kept for reuse if others wait.
+    fn release(&self, spent: Option<Arc<Waiter>>) {
         let mut word = self.word.0.load(Ordering::Relaxed);
         while word & WAITING == 0 {
             match self.word.0.compare_exchange_weak(
@@ -343,7 +368,12 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let wake = self.release_locked(&mut self.lock_queue());
+        let mut queue = self.lock_queue();
+        let wake = self.release_locked(&mut queue);
+        if let Some(waiter) = spent {
+            queue.recycle(waiter);
+        }
+        drop(queue);
         if let Some(waker) = wake {
             waker.wake();
         }
@@ -590,6 +620,8 @@ impl Drop for Ticket {
         }
         let shared = &self.shared;
         let panicking = std::thread::panicking();
+        // The waiter of a request that waited, for reuse by the next request that waits.
+        let mut spent = None;
         let ended = match self.waiter.take() {
             None => shared
                 .registry
@@ -605,9 +637,12 @@ impl Drop for Ticket {
                     }
                 }
                 let unmeasured = !shared.service_time.measured();
-                shared
-                    .registry
-                    .end(self.id, waiter, (self.finish, panicking), unmeasured)
+                let ended =
+                    shared
+                        .registry
+                        .end(self.id, &waiter, (self.finish, panicking), unmeasured);
+                spent = Some(waiter);
+                ended
             }
         };
         let Some(ended) = ended else {
@@ -622,6 +657,9 @@ impl Drop for Ticket {
             let word = shared.word.0.load(Ordering::Relaxed);
             if word & WAITING != 0 {
                 let wake = shared.release_locked(&mut queue);
+                if let Some(waiter) = spent {
+                    queue.recycle(waiter);
+                }
                 drop(queue);
                 if let Some(waker) = wake {
                     waker.wake();
@@ -630,7 +668,7 @@ impl Drop for Ticket {
             }
             drop(queue);
         }
-        shared.release();
+        shared.release(spent);
     }
 }
 

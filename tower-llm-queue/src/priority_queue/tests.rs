@@ -341,12 +341,7 @@ async fn cancel_by_id_queued_and_running() {
 
 #[tokio::test(start_paused = true)]
 async fn a_request_that_waited_runs_with_its_wait_and_passes_on_a_clean_hand_off() {
-    // Ids a multiple of 1,024 apart share a shard of the registry, where an ended request's
-    // hand-off is kept for the next one that waits.
-    let ids = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let layer = PriorityQueueLayer::new(1).request_id(move |_: &mut u64| {
-        RequestId::from_u64(1 + ids.fetch_add(1024, std::sync::atomic::Ordering::Relaxed))
-    });
+    let layer = PriorityQueueLayer::new(1);
     let handle = layer.handle();
     let mut svc = ServiceBuilder::new()
         .layer(layer)
@@ -389,6 +384,36 @@ async fn a_request_that_waited_runs_with_its_wait_and_passes_on_a_clean_hand_off
     assert_eq!((stats.completed, stats.cancelled), (3, 1));
     assert_eq!((stats.running, stats.waiting), (0, 0));
     assert!(handle.entries().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_cancelled_while_it_waited_ends_nothing_of_the_next_with_its_id() {
+    // Ids come with the requests, so a client may send an id again once its request has left.
+    let layer = PriorityQueueLayer::new(1).request_id(|n: &mut u64| RequestId::from_u64(*n));
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move {
+            sleep(Duration::from_secs(10)).await;
+            Ok::<_, BoxError>(n)
+        }));
+    let running = tokio::spawn(svc.call(1));
+    tokio::task::yield_now().await;
+    // Cancelled while it waits, and not polled since: it is still alive when id 2 comes again.
+    let cancelled = svc.call(2);
+    assert!(handle.cancel(RequestId::from_u64(2)));
+    let again = tokio::spawn(svc.call(2));
+    tokio::task::yield_now().await;
+    drop(cancelled);
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.waiting), (1, 1), "{stats:?}");
+    let entries = handle.entries();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[1].state, EntryState::Queued);
+    assert_eq!(running.await.unwrap().unwrap(), 1);
+    assert_eq!(again.await.unwrap().unwrap(), 2);
+    let stats = handle.stats();
+    assert_eq!((stats.completed, stats.cancelled), (2, 1), "{stats:?}");
 }
 
 #[tokio::test(start_paused = true)]
