@@ -24,7 +24,7 @@
 //! removing one per request; a line is found by a borrowed key, and the key is copied only
 //! when a request takes or makes its user's entry.
 
-use std::cmp::Reverse;
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::hash::{Hash, Hasher};
 
@@ -141,6 +141,16 @@ impl<T> Flow<T> {
         self.running == 0 && self.waiting.is_empty()
     }
 
+    /// Gives the first waiting request, if any, the user's next turn — at virtual time `now` at
+    /// the earliest — and returns it as `(tag, seq)`.
+    fn take_turn(&mut self, now: u64) -> Option<(u64, u64)> {
+        let (seq, _) = self.waiting.first()?;
+        let tag = self.next_tag.max(now);
+        self.next_tag = tag + 1;
+        self.turn = Some((tag, seq));
+        Some((tag, seq))
+    }
+
     /// Forgotten: idle, with no next tag to remember. Such a line is as good as absent — a user
     /// who comes back starts at the level's virtual time either way — and stays in the map,
     /// to be taken back without a new entry, until a sweep drops it.
@@ -151,7 +161,34 @@ impl<T> Flow<T> {
 
 /// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user. (The
 /// turn of the level's requests without a fairness key is kept beside the heap, in their line.)
-type Turn = Reverse<(u64, u64, Key)>;
+#[derive(Debug)]
+struct Turn {
+    tag: u64,
+    seq: u64,
+    user: Key,
+}
+
+/// Turns in the heap are ordered by `(tag, seq)` alone (sequence numbers are unique), smallest
+/// on top: the user is never compared.
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.tag, other.seq).cmp(&(self.tag, self.seq))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Turn {
+    fn eq(&self, other: &Self) -> bool {
+        (self.tag, self.seq) == (other.tag, other.seq)
+    }
+}
+
+impl Eq for Turn {}
 
 /// The users' lines, by level and user.
 type Flows<T> = HashMap<(usize, Key), Flow<T>, sharded::Hasher>;
@@ -231,11 +268,23 @@ impl<T> Level<T> {
         !self.arrivals.is_empty() && next_tag > self.virtual_time
     }
 
+    /// Enters a turn its user's line has taken in the heap: a keyed user's (the line without a
+    /// key keeps its own).
+    fn enter_turn(&mut self, turn: Option<(u64, u64)>, user: Option<&Key>) {
+        if let (Some((tag, seq)), Some(user)) = (turn, user) {
+            self.turns.push(Turn {
+                tag,
+                seq,
+                user: user.clone(),
+            });
+            self.current_turns += 1;
+        }
+    }
+
     /// Whether `turn` is the one its user's line holds now.
     fn is_current(&self, flows: &Flows<T>, level: usize, turn: &Turn) -> bool {
-        let Reverse((tag, seq, user)) = turn;
-        self.flow(flows, level, Some(user))
-            .is_some_and(|flow| flow.turn == Some((*tag, *seq)))
+        self.flow(flows, level, Some(&turn.user))
+            .is_some_and(|flow| flow.turn == Some((turn.tag, turn.seq)))
     }
 }
 
@@ -350,16 +399,8 @@ impl<T> Schedule<T> {
         let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, level, user) else {
             return;
         };
-        let Some((seq, _)) = flow.waiting.first() else {
-            return;
-        };
-        let tag = flow.next_tag.max(at.virtual_time);
-        flow.next_tag = tag + 1;
-        flow.turn = Some((tag, seq));
-        if let Some(user) = user {
-            at.turns.push(Reverse((tag, seq, user.clone())));
-            at.current_turns += 1;
-        }
+        let turn = flow.take_turn(at.virtual_time);
+        at.enter_turn(turn, user);
     }
 
     /// The user's turn is given up (its request left): it stays in the heap until it comes to
@@ -435,12 +476,16 @@ impl<T> Schedule<T> {
     pub(crate) fn push(&mut self, level: usize, user: Option<&Key>, item: T) -> Position {
         self.seq += 1;
         let seq = self.seq;
+        let now = self.levels[level].virtual_time;
         let flow = self.flow(level, user);
         flow.waiting.push(seq, item);
-        if flow.turn.is_none() {
-            self.next_turn(level, user);
-        }
-        self.levels[level].arrivals.push(seq, ());
+        let turn = match flow.turn {
+            None => flow.take_turn(now),
+            Some(_) => None,
+        };
+        let at = &mut self.levels[level];
+        at.enter_turn(turn, user);
+        at.arrivals.push(seq, ());
         self.len += 1;
         Position { level, seq }
     }
@@ -473,18 +518,21 @@ impl<T> Schedule<T> {
         let at = &mut self.levels[level];
         // The smallest current turn: the heap's top (once the turns given up there are
         // dropped) or the turn of the line without a key, whichever comes first.
-        let (tag, seq, user, id) = loop {
+        // The line served takes its next turn at once, found once: a keyed user's line has a
+        // request running now, so it is not idle.
+        let (tag, seq, user, id, next) = loop {
             let heap_first = match (at.turns.peek(), at.unkeyed.turn) {
-                (Some(Reverse((tag, seq, _))), Some(unkeyed)) => (*tag, *seq) < unkeyed,
+                (Some(top), Some(unkeyed)) => (top.tag, top.seq) < unkeyed,
                 (top, _) => top.is_some(),
             };
             if !heap_first {
                 let (tag, seq) = at.unkeyed.turn?;
                 let id = at.unkeyed.waiting.remove(seq)?;
                 at.unkeyed.turn = None;
-                break (tag, seq, None, id);
+                let next = at.unkeyed.take_turn(at.virtual_time.max(tag));
+                break (tag, seq, None, id, next);
             }
-            let Reverse((tag, seq, user)) = at.turns.pop()?;
+            let Turn { tag, seq, user } = at.turns.pop()?;
             let Some(flow) = self.flows.get_mut(&FlowKey(level, &user)) else {
                 continue;
             };
@@ -495,7 +543,8 @@ impl<T> Schedule<T> {
             flow.turn = None;
             flow.running += 1;
             at.current_turns -= 1;
-            break (tag, seq, Some(user), id);
+            let next = flow.take_turn(at.virtual_time.max(tag));
+            break (tag, seq, Some(user), id, next);
         };
         at.arrivals.remove(seq);
         if at.arrivals.is_empty() {
@@ -503,8 +552,10 @@ impl<T> Schedule<T> {
         }
         self.len -= 1;
         at.virtual_time = at.virtual_time.max(tag);
-        self.next_turn(level, user.as_ref());
-        self.forget_if_idle(level, user.as_ref());
+        at.enter_turn(next, user.as_ref());
+        if user.is_none() {
+            self.forget_if_idle(level, None);
+        }
         self.sweep_idle(level);
         Some(id)
     }
@@ -518,8 +569,9 @@ impl<T> Schedule<T> {
             .turns
             .iter()
             .filter(|turn| at.is_current(&self.flows, level, turn))
-            .filter_map(|Reverse((tag, _, user))| {
-                at.flow(&self.flows, level, Some(user)).map(|f| (*tag, f))
+            .filter_map(|turn| {
+                at.flow(&self.flows, level, Some(&turn.user))
+                    .map(|f| (turn.tag, f))
             })
             .chain(unkeyed)
             .flat_map(|(tag, flow)| {
