@@ -351,8 +351,8 @@ impl Registry {
     /// Takes a running request that waited out and counts how it ended (unless the handle
     /// cancelled it, which counted it then). `None` if it is not there: it was cancelled while
     /// it waited (and its id may be another request's by now, which `waiter`, the request's
-    /// own, tells apart). Only sampled requests give when
-    /// they started, for the service-time estimate, and every one while `unmeasured`.
+    /// own, tells apart). Only sampled requests give when they started, for the service-time
+    /// estimate, and every one while `unmeasured`.
     pub(super) fn end(
         &self,
         id: RequestId,
@@ -365,7 +365,6 @@ impl Registry {
             .entries
             .get(&id)
             .filter(|entry| Arc::ptr_eq(&entry.waiter, waiter))?;
-        let started = entry.since + entry.waiter.waited();
         if !entry.is_cancelled() {
             book.count_end(finish, panicking);
         }
@@ -374,9 +373,9 @@ impl Registry {
         let sampled = unmeasured || crate::service_time::is_sampled(book.starts);
         drop(book);
         Some(Ended {
+            started: sampled.then(|| entry.since + entry.waiter.waited()),
             user: entry.user,
             level: entry.level,
-            started: sampled.then_some(started),
         })
     }
 

@@ -86,9 +86,7 @@ impl<T> Line<T> {
         if self.items.front().is_some_and(|&(s, _)| s == seq) {
             let item = self.items.pop_front()?.1?;
             self.live -= 1;
-            while self.items.front().is_some_and(|(_, item)| item.is_none()) {
-                self.items.pop_front();
-            }
+            self.trim_front();
             return Some(item);
         }
         let at = if self.items.back().is_some_and(|&(s, _)| s == seq) {
@@ -98,13 +96,18 @@ impl<T> Line<T> {
         };
         let item = self.items[at].1.take()?;
         self.live -= 1;
-        while self.items.front().is_some_and(|(_, item)| item.is_none()) {
-            self.items.pop_front();
-        }
+        self.trim_front();
         while self.items.back().is_some_and(|(_, item)| item.is_none()) {
             self.items.pop_back();
         }
         Some(item)
+    }
+
+    /// Drops the gone items at the front, so that the front is a live one.
+    fn trim_front(&mut self) {
+        while self.items.front().is_some_and(|(_, item)| item.is_none()) {
+            self.items.pop_front();
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = (u64, &T)> + '_ {

@@ -368,21 +368,20 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let mut queue = self.lock_queue();
-        let wake = self.release_locked(&mut queue);
-        if let Some(waiter) = spent {
-            queue.recycle(waiter);
-        }
-        drop(queue);
+        let wake = self.release_locked(&mut self.lock_queue(), spent);
         if let Some(waker) = wake {
             waker.wake();
         }
     }
 
     /// [`Shared::release`] under the queue's lock: hands the slot to the next waiter, and
-    /// clears the flag once nobody waits. Returns the task to wake once the lock is let go.
+    /// clears the flag once nobody waits; keeps the waiter `spent` for reuse. Returns the task
+    /// to wake once the lock is let go.
     #[must_use]
-    fn release_locked(&self, queue: &mut Queue) -> Option<Waker> {
+    fn release_locked(&self, queue: &mut Queue, spent: Option<Arc<Waiter>>) -> Option<Waker> {
+        if let Some(waiter) = spent {
+            queue.recycle(waiter);
+        }
         let now = Instant::now();
         let mut handed = false;
         let mut wake = None;
@@ -656,10 +655,7 @@ impl Drop for Ticket {
             queue.schedule.finish(ended.level, ended.user.as_ref());
             let word = shared.word.0.load(Ordering::Relaxed);
             if word & WAITING != 0 {
-                let wake = shared.release_locked(&mut queue);
-                if let Some(waiter) = spent {
-                    queue.recycle(waiter);
-                }
+                let wake = shared.release_locked(&mut queue, spent);
                 drop(queue);
                 if let Some(waker) = wake {
                     waker.wake();
@@ -674,31 +670,24 @@ impl Drop for Ticket {
 
 impl Guard for Ticket {
     fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
+        // The task stays registered from one poll to the next while it does not change.
+        let standing = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !standing {
+            self.registered = Some(cx.waker().clone());
+        }
         match &self.waiter {
-            Some(waiter) => {
-                // The task stays registered from one poll to the next while it does not change.
-                let standing = self
-                    .registered
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()));
-                if standing {
-                    return waiter.is_cancelled();
-                }
-                self.registered = Some(cx.waker().clone());
-                waiter.poll_cancelled(cx)
-            }
+            Some(waiter) if standing => waiter.is_cancelled(),
+            Some(waiter) => waiter.poll_cancelled(cx),
             None => {
                 let cancels = self.shared.registry.cancels(self.id);
                 let seen = self.cancels_seen.get_mut();
-                let standing = self
-                    .registered
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()));
                 if cancels == *seen && standing {
                     return false;
                 }
                 *seen = cancels;
-                self.registered = Some(cx.waker().clone());
                 self.shared
                     .registry
                     .direct_cancelled(self.id, self.slot, Some(cx))
