@@ -50,7 +50,9 @@ where
 {
     type Output = Result<S::Response, tower::BoxError>;
 
-    #[inline]
+    // Inlined into every layer's future: its result then stays in registers, where a copy
+    // through memory would stall on the way.
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {

@@ -21,6 +21,7 @@ pub(crate) fn mark() {
 }
 
 /// Runs `poll` and tells whether it returned a copy. A watcher further out sees the mark too.
+#[inline]
 pub(crate) fn watch<T>(poll: impl FnOnce() -> T) -> (T, bool) {
     let outer = COPY.with(|copy| copy.replace(false));
     let out = poll();

@@ -118,6 +118,7 @@ impl DefaultClassifier {
 }
 
 impl<Response> Classify<Response> for DefaultClassifier {
+    #[inline]
     fn classify(&self, result: Result<&Response, &tower::BoxError>) -> Outcome {
         match result {
             Ok(_) => Outcome::Success,
@@ -141,6 +142,7 @@ impl<Response> Classify<Response> for DefaultClassifier {
 pub struct HttpClassifier;
 
 impl<B> Classify<http::Response<B>> for HttpClassifier {
+    #[inline]
     fn classify(&self, result: Result<&http::Response<B>, &tower::BoxError>) -> Outcome {
         let response = match result {
             Ok(response) => response,
