@@ -22,7 +22,9 @@ pin_project! {
     pub struct ResponseFuture<S, Req, F, C> {
         #[pin]
         call: CallWhenReady<S, Req, F>,
-        gate: Gate,
+        // Where the call stands with the breaker: let through (`Ok`, recorded when it ends),
+        // refused (`Err`, returned when first polled), or done with (`None`).
+        gate: Option<Result<Pass, Rejected>>,
         shared: Arc<Shared>,
         classify: C,
     }
@@ -30,43 +32,25 @@ pin_project! {
     impl<S, Req, F, C> PinnedDrop for ResponseFuture<S, Req, F, C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Gate::Passed(pass) = this.gate {
+            if let Some(Ok(pass)) = this.gate {
                 this.shared.abandon(pass);
             }
         }
     }
 }
 
-/// Where a call stands with the breaker.
-#[derive(Debug)]
-enum Gate {
-    /// Let through; recorded when it ends.
-    Passed(Pass),
-    /// Refused: the refusal is returned when the future is first polled.
-    Refused(Rejected),
-    /// Recorded, or its refusal returned.
-    Done,
-}
-
 impl<S, Req, F, C> ResponseFuture<S, Req, F, C> {
-    pub(super) fn running(
+    /// The future of a call let through (`Ok`) or refused (`Err`, returned when first polled).
+    #[inline]
+    pub(super) fn new(
         call: CallWhenReady<S, Req, F>,
-        pass: Pass,
+        gate: Result<Pass, Rejected>,
         shared: Arc<Shared>,
         classify: C,
     ) -> Self {
         ResponseFuture {
             call,
-            gate: Gate::Passed(pass),
-            shared,
-            classify,
-        }
-    }
-
-    pub(super) fn rejected(rejected: Rejected, shared: Arc<Shared>, classify: C) -> Self {
-        ResponseFuture {
-            call: CallWhenReady::none(),
-            gate: Gate::Refused(rejected),
+            gate: Some(gate),
             shared,
             classify,
         }
@@ -83,15 +67,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if matches!(this.gate, Gate::Refused(_)) {
-            if let Gate::Refused(rejected) = std::mem::replace(this.gate, Gate::Done) {
+        if matches!(this.gate, Some(Err(_))) {
+            if let Some(Err(rejected)) = this.gate.take() {
                 return Poll::Ready(Err(rejected.into()));
             }
         }
         let mut call = this.call;
         let (poll, copy) = crate::copies::watch(|| call.as_mut().poll(cx));
         let result = ready!(poll);
-        if let Gate::Passed(pass) = this.gate {
+        if let Some(Ok(pass)) = this.gate {
             // A refusal by another of this crate's layers says nothing about the upstream, and
             // a copy of a shared call was counted by the request that made it.
             let ours = matches!(&result, Err(err) if Rejected::find(&**err).is_some());
@@ -102,7 +86,7 @@ where
                 this.shared.record(pass, outcome);
             }
         }
-        *this.gate = Gate::Done;
+        *this.gate = None;
         Poll::Ready(result)
     }
 }

@@ -54,13 +54,21 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let shared = self.shared.clone();
         let classify = self.classify.clone();
-        match self.key.extract(&request).and_then(|key| shared.admit(key)) {
-            Ok(pass) => {
-                let call = CallWhenReady::new(self.inner.clone(), request);
-                ResponseFuture::running(call, pass, shared, classify)
-            }
-            Err(rejected) => ResponseFuture::rejected(rejected, shared, classify),
-        }
+        let gate = match self.key.extract(&request) {
+            Ok(key) => match shared.admit_at_once(&key) {
+                Some(pass) => {
+                    let call = CallWhenReady::new(self.inner.clone(), request);
+                    return ResponseFuture::new(call, Ok(pass), shared, classify);
+                }
+                None => shared.admit(key),
+            },
+            Err(rejected) => Err(rejected),
+        };
+        let call = match gate {
+            Ok(_) => CallWhenReady::new(self.inner.clone(), request),
+            Err(_) => CallWhenReady::none(),
+        };
+        ResponseFuture::new(call, gate, shared, classify)
     }
 }
 

@@ -174,8 +174,8 @@ const FORCED_CLOSED: u8 = 2;
 /// (the bits from [`TAG_SHIFT`] up), the successes counted since its records were last brought
 /// up to date (the bits of [`PENDING_MASK`], saturating), and [`CLEAN`].
 ///
-/// `CLEAN` says that the breaker is closed, has nothing but successes in its window, and counts
-/// its window in calls. While it is set, a call is let through and its success counted without
+/// `CLEAN` says that the breaker is closed, has nothing but successes in its window, counts
+/// its window in calls, and is not forced open. While it is set, a call is let through and its success counted without
 /// the breaker's lock: more successes in a window of successes change no decision, and the
 /// successes counted are added to the records, in the order they came relative to any other
 /// record, by the next call that takes the lock. A window counted in calls holds the same
@@ -209,6 +209,9 @@ pub(crate) struct Shared {
     anonymous: Mutex<Option<Breaker>>,
     /// The anonymous breaker's word (see [`CLEAN`]).
     fast: AtomicU64,
+    /// The count of successes, in the word's [`PENDING_MASK`] bits, from which one more
+    /// changes nothing: as many as the window holds.
+    saturated: AtomicU64,
     breakers: Sharded<Breaker>,
     /// The last tag handed out.
     tags: AtomicU64,
@@ -257,14 +260,51 @@ impl Place<'_> {
 #[derive(Debug)]
 pub(crate) struct Pass {
     key: Key,
-    /// The tag of the breaker's state when the call was let through.
+    /// The tag of the breaker's state when the call was let through, with the flags
+    /// [`PROBE`], [`FAST`] and [`RECORDED`] above it: one word, written at once, which the
+    /// future that carries the pass moves without stalling on a part of it.
     tag: u64,
-    probe: bool,
-    /// Let through by the anonymous breaker without its lock: not counted in `in_flight`.
-    fast: bool,
     /// When the call started, when slow calls are watched.
     started: Option<Instant>,
-    recorded: bool,
+}
+
+/// A [`Pass`] of a half-open probe.
+const PROBE: u64 = 1 << 63;
+/// A [`Pass`] let through by the anonymous breaker without its lock: not counted in
+/// `in_flight`.
+const FAST: u64 = 1 << 62;
+/// A [`Pass`] whose end has been recorded (or given up).
+const RECORDED: u64 = 1 << 61;
+
+impl Pass {
+    fn tag(&self) -> u64 {
+        self.tag & !(PROBE | FAST | RECORDED)
+    }
+
+    fn probe(&self) -> bool {
+        self.tag & PROBE != 0
+    }
+
+    fn fast(&self) -> bool {
+        self.tag & FAST != 0
+    }
+
+    fn recorded(&self) -> bool {
+        self.tag & RECORDED != 0
+    }
+
+    fn set_recorded(&mut self) {
+        self.tag |= RECORDED;
+    }
+}
+
+/// The [`Shared::saturated`] count of a window: its length in calls, in the word's
+/// [`PENDING_MASK`] bits (a window in time never counts successes in the word).
+fn saturated(window: Window) -> u64 {
+    match window {
+        Window::Calls(n) => (n as u64).clamp(1, PENDING_MAX) * PENDING_ONE,
+        Window::Time(_) => PENDING_MASK,
+    }
 }
 
 /// Reads the clock at most once, and only if asked.
@@ -284,6 +324,7 @@ impl Shared {
             forced: AtomicU8::new(NOT_FORCED),
             anonymous: Mutex::new(None),
             fast: AtomicU64::new(0),
+            saturated: AtomicU64::new(saturated(config.window)),
             breakers: Sharded::new(),
             tags: AtomicU64::new(0),
             counters: Counters::default(),
@@ -294,6 +335,7 @@ impl Shared {
         let mut config = self.config.write().unwrap_or_else(PoisonError::into_inner);
         let before = config.window;
         f(&mut config);
+        self.saturated.store(saturated(config.window), Relaxed);
         let mut anonymous = lock(&self.anonymous);
         if let Some(breaker) = anonymous.as_mut() {
             self.take_in(breaker, before);
@@ -364,8 +406,11 @@ impl Shared {
     /// under the same tag.
     fn publish(&self, breaker: Option<&Breaker>, window: Window) {
         let fits = matches!(window, Window::Calls(n) if n as u64 <= PENDING_MAX);
+        let open = self.forced.load(Relaxed) == FORCED_OPEN;
         let word = match breaker {
-            Some(breaker) => (breaker.tag << TAG_SHIFT) | u64::from(fits && breaker.clean()),
+            Some(breaker) => {
+                (breaker.tag << TAG_SHIFT) | u64::from(fits && !open && breaker.clean())
+            }
             None => 0,
         };
         let _ = self.fast.fetch_update(Relaxed, Relaxed, |old| {
@@ -379,6 +424,10 @@ impl Shared {
 
     /// Counts a success of a call let through without the lock, if the anonymous breaker is
     /// still clean and in the same state; `false` if the call must be recorded under the lock.
+    ///
+    /// Once a window's worth of successes waits, the word is only read: the success takes its
+    /// place among those, where one more changes nothing, as the records are brought up to
+    /// date with at most a window of them.
     #[inline]
     fn record_fast(&self, tag: u64) -> bool {
         let mut word = self.fast.load(Relaxed);
@@ -386,7 +435,7 @@ impl Shared {
             if word & CLEAN == 0 || word >> TAG_SHIFT != tag {
                 return false;
             }
-            if word & PENDING_MASK == PENDING_MASK {
+            if word & PENDING_MASK >= self.saturated.load(Relaxed) {
                 return true;
             }
             match self
@@ -399,28 +448,28 @@ impl Shared {
         }
     }
 
-    /// Lets a call through, or refuses it with `CircuitOpen`.
+    /// Lets a call of the anonymous key through without the lock, while its breaker is clean;
+    /// `None`: the call is for [`admit`](Self::admit).
     #[inline]
-    pub(crate) fn admit(&self, key: Key) -> Result<Pass, Rejected> {
-        if key.is_anonymous() && self.forced.load(Relaxed) != FORCED_OPEN {
-            let word = self.fast.load(Relaxed);
-            if word & CLEAN != 0 {
-                self.counters.calls.fetch_add(1, Relaxed);
-                return Ok(Pass {
-                    key,
-                    tag: word >> TAG_SHIFT,
-                    probe: false,
-                    fast: true,
-                    started: self.watch_slow.load(Relaxed).then(Instant::now),
-                    recorded: false,
-                });
-            }
+    pub(crate) fn admit_at_once(&self, key: &Key) -> Option<Pass> {
+        if !key.is_anonymous() {
+            return None;
         }
-        self.admit_locked(key)
+        let word = self.fast.load(Relaxed);
+        if word & CLEAN == 0 {
+            return None;
+        }
+        self.counters.calls.fetch_add(1, Relaxed);
+        Some(Pass {
+            key: Key::anonymous(),
+            tag: (word >> TAG_SHIFT) | FAST,
+            started: self.watch_slow.load(Relaxed).then(Instant::now),
+        })
     }
 
-    /// [`admit`](Self::admit) under the lock of the key's breaker.
-    fn admit_locked(&self, key: Key) -> Result<Pass, Rejected> {
+    /// Lets a call through under the lock of the key's breaker, or refuses it with
+    /// `CircuitOpen`.
+    pub(crate) fn admit(&self, key: Key) -> Result<Pass, Rejected> {
         let config = &self.config();
         let forced = self.forced.load(Relaxed);
         let mut clock = Clock(None);
@@ -481,11 +530,8 @@ impl Shared {
         self.count(|c| &c.calls, 1);
         Ok(Pass {
             key,
-            tag,
-            probe,
-            fast: false,
+            tag: if probe { tag | PROBE } else { tag },
             started: config.slow_call.map(|_| clock.now()),
-            recorded: false,
         })
     }
 
@@ -493,8 +539,8 @@ impl Shared {
     #[inline]
     pub(crate) fn record(&self, pass: &mut Pass, outcome: Outcome) {
         let unwatched_success = matches!(outcome, Outcome::Success) && pass.started.is_none();
-        if unwatched_success && pass.fast && self.record_fast(pass.tag) {
-            pass.recorded = true;
+        if unwatched_success && pass.fast() && self.record_fast(pass.tag()) {
+            pass.set_recorded();
             return;
         }
         self.record_locked(pass, outcome)
@@ -512,8 +558,8 @@ impl Shared {
             _ => false,
         };
         let (failed, not_before) = match outcome {
-            Outcome::Success if !slow && pass.fast && self.record_fast(pass.tag) => {
-                pass.recorded = true;
+            Outcome::Success if !slow && pass.fast() && self.record_fast(pass.tag()) => {
+                pass.set_recorded();
                 return;
             }
             Outcome::Success => (false, None),
@@ -523,17 +569,17 @@ impl Shared {
         if matches!(outcome, Outcome::ClientError) && !config.count_client_errors {
             return self.abandon(pass);
         }
-        pass.recorded = true;
+        pass.set_recorded();
         self.count(|c| &c.failures, u64::from(failed));
         self.count(|c| &c.slow, u64::from(slow));
         let mut shard = self.place(&pass.key, || config.window);
         let Some(breaker) = shard.get() else {
             return;
         };
-        if pass.tag < breaker.first_tag {
+        if pass.tag() < breaker.first_tag {
             return;
         }
-        if !pass.fast {
+        if !pass.fast() {
             breaker.in_flight = breaker.in_flight.saturating_sub(1);
         }
         if let (Some(delay), true) = (not_before, config.open_on_not_before) {
@@ -550,11 +596,11 @@ impl Shared {
                 return;
             }
         }
-        if breaker.tag != pass.tag {
+        if breaker.tag != pass.tag() {
             return;
         }
         match &mut breaker.state {
-            State::HalfOpen { succeeded, .. } if pass.probe => {
+            State::HalfOpen { succeeded, .. } if pass.probe() => {
                 if failed || slow {
                     let open_for = breaker.trip(&config, clock.now(), self.tag());
                     drop(shard);
@@ -609,22 +655,22 @@ impl Shared {
     /// caller dropped it, another layer refused it, it was a client error or a copy of a call
     /// counted elsewhere): a probe's place is given back, so that probing goes on.
     pub(crate) fn abandon(&self, pass: &mut Pass) {
-        if pass.recorded {
+        if pass.recorded() {
             return;
         }
-        pass.recorded = true;
-        if pass.fast {
+        pass.set_recorded();
+        if pass.fast() {
             return;
         }
         let mut shard = self.place(&pass.key, || self.config().window);
         let Some(breaker) = shard.get() else {
             return;
         };
-        if pass.tag < breaker.first_tag {
+        if pass.tag() < breaker.first_tag {
             return;
         }
         breaker.in_flight = breaker.in_flight.saturating_sub(1);
-        if pass.probe && breaker.tag == pass.tag {
+        if pass.probe() && breaker.tag == pass.tag() {
             if let State::HalfOpen { admitted, .. } = &mut breaker.state {
                 *admitted = admitted.saturating_sub(1);
             }
@@ -634,6 +680,10 @@ impl Shared {
     pub(crate) fn force(&self, open: bool) {
         let forced = if open { FORCED_OPEN } else { FORCED_CLOSED };
         self.forced.store(forced, Relaxed);
+        let window = self.config().window;
+        let anonymous = lock(&self.anonymous);
+        self.publish(anonymous.as_ref(), window);
+        drop(anonymous);
         tracing::info!(open, "circuit forced");
     }
 

@@ -713,3 +713,30 @@ mod model {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn successes_beyond_the_window_weigh_nothing_and_lose_nothing() {
+    let up = Upstream::default();
+    let layer = breaker();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(up.service());
+    // Far more successes than the window of 10 holds, most of them counted without the lock.
+    for _ in 0..1_000 {
+        svc.clone().oneshot(0).await.unwrap();
+    }
+    assert_eq!(handle.stats().calls, 1_000);
+    // The window holds 10 successes: each failure replaces one, and the fifth makes half of
+    // the window failures, which opens the breaker (rate 0.5) — not sooner, not later.
+    up.set_down(true);
+    for failure in 1..=5 {
+        assert_eq!(
+            handle.state(),
+            BreakerState::Closed,
+            "before failure {failure}"
+        );
+        let err = svc.clone().oneshot(0).await.unwrap_err();
+        assert_eq!(kind(&err), None, "failure {failure} reached the upstream");
+    }
+    assert!(matches!(handle.state(), BreakerState::Open { .. }));
+    assert_eq!(up.calls(), 1_005);
+}
