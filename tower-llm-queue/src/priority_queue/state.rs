@@ -244,13 +244,20 @@ impl Shared {
 
     /// The ticket of a request admitted at once, registered already in place `slot`; called
     /// under its shard's lock, so that no cancellation of it comes before the count it reads.
+    #[inline(always)]
     fn running_ticket(self: &Arc<Self>, id: RequestId, slot: usize) -> Ticket {
-        let mut ticket = self.ticket(id, None);
-        ticket.slot = slot;
-        ticket
-            .cancels_seen
-            .store(self.registry.cancels(id), Ordering::Relaxed);
-        ticket
+        // Built in one piece: a ticket changed after it is built is copied on its way out, and
+        // the copy stalls on the fields just written.
+        Ticket {
+            shared: self.clone(),
+            id,
+            waiter: None,
+            slot,
+            cancels_seen: AtomicU64::new(self.registry.cancels(id)),
+            registered: None,
+            finish: Finish::Dropped,
+            released: false,
+        }
     }
 
     pub(crate) fn enqueue(
