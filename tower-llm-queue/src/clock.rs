@@ -27,6 +27,7 @@ impl AtomicDuration {
         AtomicDuration(AtomicU64::new(Self::encode(duration)))
     }
 
+    #[inline]
     fn encode(duration: Option<Duration>) -> u64 {
         duration.map_or(UNSET, |d| u64::try_from(d.as_nanos()).unwrap_or(UNSET - 1))
     }
@@ -35,6 +36,7 @@ impl AtomicDuration {
         self.0.store(Self::encode(duration), Relaxed);
     }
 
+    #[inline]
     pub(crate) fn get(&self) -> Option<Duration> {
         match self.0.load(Relaxed) {
             UNSET => None,
