@@ -48,6 +48,9 @@ pub(crate) fn sweep_due(new: usize, len: usize) -> bool {
     new >= SWEEP_AT_LEAST.max(len.saturating_sub(new))
 }
 
+/// The hash of [`Key::anonymous`] in every map of this module.
+const ANONYMOUS_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
 /// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Entries that have become
 /// idle are dropped by the sweeps that new keys bring ([`Place::get_or_insert_with`]).
@@ -117,7 +120,13 @@ impl<V> Sharded<V> {
 
     /// The locked shard that holds `key`, with the key's place in it.
     pub(crate) fn lock<'a>(&'a self, key: &'a Key) -> Place<'a, V> {
-        let hash = self.hasher.hash_one(key);
+        // The anonymous key — the only key of a layer without `keyed_by` — is one key alone:
+        // any fixed hash serves it, and computing none spares every one of its requests.
+        let hash = if key.is_anonymous() {
+            ANONYMOUS_HASH
+        } else {
+            self.hasher.hash_one(key)
+        };
         let index = (hash >> 32) as usize & (self.shards.len() - 1);
         Place {
             sharded: self,
