@@ -375,7 +375,9 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let wake = self.release_locked(&mut self.lock_queue(), spent);
+        // The clock is read before the lock, to keep the lock's hold short.
+        let now = Instant::now();
+        let wake = self.release_locked(&mut self.lock_queue(), spent, now);
         if let Some(waker) = wake {
             waker.wake();
         }
@@ -385,11 +387,15 @@ impl Shared {
     /// clears the flag once nobody waits; keeps the waiter `spent` for reuse. Returns the task
     /// to wake once the lock is let go.
     #[must_use]
-    fn release_locked(&self, queue: &mut Queue, spent: Option<Arc<Waiter>>) -> Option<Waker> {
+    fn release_locked(
+        &self,
+        queue: &mut Queue,
+        spent: Option<Arc<Waiter>>,
+        now: Instant,
+    ) -> Option<Waker> {
         if let Some(waiter) = spent {
             queue.recycle(waiter);
         }
-        let now = Instant::now();
         let mut handed = false;
         let mut wake = None;
         while let Some(next) = queue.schedule.pop() {
@@ -658,11 +664,14 @@ impl Drop for Ticket {
             shared.service_time.observe(started);
         }
         if ended.user.is_some() {
+            // Likely to hand its slot over: the clock is read before the lock.
+            let early = (shared.word.0.load(Ordering::Relaxed) & WAITING != 0).then(Instant::now);
             let mut queue = shared.lock_queue();
             queue.schedule.finish(ended.level, ended.user.as_ref());
             let word = shared.word.0.load(Ordering::Relaxed);
             if word & WAITING != 0 {
-                let wake = shared.release_locked(&mut queue, spent);
+                let now = early.unwrap_or_else(Instant::now);
+                let wake = shared.release_locked(&mut queue, spent, now);
                 drop(queue);
                 if let Some(waker) = wake {
                     waker.wake();
