@@ -235,7 +235,10 @@ impl Vacancy<'_> {
         let place = &mut book.slab[slot];
         place.taken = true;
         place.id = self.id;
-        place.user = user;
+        // A free place holds no user: only a user to keep is written.
+        if user.is_some() {
+            place.user = user;
+        }
         place.level = level;
         place.started = started;
         place.cancelled = false;
