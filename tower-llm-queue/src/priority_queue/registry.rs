@@ -77,6 +77,11 @@ pub(super) struct Direct {
     started: Option<Instant>,
     /// Cancelled through the handle.
     pub(super) cancelled: bool,
+    /// With a fairness key: whether the schedule has taken it in (see
+    /// [`Registry::take_unaccounted`]).
+    accounted: bool,
+    /// Its place among the requests admitted at once, from the admission word's count.
+    seq: u64,
     /// The task to wake once it is cancelled.
     waker: Option<Waker>,
 }
@@ -210,7 +215,7 @@ impl Vacancy<'_> {
     /// ones read the clock, for the service-time estimate.
     // Inlined into both callers: it is on the path of every request admitted at once.
     #[inline(always)]
-    pub(super) fn run(mut self, user: Option<Key>, level: usize) -> usize {
+    pub(super) fn run(mut self, user: Option<Key>, level: usize, seq: u64) -> usize {
         tracing::trace!(id = %self.id, user = ?user, level = level + 1, "admitted at once");
         self.taken();
         let book = self.book;
@@ -228,6 +233,8 @@ impl Vacancy<'_> {
                     started: None,
                     cancelled: false,
                     waker: None,
+                    accounted: false,
+                    seq,
                 });
                 book.slab.len() - 1
             }
@@ -242,6 +249,8 @@ impl Vacancy<'_> {
         place.level = level;
         place.started = started;
         place.cancelled = false;
+        place.accounted = false;
+        place.seq = seq;
         slot
     }
 
@@ -249,6 +258,11 @@ impl Vacancy<'_> {
     pub(super) fn queue(mut self, entry: Entry) {
         self.taken();
         self.book.entries.insert(self.id, entry);
+    }
+
+    /// The shard this place is in, locked.
+    pub(super) fn book(&mut self) -> &mut Book {
+        self.book
     }
 }
 
@@ -269,6 +283,27 @@ pub(super) struct Ended {
     pub(super) user: Option<Key>,
     pub(super) level: usize,
     pub(super) started: Option<Instant>,
+    /// The schedule counts it as running its user's request, and must hear of its end.
+    pub(super) accounted: bool,
+}
+
+/// A running request with a fairness key that the schedule has not taken in: its place among
+/// the requests admitted at once, its level and its user.
+pub(super) type Unaccounted = (u64, usize, Key);
+
+impl Book {
+    /// Marks the requests of this shard admitted at once with a fairness key that the schedule
+    /// has not taken in as taken in, and adds them to `out`; those at a level beyond `levels`
+    /// (picked before the levels changed) are never taken in.
+    fn take_unaccounted(&mut self, out: &mut Vec<Unaccounted>, levels: usize) {
+        let open = |p: &&mut Direct| p.taken && !p.accounted && p.level < levels;
+        for place in self.slab.iter_mut().filter(open) {
+            if let Some(user) = &place.user {
+                place.accounted = true;
+                out.push((place.seq, place.level, user.clone()));
+            }
+        }
+    }
 }
 
 /// The registry's shards. A request's shard is its id's lowest bits: ids are handed out in
@@ -288,8 +323,12 @@ impl Registry {
         }
     }
 
+    fn index(&self, id: RequestId) -> usize {
+        id.get() as usize & (self.shards.len() - 1)
+    }
+
     fn shard(&self, id: RequestId) -> &Shard {
-        &self.shards[id.get() as usize & (self.shards.len() - 1)]
+        &self.shards[self.index(id)]
     }
 
     /// The locked shard of `id`.
@@ -377,6 +416,7 @@ impl Registry {
         drop(book);
         Some(Ended {
             started: sampled.then(|| entry.since + entry.waiter.waited()),
+            accounted: entry.user.is_some(),
             user: entry.user,
             level: entry.level,
         })
@@ -394,6 +434,7 @@ impl Registry {
         let mut book = self.lock(id);
         let direct = book.slab.get_mut(slot).filter(|d| d.taken)?;
         let ended = Ended {
+            accounted: direct.accounted && direct.user.is_some(),
             user: direct.user.take(),
             level: direct.level,
             started: direct.started,
@@ -404,6 +445,26 @@ impl Registry {
         book.vacate(slot);
         drop(book);
         Some(ended)
+    }
+
+    /// Every request admitted at once with a fairness key that the schedule has not taken in,
+    /// marked as taken in: called under the queue's lock, which the schedule is under.
+    /// `own` is a shard already locked by the caller, with an id of it.
+    pub(super) fn take_unaccounted(
+        &self,
+        own: Option<(RequestId, &mut Book)>,
+        levels: usize,
+    ) -> Vec<Unaccounted> {
+        let mut out = Vec::new();
+        let own_index = own.as_ref().map(|(id, _)| self.index(*id));
+        let mut own = own.map(|(_, book)| book);
+        for (index, shard) in self.shards.iter().enumerate() {
+            match own.as_deref_mut().filter(|_| own_index == Some(index)) {
+                Some(book) => book.take_unaccounted(&mut out, levels),
+                None => lock(&shard.book).take_unaccounted(&mut out, levels),
+            }
+        }
+        out
     }
 
     /// Adds up the counts of every shard.

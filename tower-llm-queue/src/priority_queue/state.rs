@@ -11,7 +11,14 @@
 //!
 //! The flag changes only under the queue's lock, and is set only while every slot is taken; the
 //! compare-and-swap of a request admitted at once, and of a release without the lock, fails
-//! whenever the flag is set. Lock order: the queue, then a registry shard.
+//! whenever the flag is set. Lock order: the queue, then a registry shard. The one path that
+//! holds two shards — the request that sets the flag, which holds its own while it visits the
+//! others one at a time — holds the queue's lock too, so no two paths wait for each other.
+//!
+//! With a fairness key, a request admitted at once is registered the same way, with its place
+//! among those admitted at once; the schedule takes in its user's turn only once the flag is
+//! set (or the stats or settings are read), from the registry, in the order of admission (see
+//! `account_direct`). Its end tells the schedule only if the schedule took it in.
 //!
 //! The queue keeps each waiting request's waiter and arrival time, so that a release hands the
 //! slot over under the queue's lock alone; the registry learns of it from the waiter.
@@ -43,6 +50,11 @@ const RUNNING: u64 = (1 << RUNNING_BITS) - 1;
 const WAITING: u64 = 1 << RUNNING_BITS;
 const AT_ONCE: u64 = WAITING << 1;
 const AT_ONCE_MODULUS: u64 = 1 << (64 - RUNNING_BITS - 1);
+
+/// A word's count of the requests admitted at once.
+fn at_once(word: u64) -> u64 {
+    word >> (RUNNING_BITS + 1)
+}
 
 /// The most requests the word can count as running; a larger concurrency is this one.
 const MAX_CONCURRENCY: usize = RUNNING as usize;
@@ -190,6 +202,8 @@ impl Shared {
     /// change because requests are queued.
     pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) -> bool {
         let mut queue = self.lock_queue();
+        // The users' running requests hold the levels as they are.
+        self.account_direct(&mut queue, None);
         let before = queue.config.clone();
         f(&mut queue.config);
         let (levels, oldest_every) = (queue.config.levels, queue.config.oldest_every);
@@ -213,8 +227,9 @@ impl Shared {
         (word & WAITING == 0 && word & RUNNING < self.concurrency).then_some(word)
     }
 
-    /// Takes a slot if one is free and nobody waits; `word` is the word as last read.
-    fn try_admit(&self, mut word: u64) -> bool {
+    /// Takes a slot if one is free and nobody waits; `word` is the word as last read. Gives the
+    /// request's place among those admitted at once.
+    fn try_admit(&self, mut word: u64) -> Option<u64> {
         while word & WAITING == 0 && word & RUNNING < self.concurrency {
             match self.word.0.compare_exchange_weak(
                 word,
@@ -222,11 +237,39 @@ impl Shared {
                 Ordering::Acquire,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return true,
+                Ok(_) => return Some(at_once(word)),
                 Err(actual) => word = actual,
             }
         }
-        false
+        None
+    }
+
+    /// Has the schedule take in the requests admitted at once with a fairness key, in the order
+    /// they were admitted, as though each had been taken in as it was admitted: called once
+    /// requests start to wait, and before the schedule is read or changed. `own` is a registry
+    /// shard the caller holds, with an id of it.
+    ///
+    /// While nobody waits, a user's requests admitted at once touch nothing but the registry.
+    /// The schedule's turns matter only to requests that wait, and of what it would have
+    /// recorded meanwhile only the running requests' turns are left — a user with nothing
+    /// running is forgotten while nobody waits — the same up to a shift of virtual time. One
+    /// difference remains: a user whose request from an earlier wait still runs sees virtual
+    /// time moved only by the requests still running, so its next turn may come a little later
+    /// than had every request admitted meanwhile moved it.
+    fn account_direct(&self, queue: &mut Queue, own: Option<(RequestId, &mut Book)>) {
+        let levels = queue.schedule.levels();
+        let mut unaccounted = self.registry.take_unaccounted(own, levels);
+        if unaccounted.is_empty() {
+            return;
+        }
+        // Oldest first: the count wraps, so the age is taken from the count now.
+        let now = at_once(self.word.0.load(Ordering::Relaxed));
+        unaccounted.sort_unstable_by_key(|&(seq, _, _)| {
+            std::cmp::Reverse(now.wrapping_sub(seq) % AT_ONCE_MODULUS)
+        });
+        for (_, level, user) in unaccounted {
+            queue.schedule.admit_directly(level, Some(&user));
+        }
     }
 
     fn ticket(self: &Arc<Self>, id: RequestId, waiter: Option<Arc<Waiter>>) -> Ticket {
@@ -268,13 +311,13 @@ impl Shared {
     ) -> Result<Enqueued, Rejected> {
         let level = level_index(self.levels.load(Ordering::Relaxed), priority);
         let word = self.may_admit();
-        if let (None, Some(word)) = (&user, word) {
+        if let Some(word) = word {
             let mut book = self.registry.lock(id);
             let Some(vacancy) = book.vacancy(id) else {
                 return Err(duplicate(id));
             };
-            if self.try_admit(word) {
-                let slot = vacancy.run(None, level);
+            if let Some(seq) = self.try_admit(word) {
+                let slot = vacancy.run(user, level, seq);
                 return Ok(Enqueued::Running(self.running_ticket(id, slot)));
             }
         }
@@ -293,8 +336,10 @@ impl Shared {
         since: Option<Instant>,
     ) -> Result<Enqueued, Rejected> {
         let mut queue = self.lock_queue();
+        // The levels may have changed since `level` was picked.
+        let level = level.min(queue.schedule.levels() - 1);
         let mut book = self.registry.lock(id);
-        let Some(vacancy) = book.vacancy(id) else {
+        let Some(mut vacancy) = book.vacancy(id) else {
             return Err(duplicate(id));
         };
         let mut word = self.word.0.load(Ordering::Relaxed);
@@ -307,9 +352,8 @@ impl Shared {
                     Ordering::Relaxed,
                 ) {
                     Ok(_) => {
-                        queue.schedule.admit_directly(level, user.as_ref());
                         drop(queue);
-                        let slot = vacancy.run(user, level);
+                        let slot = vacancy.run(user, level, at_once(word));
                         return Ok(Enqueued::Running(self.running_ticket(id, slot)));
                     }
                     Err(actual) => {
@@ -334,7 +378,12 @@ impl Shared {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => break,
+                Ok(_) => {
+                    // Nobody is admitted at once from now on: the schedule takes in those
+                    // that were.
+                    self.account_direct(&mut queue, Some((id, vacancy.book())));
+                    break;
+                }
                 Err(actual) => word = actual,
             }
         }
@@ -403,7 +452,7 @@ impl Shared {
             if let Some(waker) = next.waiter.grant_after(waited) {
                 tracing::debug!(id = %next.id, waited_ms = waited.as_millis() as u64, "admitted");
                 wake = waker;
-                let at_once = self.word.0.load(Ordering::Relaxed) >> (RUNNING_BITS + 1);
+                let at_once = at_once(self.word.0.load(Ordering::Relaxed));
                 queue.counters.admitted += 1;
                 queue.waits.admitted_at_once(at_once, AT_ONCE_MODULUS);
                 queue.waits.record(waited);
@@ -505,10 +554,9 @@ impl Shared {
         let counts = self.registry.counts();
         let mut queue = self.lock_queue();
         let word = self.word.0.load(Ordering::Relaxed);
-        queue
-            .waits
-            .admitted_at_once(word >> (RUNNING_BITS + 1), AT_ONCE_MODULUS);
+        queue.waits.admitted_at_once(at_once(word), AT_ONCE_MODULUS);
         let (p50, p95, p99) = queue.waits.percentiles();
+        self.account_direct(&mut queue, None);
         let c = &queue.counters;
         QueueStats {
             concurrency: queue.config.concurrency,
@@ -663,7 +711,7 @@ impl Drop for Ticket {
         if let Some(started) = ended.started {
             shared.service_time.observe(started);
         }
-        if ended.user.is_some() {
+        if ended.accounted {
             // Likely to hand its slot over: the clock is read before the lock.
             let early = (shared.word.0.load(Ordering::Relaxed) & WAITING != 0).then(Instant::now);
             let mut queue = shared.lock_queue();

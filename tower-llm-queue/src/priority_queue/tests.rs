@@ -142,6 +142,53 @@ async fn a_burst_cannot_starve_other_users() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn requests_admitted_at_once_still_take_their_users_turns() {
+    let log = Log::default();
+    let layer = PriorityQueueLayer::new(2).fair_by(|j: &Job| j.user.clone());
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(log.clone()));
+    let mut call = |label: &str, user: &str, secs: u64| {
+        let mut j = job(label, user, 5);
+        j.work = Duration::from_secs(secs);
+        tokio::spawn(svc.call(j))
+    };
+    // A takes both slots at once, while nobody waits.
+    let running = [call("A0", "A", 1), call("A1", "A", 10)];
+    tokio::task::yield_now().await;
+    // Then A and B each queue a request, A first. When A0's slot frees, B goes first: A has a
+    // request running, and had two turns already.
+    let waiting = [call("A2", "A", 1), call("B0", "B", 1)];
+    for h in running.into_iter().chain(waiting) {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(logged(&log), ["A0", "A1", "B0", "A2"]);
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.waiting, stats.users), (0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn users_running_at_once_are_counted_while_nobody_waits() {
+    let layer = PriorityQueueLayer::new(4).fair_by(|j: &Job| j.user.clone());
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(Log::default()));
+    let running: Vec<_> = [("A0", "A"), ("A1", "A"), ("B0", "B")]
+        .into_iter()
+        .map(|(label, user)| tokio::spawn(svc.call(job(label, user, 5))))
+        .collect();
+    tokio::task::yield_now().await;
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.waiting, stats.users), (3, 0, 2));
+    for h in running {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.stats().users, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_late_user_waits_at_most_one_turn() {
     let log = Log::default();
     let layer = PriorityQueueLayer::new(1).fair_by(|j: &Job| j.user.clone());
