@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::admission::Finish;
 use crate::key::Key;
-use crate::sharded::{lock, shrink, shrink_to, FastMap};
+use crate::sharded::{lock, shrink_to, FastMap};
 use crate::waiter::Waiter;
 
 use super::schedule::Position;
@@ -106,6 +106,10 @@ impl std::ops::AddAssign for Counts {
     }
 }
 
+/// The requests that waited a shard keeps room for once it has held that many: a table of 256
+/// places (hashbrown fills 7 in 8), about 20 KiB.
+const KEPT_ENTRIES: usize = 224;
+
 #[derive(Debug, Default)]
 pub(super) struct Book {
     /// The requests that waited, by id.
@@ -148,10 +152,16 @@ impl Book {
         self.slab.iter().filter(|place| place.taken)
     }
 
-    /// Takes a request that waited out of the map.
+    /// Takes a request that waited out of the map. The map gives memory back once mostly
+    /// empty, but keeps room for [`KEPT_ENTRIES`]: a queue that fills and drains again and
+    /// again (bursts of requests) would otherwise grow and shrink it with every burst.
     pub(super) fn remove(&mut self, id: RequestId) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
-        shrink(&mut self.entries);
+        if let Some(to) = shrink_to(self.entries.len(), self.entries.capacity()) {
+            if to.max(KEPT_ENTRIES) < self.entries.capacity() {
+                self.entries.shrink_to(to.max(KEPT_ENTRIES));
+            }
+        }
         self.forget_ids();
         Some(entry)
     }
