@@ -443,23 +443,24 @@ impl<T> Schedule<T> {
     }
 
     /// Forgets the idle users of `level` that virtual time has caught up with — all of them
-    /// once nobody waits there.
+    /// once nobody waits there. Their lines stay in the map, reset, with their buffers: a user
+    /// who waits again, as the same users do burst after burst, takes them back.
     fn sweep_idle(&mut self, level: usize) {
         let at = &mut self.levels[level];
         if at.unkeyed.idle() && !at.remembers(at.unkeyed.next_tag) {
             at.unkeyed.next_tag = 0;
         }
-        if at.idle.is_empty() {
-            return;
-        }
-        while let Some((tag, user)) = at.idle.first().cloned() {
+        while let Some(&(tag, _)) = at.idle.first() {
             if at.remembers(tag) {
                 break;
             }
-            at.idle.pop_first();
-            self.flows.remove(&FlowKey(level, &user));
+            let Some((_, user)) = at.idle.pop_first() else {
+                break;
+            };
+            if let Some(flow) = self.flows.get_mut(&FlowKey(level, &user)) {
+                flow.next_tag = 0;
+            }
         }
-        shrink(&mut self.flows);
     }
 
     /// A request admitted at once, without waiting: it still takes its user's turn.
