@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hashbrown::HashTable;
@@ -56,8 +55,6 @@ const ANONYMOUS_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
 /// idle are dropped by the sweeps that new keys bring ([`Place::get_or_insert_with`]).
 pub(crate) struct Sharded<V> {
     shards: Box<[Padded<Mutex<Shard<V>>>]>,
-    /// New keys per shard since its last sweep (see [`Place::get_or_insert_with`]).
-    grown: Box<[AtomicUsize]>,
     /// Picks the shard (from the hash's middle bits) and places the key in it (hashbrown reads
     /// the low and the top bits), so that the keys of one shard still spread over its buckets.
     hasher: Hasher,
@@ -68,6 +65,8 @@ pub(crate) struct Shard<V> {
     entries: HashTable<(u64, Key, V)>,
     /// Values of swept entries, kept for new keys (see [`Place::get_or_reuse`]).
     spare: Vec<V>,
+    /// New keys since the last sweep (see [`Place::get_or_insert_with`]).
+    new_keys: usize,
 }
 
 impl<V> Shard<V> {
@@ -110,10 +109,10 @@ impl<V> Sharded<V> {
                     Padded(Mutex::new(Shard {
                         entries: HashTable::new(),
                         spare: Vec::new(),
+                        new_keys: 0,
                     }))
                 })
                 .collect(),
-            grown: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             hasher: Hasher::default(),
         }
     }
@@ -129,7 +128,6 @@ impl<V> Sharded<V> {
         };
         let index = (hash >> 32) as usize & (self.shards.len() - 1);
         Place {
-            sharded: self,
             index,
             hash,
             key,
@@ -160,7 +158,6 @@ impl<V> Sharded<V> {
 /// One key's place in its locked shard: the entry, if there is one, found by the hash computed
 /// when the shard was locked.
 pub(crate) struct Place<'a, V> {
-    sharded: &'a Sharded<V>,
     index: usize,
     hash: u64,
     key: &'a Key,
@@ -212,14 +209,17 @@ impl<V> Place<'_, V> {
         new: impl FnOnce() -> V,
     ) -> &mut V {
         let (hash, key) = (self.hash, self.key);
-        let Shard { entries, spare } = &mut *self.shard;
+        let Shard {
+            entries,
+            spare,
+            new_keys,
+        } = &mut *self.shard;
         let entries = match entries.find_entry(hash, |(_, k, _)| k == key) {
             Ok(entry) => return &mut entry.into_mut().2,
             Err(absent) => absent.into_table(),
         };
-        let grown = &self.sharded.grown[self.index];
-        let new_keys = grown.fetch_add(1, Relaxed) + 1;
-        if sweep_due(new_keys, entries.len() + 1) {
+        *new_keys += 1;
+        if sweep_due(*new_keys, entries.len() + 1) {
             if reuse {
                 let room = SWEEP_AT_LEAST.max(entries.len());
                 for (_, _, value) in entries.extract_if(|(_, _, value)| idle(value)) {
@@ -231,7 +231,7 @@ impl<V> Place<'_, V> {
             } else {
                 sweep(entries, idle, SWEEP_AT_LEAST);
             }
-            grown.store(0, Relaxed);
+            *new_keys = 0;
         }
         let value = match reuse.then(|| spare.pop()).flatten() {
             Some(value) => value,
@@ -280,6 +280,7 @@ pub(crate) fn shrink_to(len: usize, capacity: usize) -> Option<usize> {
 }
 
 /// Gives memory back when a map has become mostly empty (see [`shrink_to`]).
+#[cfg(feature = "redis")]
 pub(crate) fn shrink<K, V, S>(map: &mut HashMap<K, V, S>)
 where
     K: Eq + std::hash::Hash,
