@@ -53,23 +53,33 @@ const ANONYMOUS_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Per-key state in shards. A key is hashed once per lookup: the hash picks the shard and finds
 /// the key in it ([`Sharded::lock`] gives a [`Place`] that keeps both). Entries that have become
 /// idle are dropped by the sweeps that new keys bring ([`Place::get_or_insert_with`]).
-pub(crate) struct Sharded<V> {
-    shards: Box<[Padded<Mutex<Shard<V>>>]>,
+pub(crate) struct Sharded<V, T = ()> {
+    shards: Box<[LockedShard<V, T>]>,
     /// Picks the shard (from the hash's middle bits) and places the key in it (hashbrown reads
     /// the low and the top bits), so that the keys of one shard still spread over its buckets.
     hasher: Hasher,
 }
 
+/// A shard behind its lock, on cache lines of its own.
+type LockedShard<V, T> = Padded<Mutex<Shard<V, T>>>;
+
 /// The entries of one shard, each with its key and the key's hash.
-pub(crate) struct Shard<V> {
+pub(crate) struct Shard<V, T = ()> {
     entries: HashTable<(u64, Key, V)>,
     /// Values of swept entries, kept for new keys (see [`Place::get_or_reuse`]).
     spare: Vec<V>,
     /// New keys since the last sweep (see [`Place::get_or_insert_with`]).
     new_keys: usize,
+    /// What the caller keeps per shard under its lock, such as counts (see [`Place::tally`]).
+    tally: T,
 }
 
-impl<V> Shard<V> {
+impl<V, T> Shard<V, T> {
+    /// What the caller keeps in this shard (see [`Place::tally`]).
+    pub(crate) fn tally(&self) -> &T {
+        &self.tally
+    }
+
     /// The number of keys held.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
@@ -99,7 +109,7 @@ impl<V> Shard<V> {
     }
 }
 
-impl<V> Sharded<V> {
+impl<V, T: Default> Sharded<V, T> {
     pub(crate) fn new() -> Self {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         let count = (cores * 4).next_power_of_two();
@@ -110,15 +120,18 @@ impl<V> Sharded<V> {
                         entries: HashTable::new(),
                         spare: Vec::new(),
                         new_keys: 0,
+                        tally: T::default(),
                     }))
                 })
                 .collect(),
             hasher: Hasher::default(),
         }
     }
+}
 
+impl<V, T> Sharded<V, T> {
     /// The locked shard that holds `key`, with the key's place in it.
-    pub(crate) fn lock<'a>(&'a self, key: &'a Key) -> Place<'a, V> {
+    pub(crate) fn lock<'a>(&'a self, key: &'a Key) -> Place<'a, V, T> {
         // The anonymous key — the only key of a layer without `keyed_by` — is one key alone:
         // any fixed hash serves it, and computing none spares every one of its requests.
         let hash = if key.is_anonymous() {
@@ -141,7 +154,7 @@ impl<V> Sharded<V> {
     }
 
     /// Visits every shard in turn, each locked while `f` runs.
-    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut Shard<V>)) {
+    pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut Shard<V, T>)) {
         for shard in self.shards.iter() {
             f(&mut lock(shard));
         }
@@ -157,17 +170,23 @@ impl<V> Sharded<V> {
 
 /// One key's place in its locked shard: the entry, if there is one, found by the hash computed
 /// when the shard was locked.
-pub(crate) struct Place<'a, V> {
+pub(crate) struct Place<'a, V, T = ()> {
     index: usize,
     hash: u64,
     key: &'a Key,
-    shard: MutexGuard<'a, Shard<V>>,
+    shard: MutexGuard<'a, Shard<V, T>>,
 }
 
-impl<V> Place<'_, V> {
+impl<V, T> Place<'_, V, T> {
     /// The index of the key's shard, for state a caller keeps per shard beside the map.
     pub(crate) fn index(&self) -> usize {
         self.index
+    }
+
+    /// What the caller keeps in the key's shard, under its lock: counts kept here cost no
+    /// atomic operation.
+    pub(crate) fn tally(&mut self) -> &mut T {
+        &mut self.shard.tally
     }
 
     /// The key's entry.
@@ -213,6 +232,7 @@ impl<V> Place<'_, V> {
             entries,
             spare,
             new_keys,
+            ..
         } = &mut *self.shard;
         let entries = match entries.find_entry(hash, |(_, k, _)| k == key) {
             Ok(entry) => return &mut entry.into_mut().2,
@@ -264,7 +284,7 @@ fn shrink_table<V>(entries: &mut HashTable<(u64, Key, V)>, floor: usize) {
     }
 }
 
-impl<V> std::fmt::Debug for Sharded<V> {
+impl<V, T> std::fmt::Debug for Sharded<V, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sharded")
             .field("shards", &self.shards.len())

@@ -3,13 +3,15 @@
 //!
 //! A cell's state is one word: the slots held, and a flag set while requests wait in the cell's
 //! line. While nobody waits, a slot is taken and given back with one compare-and-swap on that
-//! word, without a lock; the line's lock is taken only to wait, to leave the line, or to hand a
+//! word, without the line's lock; that lock is taken only to wait, to leave the line, or to hand a
 //! slot to the next in it. The flag changes only under the line's lock, so a slot given back
 //! without it can never be owed to a waiter.
 //!
 //! A cell nobody holds (no request in flight or waiting) stays in the map until it is swept:
 //! as new users arrive (each shard sweeps once it has taken in as many new users as it kept,
-//! see [`Sharded`]) and whenever the stats are read. Counters are per shard, summed on read.
+//! see [`Sharded`]) and whenever the stats are read. Counters are per shard, summed on read:
+//! the requests admitted at once in the shard itself, under the lock that found their cell
+//! (the compare-and-swap that admits them is made before it is let go), the others in atomics.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
@@ -71,17 +73,30 @@ impl User {
     }
 }
 
-/// What happened in one shard, counted as it happens.
+/// What happened in one shard, counted as it happens. (The requests admitted at once are
+/// counted in the shard itself, under the lock their admission holds: [`Admitted`].)
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Counters {
-    admitted: AtomicU64,
     rejected: AtomicU64,
     waited: AtomicU64,
     timed_out: AtomicU64,
     cancelled: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
+}
+
+/// The requests admitted at once in one shard of the users' cells.
+#[derive(Debug, Default)]
+struct Admitted(u64);
+
+impl Admitted {
+    /// Counts one more; gives the count, which picks the requests sampled for the
+    /// service-time estimate.
+    fn count(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(1);
+        self.0
+    }
 }
 
 fn count(counter: &AtomicU64) {
@@ -93,7 +108,7 @@ pub(crate) struct Shared {
     max_per_user: AtomicUsize,
     max_waiting: AtomicUsize,
     timeout: AtomicDuration,
-    users: Sharded<Arc<User>>,
+    users: Sharded<Arc<User>, Admitted>,
     /// One per shard of `users`.
     counters: Box<[Counters]>,
     /// How long a request holds a user's slot, for the `retry_after` of `UserLimit`.
@@ -163,11 +178,9 @@ impl Shared {
 
     pub(crate) fn acquire(self: &Arc<Self>, key: Key) -> Result<Acquired, Rejected> {
         let max = self.max_per_user.load(Relaxed);
-        let (user, shard) = {
-            let mut place = self.users.lock(&key);
-            let user = place.get_or_reuse(unheld, Arc::default).clone();
-            (user, place.index())
-        };
+        let mut place = self.users.lock(&key);
+        let user = place.get_or_reuse(unheld, Arc::default).clone();
+        let shard = place.index();
         let counters = &self.counters[shard];
         let slot = |shared: &Arc<Self>, user, key, waiter, started| UserSlot {
             shared: shared.clone(),
@@ -180,6 +193,23 @@ impl Shared {
             started,
         };
         let mut state = user.state.load(Relaxed);
+        // A slot taken at once is taken under the shard's lock, which counts it.
+        while state & WAITING == 0 && state < max {
+            match user
+                .state
+                .compare_exchange_weak(state, state + 1, AcqRel, Relaxed)
+            {
+                Ok(_) => {
+                    let admitted = place.tally().count();
+                    drop(place);
+                    tracing::trace!(user = %key, "admitted");
+                    let started = crate::service_time::sampled(admitted as u32);
+                    return Ok(Acquired::Running(slot(self, user, key, None, started)));
+                }
+                Err(actual) => state = actual,
+            }
+        }
+        drop(place);
         let mut line = None;
         loop {
             if state & WAITING == 0 && state < max {
@@ -188,10 +218,9 @@ impl Shared {
                     .compare_exchange_weak(state, state + 1, AcqRel, Relaxed)
                 {
                     Ok(_) => {
+                        // Counted in the shard, under its lock, once the line's is let go.
                         drop(line);
-                        // The count of requests admitted at once picks those sampled for the
-                        // service-time estimate.
-                        let admitted = counters.admitted.fetch_add(1, Relaxed).wrapping_add(1);
+                        let admitted = self.users.lock(&key).tally().count();
                         tracing::trace!(user = %key, "admitted");
                         let started = crate::service_time::sampled(admitted as u32);
                         return Ok(Acquired::Running(slot(self, user, key, None, started)));
@@ -246,8 +275,9 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> PerUserStats {
-        let (mut users, mut in_flight, mut waiting) = (0, 0, 0);
+        let (mut users, mut in_flight, mut waiting, mut admitted) = (0, 0, 0, 0u64);
         self.users.for_each_shard(|shard| {
+            admitted += shard.tally().0;
             shard.sweep(unheld);
             for user in shard.values() {
                 let line = lock(&user.line).len();
@@ -269,7 +299,7 @@ impl Shared {
             users,
             in_flight,
             waiting,
-            admitted: sum(|c| &c.admitted),
+            admitted,
             rejected: sum(|c| &c.rejected),
             waited: sum(|c| &c.waited),
             timed_out: sum(|c| &c.timed_out),
