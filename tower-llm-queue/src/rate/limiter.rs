@@ -216,8 +216,22 @@ pub(crate) struct MemoryLimiter {
     limit: Limit,
     /// Tick 0.
     epoch: Instant,
-    keys: Sharded<Slot>,
-    next_id: AtomicU64,
+    keys: Sharded<Slot, AdmissionIds>,
+    /// The ids of admissions of no cost, which take no shard's lock: odd, so that they never
+    /// meet the even ids the shards give out.
+    free_ids: AtomicU64,
+}
+
+/// The ids a shard gives its keys' admissions, under its lock: even, rising. An id names an
+/// admission among those of its key, which all take their ids from the key's one shard.
+#[derive(Debug, Default)]
+struct AdmissionIds(u64);
+
+impl AdmissionIds {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(2);
+        self.0
+    }
 }
 
 impl MemoryLimiter {
@@ -231,7 +245,7 @@ impl MemoryLimiter {
             limit,
             epoch: Instant::now(),
             keys: Sharded::new(),
-            next_id: AtomicU64::new(1),
+            free_ids: AtomicU64::new(1),
         }
     }
 
@@ -256,7 +270,11 @@ impl MemoryLimiter {
 
     /// The slot of a key in its locked shard, made on first use (after a sweep of idle keys,
     /// when due), with `now` moved up to the latest instant the key has seen.
-    fn slot<'a>(&self, place: &'a mut Place<'_, Slot>, now: &mut u64) -> &'a mut Slot {
+    fn slot<'a>(
+        &self,
+        place: &'a mut Place<'_, Slot, AdmissionIds>,
+        now: &mut u64,
+    ) -> &'a mut Slot {
         let (limit, at) = (&self.limit, *now);
         let slot = place.get_or_insert_with(
             |slot| slot.state.idle(at, limit),
@@ -298,13 +316,13 @@ impl MemoryLimiter {
         let cost = cost.min(MAX_COST);
         if cost == 0 {
             // Nothing to count: admitted without a record.
-            return Decision::Now(self.next_id.fetch_add(1, Relaxed));
+            return Decision::Now(self.free_ids.fetch_add(2, Relaxed));
         }
         let max_wait = max_wait.map(|wait| nanos(wait.min(MAX_PERIOD)));
         let mut place = self.keys.lock(key);
         // Read under the lock: decisions for one key then see the clock in their own order.
         let mut now = self.ticks(clock());
-        let id = self.next_id.fetch_add(1, Relaxed);
+        let id = place.tally().next();
         let slot = self.slot(&mut place, &mut now);
         match (&mut slot.state, self.limit) {
             (State::Log(log, total), Limit::Window { limit, window }) => {
