@@ -277,11 +277,16 @@ fn sweep<V>(
 /// for `floor` entries: a sweep that new keys bring keeps room for those that will come
 /// before the next one, rather than growing the table again key by key.
 fn shrink_table<V>(entries: &mut HashTable<(u64, Key, V)>, floor: usize) {
-    if let Some(to) = shrink_to(entries.len(), entries.capacity()) {
-        if to.max(floor) < entries.capacity() {
-            entries.shrink_to(to.max(floor), |(hash, _, _)| *hash);
-        }
+    if let Some(to) = shrink_above(entries.len(), entries.capacity(), floor) {
+        entries.shrink_to(to, |(hash, _, _)| *hash);
     }
+}
+
+/// [`shrink_to`], keeping room for `floor` entries: `None` unless that still gives memory back.
+fn shrink_above(len: usize, capacity: usize, floor: usize) -> Option<usize> {
+    shrink_to(len, capacity)
+        .map(|to| to.max(floor))
+        .filter(|&to| to < capacity)
 }
 
 impl<V, T> std::fmt::Debug for Sharded<V, T> {
@@ -299,14 +304,14 @@ pub(crate) fn shrink_to(len: usize, capacity: usize) -> Option<usize> {
     (capacity > 64 && len * 4 < capacity).then_some(len * 2)
 }
 
-/// Gives memory back when a map has become mostly empty (see [`shrink_to`]).
-#[cfg(feature = "redis")]
-pub(crate) fn shrink<K, V, S>(map: &mut HashMap<K, V, S>)
+/// Gives memory back when a map has become mostly empty (see [`shrink_to`]), keeping room for
+/// `floor` entries.
+pub(crate) fn shrink<K, V, S>(map: &mut HashMap<K, V, S>, floor: usize)
 where
     K: Eq + std::hash::Hash,
     S: BuildHasher,
 {
-    if let Some(to) = shrink_to(map.len(), map.capacity()) {
+    if let Some(to) = shrink_above(map.len(), map.capacity(), floor) {
         map.shrink_to(to);
     }
 }

@@ -387,7 +387,7 @@ impl LeaseState {
                 .is_some_and(|entry| Arc::ptr_eq(entry, scope))
             {
                 scopes.remove(&scope.name);
-                crate::sharded::shrink(&mut scopes);
+                crate::sharded::shrink(&mut scopes, 0);
             }
         }
     }

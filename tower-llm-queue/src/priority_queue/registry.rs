@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::admission::Finish;
 use crate::key::Key;
-use crate::sharded::{lock, shrink_to, FastMap};
+use crate::sharded::{lock, shrink, shrink_to, FastMap};
 use crate::waiter::Waiter;
 
 use super::schedule::Position;
@@ -157,11 +157,7 @@ impl Book {
     /// again (bursts of requests) would otherwise grow and shrink it with every burst.
     pub(super) fn remove(&mut self, id: RequestId) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
-        if let Some(to) = shrink_to(self.entries.len(), self.entries.capacity()) {
-            if to.max(KEPT_ENTRIES) < self.entries.capacity() {
-                self.entries.shrink_to(to.max(KEPT_ENTRIES));
-            }
-        }
+        shrink(&mut self.entries, KEPT_ENTRIES);
         self.forget_ids();
         Some(entry)
     }
