@@ -60,6 +60,23 @@ pub(crate) struct Sharded<V, T = ()> {
     hasher: Hasher,
 }
 
+/// A count kept in each shard, under its lock ([`Place::tally`]): it costs no atomic operation,
+/// and the shards add up to the exact total.
+#[derive(Debug, Default)]
+pub(crate) struct Count(u64);
+
+impl Count {
+    /// Adds `n`, and gives the new count (which wraps around).
+    pub(crate) fn add(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(n);
+        self.0
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0
+    }
+}
+
 /// A shard behind its lock, on cache lines of its own.
 type LockedShard<V, T> = Padded<Mutex<Shard<V, T>>>;
 

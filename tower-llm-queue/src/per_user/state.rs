@@ -25,7 +25,7 @@ use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, Sharded};
+use crate::sharded::{lock, Count, Sharded};
 use crate::waiter::Waiter;
 
 use super::stats::PerUserStats;
@@ -74,7 +74,7 @@ impl User {
 }
 
 /// What happened in one shard, counted as it happens. (The requests admitted at once are
-/// counted in the shard itself, under the lock their admission holds: [`Admitted`].)
+/// counted in the shard itself, under the lock their admission holds.)
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Counters {
@@ -86,19 +86,6 @@ struct Counters {
     failed: AtomicU64,
 }
 
-/// The requests admitted at once in one shard of the users' cells.
-#[derive(Debug, Default)]
-struct Admitted(u64);
-
-impl Admitted {
-    /// Counts one more; gives the count, which picks the requests sampled for the
-    /// service-time estimate.
-    fn count(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        self.0
-    }
-}
-
 fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Relaxed);
 }
@@ -108,7 +95,9 @@ pub(crate) struct Shared {
     max_per_user: AtomicUsize,
     max_waiting: AtomicUsize,
     timeout: AtomicDuration,
-    users: Sharded<Arc<User>, Admitted>,
+    /// Each shard counts the requests admitted at once to its users; the count picks those
+    /// sampled for the service-time estimate.
+    users: Sharded<Arc<User>, Count>,
     /// One per shard of `users`.
     counters: Box<[Counters]>,
     /// How long a request holds a user's slot, for the `retry_after` of `UserLimit`.
@@ -200,7 +189,7 @@ impl Shared {
                 .compare_exchange_weak(state, state + 1, AcqRel, Relaxed)
             {
                 Ok(_) => {
-                    let admitted = place.tally().count();
+                    let admitted = place.tally().add(1);
                     drop(place);
                     tracing::trace!(user = %key, "admitted");
                     let started = crate::service_time::sampled(admitted as u32);
@@ -220,7 +209,7 @@ impl Shared {
                     Ok(_) => {
                         // Counted in the shard, under its lock, once the line's is let go.
                         drop(line);
-                        let admitted = self.users.lock(&key).tally().count();
+                        let admitted = self.users.lock(&key).tally().add(1);
                         tracing::trace!(user = %key, "admitted");
                         let started = crate::service_time::sampled(admitted as u32);
                         return Ok(Acquired::Running(slot(self, user, key, None, started)));
@@ -277,7 +266,7 @@ impl Shared {
     pub(crate) fn stats(&self) -> PerUserStats {
         let (mut users, mut in_flight, mut waiting, mut admitted) = (0, 0, 0, 0u64);
         self.users.for_each_shard(|shard| {
-            admitted += shard.tally().0;
+            admitted += shard.tally().get();
             shard.sweep(unheld);
             for user in shard.values() {
                 let line = lock(&user.line).len();

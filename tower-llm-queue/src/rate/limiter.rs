@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{MAX_COST, MAX_PERIOD};
 use crate::key::Key;
-use crate::sharded::{Place, Sharded};
+use crate::sharded::{Count, Place, Sharded};
 
 /// The longest `retry_after` a refusal reports: 2^53 − 1 µs, about 285 years.
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_micros(MAX_COST);
@@ -216,22 +216,12 @@ pub(crate) struct MemoryLimiter {
     limit: Limit,
     /// Tick 0.
     epoch: Instant,
-    keys: Sharded<Slot, AdmissionIds>,
+    /// Each shard counts out the ids of its keys' admissions, under its lock: even, rising. An
+    /// id names an admission among those of its key, which all take their ids from its shard.
+    keys: Sharded<Slot, Count>,
     /// The ids of admissions of no cost, which take no shard's lock: odd, so that they never
     /// meet the even ids the shards give out.
     free_ids: AtomicU64,
-}
-
-/// The ids a shard gives its keys' admissions, under its lock: even, rising. An id names an
-/// admission among those of its key, which all take their ids from the key's one shard.
-#[derive(Debug, Default)]
-struct AdmissionIds(u64);
-
-impl AdmissionIds {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(2);
-        self.0
-    }
 }
 
 impl MemoryLimiter {
@@ -270,11 +260,7 @@ impl MemoryLimiter {
 
     /// The slot of a key in its locked shard, made on first use (after a sweep of idle keys,
     /// when due), with `now` moved up to the latest instant the key has seen.
-    fn slot<'a>(
-        &self,
-        place: &'a mut Place<'_, Slot, AdmissionIds>,
-        now: &mut u64,
-    ) -> &'a mut Slot {
+    fn slot<'a>(&self, place: &'a mut Place<'_, Slot, Count>, now: &mut u64) -> &'a mut Slot {
         let (limit, at) = (&self.limit, *now);
         let slot = place.get_or_insert_with(
             |slot| slot.state.idle(at, limit),
@@ -322,7 +308,7 @@ impl MemoryLimiter {
         let mut place = self.keys.lock(key);
         // Read under the lock: decisions for one key then see the clock in their own order.
         let mut now = self.ticks(clock());
-        let id = place.tally().next();
+        let id = place.tally().add(2);
         let slot = self.slot(&mut place, &mut now);
         match (&mut slot.state, self.limit) {
             (State::Log(log, total), Limit::Window { limit, window }) => {
