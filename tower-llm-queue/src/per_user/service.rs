@@ -51,11 +51,18 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let hold = self.hold.clone();
-        let acquired = self
-            .user
-            .extract(&request)
-            .and_then(|key| self.shared.acquire(key));
-        ResponseFuture::new(match acquired {
+        let key = match self.user.extract(&request) {
+            Ok(key) => key,
+            Err(rejected) => return ResponseFuture::new(Admission::rejected(rejected, hold)),
+        };
+        let busy = match self.shared.take_at_once(key) {
+            Ok(slot) => {
+                let admission = Admission::admitted(slot, self.inner.clone(), request, hold);
+                return ResponseFuture::new(admission);
+            }
+            Err(busy) => busy,
+        };
+        ResponseFuture::new(match self.shared.acquire(busy) {
             Ok(Acquired::Running(slot)) => {
                 Admission::admitted(slot, self.inner.clone(), request, hold)
             }

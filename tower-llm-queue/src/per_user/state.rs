@@ -104,6 +104,15 @@ pub(crate) struct Shared {
     service_time: ServiceTime,
 }
 
+/// A request [`Shared::take_at_once`] could not admit: its user's cell, and the cell's state
+/// as last read.
+pub(crate) struct Busy {
+    user: Arc<User>,
+    shard: usize,
+    key: Key,
+    state: usize,
+}
+
 pub(crate) enum Acquired {
     Running(UserSlot),
     Waiting(UserSlot, Option<Duration>),
@@ -165,22 +174,17 @@ impl Shared {
         self.max_waiting.load(Relaxed)
     }
 
-    pub(crate) fn acquire(self: &Arc<Self>, key: Key) -> Result<Acquired, Rejected> {
+    /// Takes one of the user's slots at once if one is free and nobody of the user waits: the
+    /// path of most requests. Otherwise gives back what [`Shared::acquire`] goes on from.
+    // Inlined into the service's call, so that the slot is built where the response future
+    // keeps it: returned through memory and copied, it would be read back in wider pieces than
+    // it was written in, and the copy would stall on the fields just written.
+    #[inline(always)]
+    pub(crate) fn take_at_once(self: &Arc<Self>, key: Key) -> Result<UserSlot, Busy> {
         let max = self.max_per_user.load(Relaxed);
         let mut place = self.users.lock(&key);
         let user = place.get_or_reuse(unheld, Arc::default).clone();
         let shard = place.index();
-        let counters = &self.counters[shard];
-        let slot = |shared: &Arc<Self>, user, key, waiter, started| UserSlot {
-            shared: shared.clone(),
-            user,
-            shard,
-            key,
-            waiter,
-            released: false,
-            finish: Finish::Dropped,
-            started,
-        };
         let mut state = user.state.load(Relaxed);
         // A slot taken at once is taken under the shard's lock, which counts it.
         while state & WAITING == 0 && state < max {
@@ -193,12 +197,54 @@ impl Shared {
                     drop(place);
                     tracing::trace!(user = %key, "admitted");
                     let started = crate::service_time::sampled(admitted as u32);
-                    return Ok(Acquired::Running(slot(self, user, key, None, started)));
+                    return Ok(self.slot(user, shard, key, None, started));
                 }
                 Err(actual) => state = actual,
             }
         }
         drop(place);
+        Err(Busy {
+            user,
+            shard,
+            key,
+            state,
+        })
+    }
+
+    /// A request's claim on `user`'s slots, built in one piece.
+    #[inline(always)]
+    fn slot(
+        self: &Arc<Self>,
+        user: Arc<User>,
+        shard: usize,
+        key: Key,
+        waiter: Option<Arc<Waiter>>,
+        started: Option<tokio::time::Instant>,
+    ) -> UserSlot {
+        UserSlot {
+            shared: self.clone(),
+            user,
+            shard,
+            key,
+            waiter,
+            released: false,
+            finish: Finish::Dropped,
+            started,
+        }
+    }
+
+    /// Takes a slot, waits in the user's line or refuses, for a request that
+    /// [`Shared::take_at_once`] could not admit.
+    #[inline(never)]
+    pub(crate) fn acquire(self: &Arc<Self>, busy: Busy) -> Result<Acquired, Rejected> {
+        let Busy {
+            user,
+            shard,
+            key,
+            mut state,
+        } = busy;
+        let max = self.max_per_user.load(Relaxed);
+        let counters = &self.counters[shard];
         let mut line = None;
         loop {
             if state & WAITING == 0 && state < max {
@@ -212,7 +258,9 @@ impl Shared {
                         let admitted = self.users.lock(&key).tally().add(1);
                         tracing::trace!(user = %key, "admitted");
                         let started = crate::service_time::sampled(admitted as u32);
-                        return Ok(Acquired::Running(slot(self, user, key, None, started)));
+                        return Ok(Acquired::Running(
+                            self.slot(user, shard, key, None, started),
+                        ));
                     }
                     Err(actual) => state = actual,
                 }
@@ -242,7 +290,7 @@ impl Shared {
             count(&counters.waited);
             tracing::debug!(user = %key, "waiting for one of the user's slots");
             let timeout = self.timeout.get();
-            let slot = slot(self, user, key, Some(waiter), None);
+            let slot = self.slot(user, shard, key, Some(waiter), None);
             return Ok(Acquired::Waiting(slot, timeout));
         }
         drop(line);

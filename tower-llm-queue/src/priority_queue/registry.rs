@@ -134,6 +134,16 @@ impl Book {
         Some(Vacancy { book: self, id })
     }
 
+    /// The place of a new request `id` above every id in use here, which needs no look; `None`
+    /// for any other id (nothing counted: [`Book::vacancy`] decides).
+    #[inline]
+    pub(super) fn fresh(&mut self, id: RequestId) -> Option<Vacancy<'_>> {
+        if self.highest.is_some_and(|highest| id <= highest) {
+            return None;
+        }
+        Some(Vacancy { book: self, id })
+    }
+
     #[cold]
     fn in_use(&self, id: RequestId) -> bool {
         self.entries.contains_key(&id) || self.find(id).is_some()
@@ -283,14 +293,19 @@ struct Shard {
     cancels: AtomicU64,
 }
 
-/// A running request's end, as the registry saw it.
-#[derive(Debug)]
+/// A running request's end, as the registry saw it: when it started, if sampled for the
+/// service-time estimate. (Small enough to be returned in registers: what the schedule must hear
+/// of the end, if anything, is written to an [`Accounted`] the caller passes, only then.)
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Ended {
-    pub(super) user: Option<Key>,
-    pub(super) level: usize,
     pub(super) started: Option<Instant>,
-    /// The schedule counts it as running its user's request, and must hear of its end.
-    pub(super) accounted: bool,
+}
+
+/// The user and level of a running request that the schedule counts.
+#[derive(Debug)]
+pub(super) struct Accounted {
+    pub(super) level: usize,
+    pub(super) user: Key,
 }
 
 /// A running request with a fairness key that the schedule has not taken in: its place among
@@ -400,13 +415,15 @@ impl Registry {
     /// cancelled it, which counted it then). `None` if it is not there: it was cancelled while
     /// it waited (and its id may be another request's by now, which `waiter`, the request's
     /// own, tells apart). Only sampled requests give when they started, for the service-time
-    /// estimate, and every one while `unmeasured`.
+    /// estimate, and every one while `unmeasured`. If the schedule counts it, its user and
+    /// level are written to `accounted`.
     pub(super) fn end(
         &self,
         id: RequestId,
         waiter: &Arc<Waiter>,
         (finish, panicking): (Finish, bool),
         unmeasured: bool,
+        accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
         let entry = book
@@ -420,29 +437,39 @@ impl Registry {
         book.starts = book.starts.wrapping_add(1);
         let sampled = unmeasured || crate::service_time::is_sampled(book.starts);
         drop(book);
+        if let Some(user) = entry.user {
+            *accounted = Some(Accounted {
+                level: entry.level,
+                user,
+            });
+        }
         Some(Ended {
             started: sampled.then(|| entry.since + entry.waiter.waited()),
-            accounted: entry.user.is_some(),
-            user: entry.user,
-            level: entry.level,
         })
     }
 
     /// Takes the running request `id`, admitted at once into place `slot`, out, and counts how
-    /// it ended (unless the handle cancelled it, which counted it then).
+    /// it ended (unless the handle cancelled it, which counted it then). If the schedule counts
+    /// it, its user and level are written to `accounted`.
+    #[inline]
     pub(super) fn end_direct(
         &self,
         id: RequestId,
         slot: usize,
-        finish: Finish,
-        panicking: bool,
+        (finish, panicking): (Finish, bool),
+        accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
         let direct = book.slab.get_mut(slot).filter(|d| d.taken)?;
+        if direct.accounted {
+            if let Some(user) = direct.user.take() {
+                *accounted = Some(Accounted {
+                    level: direct.level,
+                    user,
+                });
+            }
+        }
         let ended = Ended {
-            accounted: direct.accounted && direct.user.is_some(),
-            user: direct.user.take(),
-            level: direct.level,
             started: direct.started,
         };
         if !direct.cancelled {

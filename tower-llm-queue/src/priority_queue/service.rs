@@ -57,11 +57,15 @@ where
         let id = self.ids.assign(&mut request);
         let priority = self.priority.priority(&request);
         let hold = self.hold.clone();
-        let enqueued = self
-            .fair
-            .user(&request)
-            .and_then(|user| self.shared.enqueue(id, user, priority));
-        let admission = match enqueued {
+        let mut user = match self.fair.user(&request) {
+            Ok(user) => user,
+            Err(rejected) => return ResponseFuture::new(Admission::rejected(rejected, hold), id),
+        };
+        if let Some(ticket) = self.shared.admit_at_once(id, &mut user, priority) {
+            let admission = Admission::admitted(ticket, self.inner.clone(), request, hold);
+            return ResponseFuture::new(admission, id);
+        }
+        let admission = match self.shared.enqueue(id, user, priority) {
             Ok(Enqueued::Running(ticket)) => {
                 Admission::admitted(ticket, self.inner.clone(), request, hold)
             }

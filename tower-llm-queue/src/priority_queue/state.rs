@@ -38,7 +38,7 @@ use crate::service_time::ServiceTime;
 use crate::sharded::{lock, FastMap, Padded};
 use crate::waiter::Waiter;
 
-use super::registry::{Book, Entry, Registry};
+use super::registry::{Accounted, Book, Ended, Entry, Registry};
 use super::schedule::Schedule;
 use super::stats::{EntryState, QueueEntry, QueueStats, RecentWaits};
 use super::RequestId;
@@ -170,6 +170,8 @@ pub(crate) enum Enqueued {
     Waiting(Ticket, Option<Duration>),
 }
 
+#[cold]
+#[inline(never)]
 fn duplicate(id: RequestId) -> Rejected {
     Rejected::new(RejectionKind::MissingKey)
         .with_message(format!("request id {id} is already in use"))
@@ -303,6 +305,31 @@ impl Shared {
         }
     }
 
+    /// Admits a new request at once if a slot is free, nobody waits and its id is above every
+    /// id of its shard (as ids from [`RequestId::next`] are): the path of most requests, which
+    /// takes only its shard's lock. Otherwise `None`, and [`Shared::enqueue`] decides; `user`
+    /// is taken only if the request is admitted.
+    // Inlined into the service's call, so that the ticket is built where the response future
+    // keeps it: returned through memory and copied, it would be read back in wider pieces than
+    // it was written in, and the copy would stall on the fields just written.
+    #[inline(always)]
+    pub(crate) fn admit_at_once(
+        self: &Arc<Self>,
+        id: RequestId,
+        user: &mut Option<Key>,
+        priority: u8,
+    ) -> Option<Ticket> {
+        let word = self.may_admit()?;
+        let level = level_index(self.levels.load(Ordering::Relaxed), priority);
+        let mut book = self.registry.lock(id);
+        let vacancy = book.fresh(id)?;
+        let seq = self.try_admit(word)?;
+        let slot = vacancy.run(user.take(), level, seq);
+        Some(self.running_ticket(id, slot))
+    }
+
+    /// Admits, queues or refuses a new request that [`Shared::admit_at_once`] did not admit.
+    #[inline(never)]
     pub(crate) fn enqueue(
         self: &Arc<Self>,
         id: RequestId,
@@ -310,19 +337,8 @@ impl Shared {
         priority: u8,
     ) -> Result<Enqueued, Rejected> {
         let level = level_index(self.levels.load(Ordering::Relaxed), priority);
-        let word = self.may_admit();
-        if let Some(word) = word {
-            let mut book = self.registry.lock(id);
-            let Some(vacancy) = book.vacancy(id) else {
-                return Err(duplicate(id));
-            };
-            if let Some(seq) = self.try_admit(word) {
-                let slot = vacancy.run(user, level, seq);
-                return Ok(Enqueued::Running(self.running_ticket(id, slot)));
-            }
-        }
         // A request likely to wait reads the clock before it takes the queue's lock.
-        let since = word.is_none().then(Instant::now);
+        let since = self.may_admit().is_none().then(Instant::now);
         self.enqueue_locked(id, user, level, since)
     }
 
@@ -411,6 +427,7 @@ impl Shared {
 
     /// Gives a slot back: to the next waiter if there is one, otherwise to the pool. The waiter
     /// of a request that waited, `spent`, is kept for reuse if others wait.
+    #[inline]
     fn release(&self, spent: Option<Arc<Waiter>>) {
         let mut word = self.word.0.load(Ordering::Relaxed);
         while word & WAITING == 0 {
@@ -424,6 +441,12 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
+        self.hand_over(spent);
+    }
+
+    /// [`Shared::release`] while requests wait.
+    #[inline(never)]
+    fn hand_over(&self, spent: Option<Arc<Waiter>>) {
         // The clock is read before the lock, to keep the lock's hold short.
         let now = Instant::now();
         let wake = self.release_locked(&mut self.lock_queue(), spent, now);
@@ -678,57 +701,92 @@ impl Drop for Ticket {
         if self.released {
             return;
         }
-        let shared = &self.shared;
         let panicking = std::thread::panicking();
-        // The waiter of a request that waited, for reuse by the next request that waits.
-        let mut spent = None;
-        let ended = match self.waiter.take() {
-            None => shared
-                .registry
-                .end_direct(self.id, self.slot, self.finish, panicking),
-            Some(waiter) => {
-                if waiter.is_waiting() {
-                    let mut queue = shared.lock_queue();
-                    let mut book = shared.registry.lock(self.id);
-                    if waiter.leave() {
-                        book.counts.cancelled += 1;
-                        shared.remove_waiting(&mut queue, &mut book, self.id);
-                        return;
-                    }
+        // Each kind of request ends on its own path: merged into one, the end would be copied
+        // through memory on the common path, read back in wider pieces than it was written in.
+        match self.waiter.take() {
+            None => {
+                let mut accounted = None;
+                let ended = self.shared.registry.end_direct(
+                    self.id,
+                    self.slot,
+                    (self.finish, panicking),
+                    &mut accounted,
+                );
+                if let Some(ended) = ended {
+                    self.shared.ended(ended, accounted.as_ref(), None);
                 }
-                let unmeasured = !shared.service_time.measured();
-                let ended =
-                    shared
-                        .registry
-                        .end(self.id, &waiter, (self.finish, panicking), unmeasured);
-                spent = Some(waiter);
-                ended
             }
-        };
-        let Some(ended) = ended else {
-            return;
-        };
-        if let Some(started) = ended.started {
-            shared.service_time.observe(started);
+            Some(waiter) => self.end_waited(waiter, panicking),
         }
-        if ended.accounted {
-            // Likely to hand its slot over: the clock is read before the lock.
-            let early = (shared.word.0.load(Ordering::Relaxed) & WAITING != 0).then(Instant::now);
+    }
+}
+
+impl Ticket {
+    /// The end of a request that waited: it leaves the queue if it still waits, or gives its
+    /// slot back.
+    #[inline(never)]
+    fn end_waited(&mut self, waiter: Arc<Waiter>, panicking: bool) {
+        let shared = &self.shared;
+        if waiter.is_waiting() {
             let mut queue = shared.lock_queue();
-            queue.schedule.finish(ended.level, ended.user.as_ref());
-            let word = shared.word.0.load(Ordering::Relaxed);
-            if word & WAITING != 0 {
-                let now = early.unwrap_or_else(Instant::now);
-                let wake = shared.release_locked(&mut queue, spent, now);
-                drop(queue);
-                if let Some(waker) = wake {
-                    waker.wake();
-                }
+            let mut book = shared.registry.lock(self.id);
+            if waiter.leave() {
+                book.counts.cancelled += 1;
+                shared.remove_waiting(&mut queue, &mut book, self.id);
                 return;
             }
-            drop(queue);
         }
-        shared.release(spent);
+        let unmeasured = !shared.service_time.measured();
+        let mut accounted = None;
+        let ended = shared.registry.end(
+            self.id,
+            &waiter,
+            (self.finish, panicking),
+            unmeasured,
+            &mut accounted,
+        );
+        if let Some(ended) = ended {
+            // The waiter, for reuse by the next request that waits.
+            shared.ended(ended, accounted.as_ref(), Some(waiter));
+        }
+    }
+}
+
+impl Shared {
+    /// A running request has ended: tells the schedule if it counts the request (`accounted`),
+    /// and gives the slot back. `spent` is the waiter of a request that waited.
+    #[inline(always)]
+    // `accounted` is borrowed: moved, it would be copied through memory on the common path.
+    fn ended(&self, ended: Ended, accounted: Option<&Accounted>, spent: Option<Arc<Waiter>>) {
+        if let Some(started) = ended.started {
+            self.service_time.observe(started);
+        }
+        match accounted {
+            Some(accounted) => self.end_accounted(accounted, spent),
+            None => self.release(spent),
+        }
+    }
+
+    /// [`Shared::ended`] of a request the schedule took in.
+    #[inline(never)]
+    fn end_accounted(&self, ended: &Accounted, spent: Option<Arc<Waiter>>) {
+        // Likely to hand its slot over: the clock is read before the lock.
+        let early = (self.word.0.load(Ordering::Relaxed) & WAITING != 0).then(Instant::now);
+        let mut queue = self.lock_queue();
+        queue.schedule.finish(ended.level, Some(&ended.user));
+        let word = self.word.0.load(Ordering::Relaxed);
+        if word & WAITING != 0 {
+            let now = early.unwrap_or_else(Instant::now);
+            let wake = self.release_locked(&mut queue, spent, now);
+            drop(queue);
+            if let Some(waker) = wake {
+                waker.wake();
+            }
+            return;
+        }
+        drop(queue);
+        self.release(spent);
     }
 }
 
