@@ -33,7 +33,7 @@ pub(crate) enum Finish {
 ///
 /// Once the slot is held, [`Guard::poll_cancelled`] tells whether the request was cancelled
 /// through a handle and registers the task to be woken if it is.
-pub(crate) trait Slot: Into<Permit> + Guard {
+pub(crate) trait Slot: Guard {
     /// The hand-off with the layer while the request waits; `None` for a slot taken at once.
     fn waiter(&self) -> Option<&Waiter>;
 
@@ -183,19 +183,40 @@ where
                 return Poll::Pending;
             }
         };
-        let Some(mut ticket) = this.ticket.take() else {
-            return Poll::Ready(Err(polled_after_completion()));
-        };
         Poll::Ready(match result {
-            Ok(response) => {
-                ticket.set_finish(Finish::Completed);
-                Ok(this.hold.attach(response, ticket))
-            }
+            Ok(response) => match this.ticket.take() {
+                Some(ticket) => Ok(this.hold.attach(response, Completed(ticket))),
+                None => Err(polled_after_completion()),
+            },
             Err(err) => {
                 ticket.set_finish(Finish::Failed);
+                *this.ticket = None;
                 Err(err)
             }
         })
+    }
+}
+
+/// The slot of a request that completed, on its way to the hold policy. It records the
+/// completion as it is dropped, in place: a write into the slot just before it is moved would
+/// make the move wait for the write.
+struct Completed<T: Slot>(T);
+
+impl<T: Slot> Drop for Completed<T> {
+    fn drop(&mut self) {
+        self.0.set_finish(Finish::Completed);
+    }
+}
+
+impl<T: Slot> Guard for Completed<T> {
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
+        self.0.poll_cancelled(cx)
+    }
+}
+
+impl<T: Slot> From<Completed<T>> for Permit {
+    fn from(slot: Completed<T>) -> Self {
+        Permit::new(slot)
     }
 }
 

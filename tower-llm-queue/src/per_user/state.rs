@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::admission::{Finish, Slot};
 use crate::clock::AtomicDuration;
-use crate::hold::{Guard, Permit};
+use crate::hold::Guard;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
@@ -425,12 +425,6 @@ impl Drop for UserSlot {
 impl Guard for UserSlot {
     fn poll_cancelled(&mut self, _: &mut Context<'_>) -> bool {
         false
-    }
-}
-
-impl From<UserSlot> for Permit {
-    fn from(slot: UserSlot) -> Self {
-        Permit::new(slot)
     }
 }
 

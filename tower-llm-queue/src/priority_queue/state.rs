@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::admission::{Finish, Slot};
-use crate::hold::{Guard, Permit};
+use crate::hold::Guard;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
@@ -815,11 +815,5 @@ impl Guard for Ticket {
                     .direct_cancelled(self.id, self.slot, Some(cx))
             }
         }
-    }
-}
-
-impl From<Ticket> for Permit {
-    fn from(ticket: Ticket) -> Self {
-        Permit::new(ticket)
     }
 }
