@@ -196,7 +196,7 @@ impl Shared {
                     let admitted = place.tally().add(1);
                     drop(place);
                     tracing::trace!(user = %key, "admitted");
-                    let started = crate::service_time::sampled(admitted as u32);
+                    let started = self.service_time.sampled(admitted as u32);
                     return Ok(self.slot(user, shard, key, None, started));
                 }
                 Err(actual) => state = actual,
@@ -257,7 +257,7 @@ impl Shared {
                         drop(line);
                         let admitted = self.users.lock(&key).tally().add(1);
                         tracing::trace!(user = %key, "admitted");
-                        let started = crate::service_time::sampled(admitted as u32);
+                        let started = self.service_time.sampled(admitted as u32);
                         return Ok(Acquired::Running(
                             self.slot(user, shard, key, None, started),
                         ));

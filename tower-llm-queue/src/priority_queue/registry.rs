@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::admission::Finish;
 use crate::key::Key;
+use crate::service_time::ServiceTime;
 use crate::sharded::{lock, shrink, shrink_to, FastMap};
 use crate::waiter::Waiter;
 
@@ -231,12 +232,18 @@ impl Vacancy<'_> {
     /// ones read the clock, for the service-time estimate.
     // Inlined into both callers: it is on the path of every request admitted at once.
     #[inline(always)]
-    pub(super) fn run(mut self, user: Option<Key>, level: usize, seq: u64) -> usize {
+    pub(super) fn run(
+        mut self,
+        user: Option<Key>,
+        level: usize,
+        seq: u64,
+        service_time: &ServiceTime,
+    ) -> usize {
         tracing::trace!(id = %self.id, user = ?user, level = level + 1, "admitted at once");
         self.taken();
         let book = self.book;
         book.starts = book.starts.wrapping_add(1);
-        let started = crate::service_time::sampled(book.starts);
+        let started = service_time.sampled(book.starts);
         book.counts.admitted += 1;
         let slot = match book.free.pop() {
             Some(slot) => slot,
@@ -415,14 +422,13 @@ impl Registry {
     /// cancelled it, which counted it then). `None` if it is not there: it was cancelled while
     /// it waited (and its id may be another request's by now, which `waiter`, the request's
     /// own, tells apart). Only sampled requests give when they started, for the service-time
-    /// estimate, and every one while `unmeasured`. If the schedule counts it, its user and
-    /// level are written to `accounted`.
+    /// estimate. If the schedule counts it, its user and level are written to `accounted`.
     pub(super) fn end(
         &self,
         id: RequestId,
         waiter: &Arc<Waiter>,
         (finish, panicking): (Finish, bool),
-        unmeasured: bool,
+        service_time: &ServiceTime,
         accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
@@ -435,7 +441,7 @@ impl Registry {
         }
         let entry = book.remove(id)?;
         book.starts = book.starts.wrapping_add(1);
-        let sampled = unmeasured || crate::service_time::is_sampled(book.starts);
+        let sampled = service_time.is_sampled(book.starts);
         drop(book);
         if let Some(user) = entry.user {
             *accounted = Some(Accounted {

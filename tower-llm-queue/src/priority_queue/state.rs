@@ -324,7 +324,7 @@ impl Shared {
         let mut book = self.registry.lock(id);
         let vacancy = book.fresh(id)?;
         let seq = self.try_admit(word)?;
-        let slot = vacancy.run(user.take(), level, seq);
+        let slot = vacancy.run(user.take(), level, seq, &self.service_time);
         Some(self.running_ticket(id, slot))
     }
 
@@ -369,7 +369,7 @@ impl Shared {
                 ) {
                     Ok(_) => {
                         drop(queue);
-                        let slot = vacancy.run(user, level, at_once(word));
+                        let slot = vacancy.run(user, level, at_once(word), &self.service_time);
                         return Ok(Enqueued::Running(self.running_ticket(id, slot)));
                     }
                     Err(actual) => {
@@ -737,13 +737,12 @@ impl Ticket {
                 return;
             }
         }
-        let unmeasured = !shared.service_time.measured();
         let mut accounted = None;
         let ended = shared.registry.end(
             self.id,
             &waiter,
             (self.finish, panicking),
-            unmeasured,
+            &shared.service_time,
             &mut accounted,
         );
         if let Some(ended) = ended {
