@@ -29,6 +29,7 @@
 //! [`PriorityQueueHandle::cancel`]: super::PriorityQueueHandle::cancel
 //! [`RequestId::next`]: super::RequestId::next
 
+use std::collections::hash_map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -168,9 +169,14 @@ impl Book {
     /// again (bursts of requests) would otherwise grow and shrink it with every burst.
     pub(super) fn remove(&mut self, id: RequestId) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
+        self.removed();
+        Some(entry)
+    }
+
+    /// After a request that waited was taken out of the map.
+    fn removed(&mut self) {
         shrink(&mut self.entries, KEPT_ENTRIES);
         self.forget_ids();
-        Some(entry)
     }
 
     /// Frees the place `slot` of the slab, whose request has ended: lets its user and task
@@ -281,11 +287,6 @@ impl Vacancy<'_> {
     pub(super) fn queue(mut self, entry: Entry) {
         self.taken();
         self.book.entries.insert(self.id, entry);
-    }
-
-    /// The shard this place is in, locked.
-    pub(super) fn book(&mut self) -> &mut Book {
-        self.book
     }
 }
 
@@ -432,14 +433,18 @@ impl Registry {
         accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
-        let entry = book
-            .entries
-            .get(&id)
-            .filter(|entry| Arc::ptr_eq(&entry.waiter, waiter))?;
+        // Found once: looked up and then removed, it would be hashed and probed twice.
+        let hash_map::Entry::Occupied(found) = book.entries.entry(id) else {
+            return None;
+        };
+        if !Arc::ptr_eq(&found.get().waiter, waiter) {
+            return None;
+        }
+        let entry = found.remove();
+        book.removed();
         if !entry.is_cancelled() {
             book.count_end(finish, panicking);
         }
-        let entry = book.remove(id)?;
         book.starts = book.starts.wrapping_add(1);
         let sampled = service_time.is_sampled(book.starts);
         drop(book);
@@ -488,20 +493,10 @@ impl Registry {
 
     /// Every request admitted at once with a fairness key that the schedule has not taken in,
     /// marked as taken in: called under the queue's lock, which the schedule is under.
-    /// `own` is a shard already locked by the caller, with an id of it.
-    pub(super) fn take_unaccounted(
-        &self,
-        own: Option<(RequestId, &mut Book)>,
-        levels: usize,
-    ) -> Vec<Unaccounted> {
+    pub(super) fn take_unaccounted(&self, levels: usize) -> Vec<Unaccounted> {
         let mut out = Vec::new();
-        let own_index = own.as_ref().map(|(id, _)| self.index(*id));
-        let mut own = own.map(|(_, book)| book);
-        for (index, shard) in self.shards.iter().enumerate() {
-            match own.as_deref_mut().filter(|_| own_index == Some(index)) {
-                Some(book) => book.take_unaccounted(&mut out, levels),
-                None => lock(&shard.book).take_unaccounted(&mut out, levels),
-            }
+        for shard in self.shards.iter() {
+            lock(&shard.book).take_unaccounted(&mut out, levels);
         }
         out
     }

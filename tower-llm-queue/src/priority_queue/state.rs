@@ -11,9 +11,10 @@
 //!
 //! The flag changes only under the queue's lock, and is set only while every slot is taken; the
 //! compare-and-swap of a request admitted at once, and of a release without the lock, fails
-//! whenever the flag is set. Lock order: the queue, then a registry shard. The one path that
-//! holds two shards — the request that sets the flag, which holds its own while it visits the
-//! others one at a time — holds the queue's lock too, so no two paths wait for each other.
+//! whenever the flag is set. Lock order: the queue, then a registry shard; no path holds two
+//! shards. A request that waits takes its place in the schedule under the queue's lock and is
+//! registered in its shard after that lock is let go, so that the lock is held only as long as
+//! the schedule needs it.
 //!
 //! With a fairness key, a request admitted at once is registered the same way, with its place
 //! among those admitted at once; the schedule takes in its user's turn only once the flag is
@@ -39,7 +40,7 @@ use crate::sharded::{lock, FastMap, Padded};
 use crate::waiter::Waiter;
 
 use super::registry::{Accounted, Book, Ended, Entry, Registry};
-use super::schedule::Schedule;
+use super::schedule::{Position, Schedule};
 use super::stats::{EntryState, QueueEntry, QueueStats, RecentWaits};
 use super::RequestId;
 
@@ -205,7 +206,7 @@ impl Shared {
     pub(crate) fn configure(&self, f: impl FnOnce(&mut Config)) -> bool {
         let mut queue = self.lock_queue();
         // The users' running requests hold the levels as they are.
-        self.account_direct(&mut queue, None);
+        self.account_direct(&mut queue);
         let before = queue.config.clone();
         f(&mut queue.config);
         let (levels, oldest_every) = (queue.config.levels, queue.config.oldest_every);
@@ -248,8 +249,7 @@ impl Shared {
 
     /// Has the schedule take in the requests admitted at once with a fairness key, in the order
     /// they were admitted, as though each had been taken in as it was admitted: called once
-    /// requests start to wait, and before the schedule is read or changed. `own` is a registry
-    /// shard the caller holds, with an id of it.
+    /// requests start to wait, and before the schedule is read or changed.
     ///
     /// While nobody waits, a user's requests admitted at once touch nothing but the registry.
     /// The schedule's turns matter only to requests that wait, and of what it would have
@@ -258,9 +258,9 @@ impl Shared {
     /// difference remains: a user whose request from an earlier wait still runs sees virtual
     /// time moved only by the requests still running, so its next turn may come a little later
     /// than had every request admitted meanwhile moved it.
-    fn account_direct(&self, queue: &mut Queue, own: Option<(RequestId, &mut Book)>) {
+    fn account_direct(&self, queue: &mut Queue) {
         let levels = queue.schedule.levels();
-        let mut unaccounted = self.registry.take_unaccounted(own, levels);
+        let mut unaccounted = self.registry.take_unaccounted(levels);
         if unaccounted.is_empty() {
             return;
         }
@@ -333,53 +333,72 @@ impl Shared {
     pub(crate) fn enqueue(
         self: &Arc<Self>,
         id: RequestId,
-        user: Option<Key>,
+        mut user: Option<Key>,
         priority: u8,
     ) -> Result<Enqueued, Rejected> {
         let level = level_index(self.levels.load(Ordering::Relaxed), priority);
-        // A request likely to wait reads the clock before it takes the queue's lock.
-        let since = self.may_admit().is_none().then(Instant::now);
-        self.enqueue_locked(id, user, level, since)
+        let mut since = None;
+        loop {
+            match self.may_admit() {
+                Some(word) => {
+                    if let Some(ticket) = self.admit_checked(id, &mut user, level, word)? {
+                        return Ok(Enqueued::Running(ticket));
+                    }
+                }
+                // Likely to wait: the clock is read before the queue's lock is taken.
+                None => {
+                    since.get_or_insert_with(Instant::now);
+                }
+            }
+            if let Some(waiting) = self.wait_in_line(id, &mut user, level, since)? {
+                return Ok(waiting);
+            }
+        }
     }
 
-    /// Admits or queues a request under the queue's lock; `since` is when it arrived, if read
-    /// already.
-    fn enqueue_locked(
+    /// [`Shared::admit_at_once`] for any id: one in use is refused.
+    fn admit_checked(
         self: &Arc<Self>,
         id: RequestId,
-        user: Option<Key>,
+        user: &mut Option<Key>,
+        level: usize,
+        word: u64,
+    ) -> Result<Option<Ticket>, Rejected> {
+        let mut book = self.registry.lock(id);
+        let Some(vacancy) = book.vacancy(id) else {
+            return Err(duplicate(id));
+        };
+        let Some(seq) = self.try_admit(word) else {
+            return Ok(None);
+        };
+        let slot = vacancy.run(user.take(), level, seq, &self.service_time);
+        Ok(Some(self.running_ticket(id, slot)))
+    }
+
+    /// Queues a request that found no free slot, or refuses it if the queue is full; `since` is
+    /// when it arrived, if read already. `None` if a slot has come free meanwhile: the caller
+    /// tries again.
+    ///
+    /// Only the schedule is changed under the queue's lock; the request is registered in its
+    /// shard after, before its ticket exists. Until then a cancellation through the handle does
+    /// not find it, as though it had come a moment earlier than the request; whatever else
+    /// takes a waiting request out of the queue (a timeout, its end) goes through its ticket.
+    fn wait_in_line(
+        self: &Arc<Self>,
+        id: RequestId,
+        user: &mut Option<Key>,
         level: usize,
         since: Option<Instant>,
-    ) -> Result<Enqueued, Rejected> {
+    ) -> Result<Option<Enqueued>, Rejected> {
         let mut queue = self.lock_queue();
         // The levels may have changed since `level` was picked.
         let level = level.min(queue.schedule.levels() - 1);
-        let mut book = self.registry.lock(id);
-        let Some(mut vacancy) = book.vacancy(id) else {
-            return Err(duplicate(id));
-        };
         let mut word = self.word.0.load(Ordering::Relaxed);
         loop {
             if word & WAITING == 0 && word & RUNNING < self.concurrency {
-                match self.word.0.compare_exchange_weak(
-                    word,
-                    word.wrapping_add(1 + AT_ONCE),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => {
-                        drop(queue);
-                        let slot = vacancy.run(user, level, at_once(word), &self.service_time);
-                        return Ok(Enqueued::Running(self.running_ticket(id, slot)));
-                    }
-                    Err(actual) => {
-                        word = actual;
-                        continue;
-                    }
-                }
+                return Ok(None);
             }
             if queue.schedule.len() >= queue.config.capacity {
-                drop(book);
                 queue.counters.rejected += 1;
                 let retry_after = self.service_time.next_free((word & RUNNING) as usize);
                 tracing::debug!(%id, user = ?user, level = level + 1, "rejected: queue full");
@@ -397,12 +416,13 @@ impl Shared {
                 Ok(_) => {
                     // Nobody is admitted at once from now on: the schedule takes in those
                     // that were.
-                    self.account_direct(&mut queue, Some((id, vacancy.book())));
+                    self.account_direct(&mut queue);
                     break;
                 }
                 Err(actual) => word = actual,
             }
         }
+        let user = user.take();
         let waiter = queue.waiter();
         let since = since.unwrap_or_else(Instant::now);
         let waiting = Waiting {
@@ -412,6 +432,14 @@ impl Shared {
         };
         let position = queue.schedule.push(level, user.as_ref(), waiting);
         tracing::debug!(%id, user = ?user, level = level + 1, waiting = queue.schedule.len(), "queued");
+        let timeout = queue.config.queue_timeout;
+        drop(queue);
+        let mut book = self.registry.lock(id);
+        let Some(vacancy) = book.vacancy(id) else {
+            drop(book);
+            self.withdraw(position, level, user.as_ref(), waiter);
+            return Err(duplicate(id));
+        };
         vacancy.queue(Entry {
             user,
             level,
@@ -420,9 +448,31 @@ impl Shared {
             waiter: waiter.clone(),
         });
         drop(book);
-        let timeout = queue.config.queue_timeout;
+        Ok(Some(Enqueued::Waiting(
+            self.ticket(id, Some(waiter)),
+            timeout,
+        )))
+    }
+
+    /// Takes back a request queued under an id that proved to be in use: it leaves the queue,
+    /// or, if its turn came meanwhile, gives its slot to the next waiter.
+    #[cold]
+    fn withdraw(&self, position: Position, level: usize, user: Option<&Key>, waiter: Arc<Waiter>) {
+        let mut queue = self.lock_queue();
+        if waiter.leave() {
+            queue.schedule.remove(position, user);
+            self.left(&queue);
+            queue.recycle(waiter);
+            return;
+        }
+        // Granted: it never ran, so it is not counted as admitted.
+        queue.counters.admitted = queue.counters.admitted.saturating_sub(1);
+        queue.schedule.finish(level, user);
+        let wake = self.release_locked(&mut queue, Some(waiter), Instant::now());
         drop(queue);
-        Ok(Enqueued::Waiting(self.ticket(id, Some(waiter)), timeout))
+        if let Some(waker) = wake {
+            waker.wake();
+        }
     }
 
     /// Gives a slot back: to the next waiter if there is one, otherwise to the pool. The waiter
@@ -579,7 +629,7 @@ impl Shared {
         let word = self.word.0.load(Ordering::Relaxed);
         queue.waits.admitted_at_once(at_once(word), AT_ONCE_MODULUS);
         let (p50, p95, p99) = queue.waits.percentiles();
-        self.account_direct(&mut queue, None);
+        self.account_direct(&mut queue);
         let c = &queue.counters;
         QueueStats {
             concurrency: queue.config.concurrency,
@@ -814,5 +864,57 @@ impl Guard for Ticket {
                     .direct_cancelled(self.id, self.slot, Some(cx))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(concurrency: usize) -> Arc<Shared> {
+        Arc::new(Shared::new(Config {
+            concurrency,
+            capacity: 10,
+            levels: 1,
+            queue_timeout: None,
+            oldest_every: 0,
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_granted_before_it_was_registered_gives_its_slot_on() {
+        let shared = shared(1);
+        let user = Key::from(1u64);
+        let Ok(Enqueued::Running(first)) = shared.enqueue(RequestId::from_u64(1), None, 1) else {
+            panic!("the first request is admitted at once");
+        };
+        // What `wait_in_line` does for a request whose id proves to be in use, up to the point
+        // where it is found out, with the slot handed to it meanwhile.
+        let waiter = Arc::new(Waiter::new());
+        let position = {
+            let mut queue = shared.lock_queue();
+            shared.word.0.fetch_or(WAITING, Ordering::Relaxed);
+            let waiting = Waiting {
+                id: RequestId::from_u64(2),
+                waiter: waiter.clone(),
+                since: Instant::now(),
+            };
+            queue.schedule.push(0, Some(&user), waiting)
+        };
+        drop(first);
+        assert!(!waiter.is_waiting(), "the slot went to the waiting request");
+        assert_eq!(shared.stats().running, 1);
+        shared.withdraw(position, 0, Some(&user), waiter);
+        let stats = shared.stats();
+        assert_eq!(
+            (stats.running, stats.waiting, stats.users),
+            (0, 0, 0),
+            "{stats:?}"
+        );
+        assert_eq!((stats.admitted, stats.completed), (1, 0), "{stats:?}");
+        assert!(matches!(
+            shared.enqueue(RequestId::from_u64(3), None, 1),
+            Ok(Enqueued::Running(_))
+        ));
     }
 }

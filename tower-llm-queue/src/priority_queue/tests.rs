@@ -540,6 +540,42 @@ async fn a_duplicate_request_id_is_refused() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_duplicate_of_a_waiting_request_is_refused_and_leaves_the_queue_as_it_was() {
+    let layer = PriorityQueueLayer::new(1)
+        .fair_by(|n: &u64| *n % 2)
+        .request_id(|n: &mut u64| RequestId::from_u64(*n % 10));
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move {
+            sleep(Duration::from_secs(1)).await;
+            Ok::<_, BoxError>(n)
+        }));
+    let running = tokio::spawn(svc.call(1));
+    let waiting = tokio::spawn(svc.call(2));
+    tokio::task::yield_now().await;
+    let err = svc.call(12).await.unwrap_err();
+    assert_eq!(kind(&err), RejectionKind::MissingKey);
+    assert!(err.to_string().contains("request id 2 is already in use"));
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.running, stats.waiting, stats.rejected),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(handle.entries().len(), 2);
+    assert_eq!(running.await.unwrap().unwrap(), 1);
+    assert_eq!(waiting.await.unwrap().unwrap(), 2);
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.running, stats.waiting, stats.completed),
+        (0, 0, 2),
+        "{stats:?}"
+    );
+    assert_eq!(stats.users, 0, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn inner_errors_pass_through_untouched() {
     #[derive(Debug)]
     struct Upstream;
