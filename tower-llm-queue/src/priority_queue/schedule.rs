@@ -556,9 +556,14 @@ impl<T> Schedule<T> {
         }
         self.len -= 1;
         at.virtual_time = at.virtual_time.max(tag);
-        at.enter_turn(next, user.as_ref());
-        if user.is_none() {
-            self.forget_if_idle(level, None);
+        match (next, user) {
+            // The user's next turn takes the key of the turn just served, not a copy of it.
+            (Some((tag, seq)), Some(user)) => {
+                at.turns.push(Turn { tag, seq, user });
+                at.current_turns += 1;
+            }
+            (_, Some(_)) => {}
+            (_, None) => self.forget_if_idle(level, None),
         }
         self.sweep_idle(level);
         Some(id)
