@@ -59,6 +59,7 @@ impl<T> Default for Line<T> {
 }
 
 impl<T> Line<T> {
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.live
     }
@@ -235,7 +236,10 @@ struct Level<T> {
     /// Users with nothing waiting or running whose next tag is still ahead of virtual time, by
     /// that tag.
     idle: BTreeSet<(u64, Key)>,
-    /// The level's waiting requests by arrival, for the turn of the longest-waiting one.
+    /// How many requests wait at this level.
+    waiting: usize,
+    /// The level's waiting requests with a fairness key, by arrival: with the line without a
+    /// key, which is in arrival order too, they tell the longest-waiting request's turn.
     arrivals: Line<()>,
     virtual_time: u64,
 }
@@ -247,6 +251,7 @@ impl<T> Level<T> {
             current_turns: 0,
             unkeyed: Flow::new(0),
             idle: BTreeSet::new(),
+            waiting: 0,
             arrivals: Line::default(),
             virtual_time: 0,
         }
@@ -268,7 +273,17 @@ impl<T> Level<T> {
     /// Whether an idle user's next tag is still worth remembering: others wait here, and
     /// virtual time has not caught up with it.
     fn remembers(&self, next_tag: u64) -> bool {
-        !self.arrivals.is_empty() && next_tag > self.virtual_time
+        self.waiting != 0 && next_tag > self.virtual_time
+    }
+
+    /// The sequence number of the level's longest-waiting request.
+    fn oldest(&self) -> Option<u64> {
+        let keyed = self.arrivals.first().map(|(seq, _)| seq);
+        let unkeyed = self.unkeyed.waiting.first().map(|(seq, _)| seq);
+        match (keyed, unkeyed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Enters a turn its user's line has taken in the heap: a keyed user's (the line without a
@@ -359,7 +374,7 @@ impl<T> Schedule<T> {
     }
 
     pub(crate) fn len_at(&self, level: usize) -> usize {
-        self.levels[level].arrivals.len()
+        self.levels[level].waiting
     }
 
     pub(crate) fn levels(&self) -> usize {
@@ -489,7 +504,10 @@ impl<T> Schedule<T> {
         };
         let at = &mut self.levels[level];
         at.enter_turn(turn, user);
-        at.arrivals.push(seq, ());
+        if user.is_some() {
+            at.arrivals.push(seq, ());
+        }
+        at.waiting += 1;
         self.len += 1;
         Position { level, seq }
     }
@@ -503,11 +521,11 @@ impl<T> Schedule<T> {
             self.levels
                 .iter()
                 .enumerate()
-                .filter_map(|(level, l)| l.arrivals.first().map(|(seq, _)| (seq, level)))
+                .filter_map(|(level, l)| l.oldest().map(|seq| (seq, level)))
                 .min()
                 .map(|(_, level)| level)
         } else {
-            self.levels.iter().position(|l| !l.arrivals.is_empty())
+            self.levels.iter().position(|l| l.waiting != 0)
         }
     }
 
@@ -550,21 +568,21 @@ impl<T> Schedule<T> {
             let next = flow.take_turn(at.virtual_time.max(tag));
             break (tag, seq, Some(user), id, next);
         };
-        at.arrivals.remove(seq);
-        if at.arrivals.is_empty() {
+        if user.is_some() {
+            at.arrivals.remove(seq);
+        }
+        at.waiting -= 1;
+        if at.waiting == 0 {
             at.turns.clear();
         }
         self.len -= 1;
         at.virtual_time = at.virtual_time.max(tag);
-        match (next, user) {
-            // The user's next turn takes the key of the turn just served, not a copy of it.
-            (Some((tag, seq)), Some(user)) => {
-                at.turns.push(Turn { tag, seq, user });
-                at.current_turns += 1;
-            }
-            (_, Some(_)) => {}
-            (_, None) => self.forget_if_idle(level, None),
+        // The user's next turn takes the key of the turn just served, not a copy of it.
+        if let (Some((tag, seq)), Some(user)) = (next, user) {
+            at.turns.push(Turn { tag, seq, user });
+            at.current_turns += 1;
         }
+        // Forgets the line without a key too, if it is idle now.
         self.sweep_idle(level);
         Some(id)
     }
@@ -603,10 +621,7 @@ impl<T> Schedule<T> {
 
     /// How many waiting requests would be admitted before the one at `pos`.
     pub(crate) fn rank(&self, pos: Position) -> usize {
-        let above: usize = self.levels[..pos.level]
-            .iter()
-            .map(|l| l.arrivals.len())
-            .sum();
+        let above: usize = self.levels[..pos.level].iter().map(|l| l.waiting).sum();
         let ahead = self
             .level_order(pos.level)
             .iter()
@@ -630,14 +645,17 @@ impl<T> Schedule<T> {
             flow.turn = None;
             flow.next_tag = tag;
         }
-        at.arrivals.remove(pos.seq);
+        if user.is_some() {
+            at.arrivals.remove(pos.seq);
+        }
+        at.waiting -= 1;
         self.len -= 1;
         if held_turn.is_some() {
             self.drop_turn(pos.level, user);
             self.next_turn(pos.level, user);
         }
         self.forget_if_idle(pos.level, user);
-        if self.levels[pos.level].arrivals.is_empty() {
+        if self.levels[pos.level].waiting == 0 {
             self.sweep_idle(pos.level);
         }
         true
