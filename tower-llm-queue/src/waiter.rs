@@ -2,7 +2,7 @@
 //! waker of the task that waits on it.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, RawWakerVTable, Waker};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -146,6 +146,28 @@ impl Waiter {
     }
 }
 
+/// Which task a request last registered to be woken, told apart as [`Waker::will_wake`] does,
+/// without a clone of its waker: the registration (in a waiter, or in a registry) holds the
+/// clone, and with it the task whose address this compares.
+#[derive(Debug, Default)]
+pub(crate) struct Registered(Option<(usize, &'static RawWakerVTable)>);
+
+impl Registered {
+    /// Whether `waker` wakes the task registered last; if not, it is the one from now on, and
+    /// the caller registers it.
+    #[inline]
+    pub(crate) fn stands(&mut self, waker: &Waker) -> bool {
+        let task = (waker.data() as usize, waker.vtable());
+        match self.0 {
+            Some((data, vtable)) if data == task.0 && std::ptr::eq(vtable, task.1) => true,
+            _ => {
+                self.0 = Some(task);
+                false
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +183,23 @@ mod tests {
         assert!(w.leave());
         assert!(w.grant().is_none());
         assert!(!w.cancel());
+    }
+
+    #[test]
+    fn a_registration_stands_for_its_task_only() {
+        let (a, b) = (
+            futures_util::task::noop_waker(),
+            std::task::Waker::noop().clone(),
+        );
+        let mut registered = Registered::default();
+        assert!(!registered.stands(&a), "nothing was registered yet");
+        assert!(registered.stands(&a.clone()));
+        assert!(!registered.stands(&b), "another task");
+        assert!(registered.stands(&b));
+        assert!(
+            !registered.stands(&a),
+            "the first task again, after another"
+        );
     }
 
     #[test]

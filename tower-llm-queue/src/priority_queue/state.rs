@@ -37,7 +37,7 @@ use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
 use crate::sharded::{lock, FastMap, Padded};
-use crate::waiter::Waiter;
+use crate::waiter::{Registered, Waiter};
 
 use super::registry::{Accounted, Book, Ended, Entry, Registry};
 use super::schedule::{Position, Schedule};
@@ -159,7 +159,7 @@ pub(crate) struct Ticket {
     /// The task it last registered to be woken by a cancellation. While that task polls, the
     /// registration stands: a request that waited only looks at its status, and one admitted at
     /// once looks at its flag only when a request of its shard was cancelled since.
-    registered: Option<Waker>,
+    registered: Registered,
     finish: Finish,
     released: bool,
 }
@@ -281,7 +281,7 @@ impl Shared {
             waiter,
             slot: 0,
             cancels_seen: AtomicU64::new(0),
-            registered: None,
+            registered: Registered::default(),
             finish: Finish::Dropped,
             released: false,
         }
@@ -299,7 +299,7 @@ impl Shared {
             waiter: None,
             slot,
             cancels_seen: AtomicU64::new(self.registry.cancels(id)),
-            registered: None,
+            registered: Registered::default(),
             finish: Finish::Dropped,
             released: false,
         }
@@ -842,13 +842,7 @@ impl Shared {
 impl Guard for Ticket {
     fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
         // The task stays registered from one poll to the next while it does not change.
-        let standing = self
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()));
-        if !standing {
-            self.registered = Some(cx.waker().clone());
-        }
+        let standing = self.registered.stands(cx.waker());
         match &self.waiter {
             Some(waiter) if standing => waiter.is_cancelled(),
             Some(waiter) => waiter.poll_cancelled(cx),
