@@ -25,6 +25,7 @@
 //! when a request takes or makes its user's entry.
 
 use std::cmp::Ordering;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::hash::{Hash, Hasher};
 
@@ -541,8 +542,9 @@ impl<T> Schedule<T> {
         // The smallest current turn: the heap's top (once the turns given up there are
         // dropped) or the turn of the line without a key, whichever comes first.
         // The line served takes its next turn at once, found once: a keyed user's line has a
-        // request running now, so it is not idle.
-        let (tag, seq, user, id, next) = loop {
+        // request running now, so it is not idle. A keyed user's next turn takes the place of
+        // the turn just served at the top of the heap, with its key, and sinks to its place.
+        let (tag, seq, keyed, id) = loop {
             let heap_first = match (at.turns.peek(), at.unkeyed.turn) {
                 (Some(top), Some(unkeyed)) => (top.tag, top.seq) < unkeyed,
                 (top, _) => top.is_some(),
@@ -551,24 +553,35 @@ impl<T> Schedule<T> {
                 let (tag, seq) = at.unkeyed.turn?;
                 let id = at.unkeyed.waiting.remove(seq)?;
                 at.unkeyed.turn = None;
-                let next = at.unkeyed.take_turn(at.virtual_time.max(tag));
-                break (tag, seq, None, id, next);
+                at.unkeyed.take_turn(at.virtual_time.max(tag));
+                break (tag, seq, false, id);
             }
-            let Turn { tag, seq, user } = at.turns.pop()?;
-            let Some(flow) = self.flows.get_mut(&FlowKey(level, &user)) else {
-                continue;
+            let mut top = at.turns.peek_mut()?;
+            let (tag, seq) = (top.tag, top.seq);
+            let flow = match self.flows.get_mut(&FlowKey(level, &top.user)) {
+                Some(flow) if flow.turn == Some((tag, seq)) => flow,
+                // A turn given up.
+                _ => {
+                    PeekMut::pop(top);
+                    continue;
+                }
             };
-            if flow.turn != Some((tag, seq)) {
-                continue;
-            }
             let id = flow.waiting.remove(seq)?;
             flow.turn = None;
             flow.running += 1;
-            at.current_turns -= 1;
-            let next = flow.take_turn(at.virtual_time.max(tag));
-            break (tag, seq, Some(user), id, next);
+            match flow.take_turn(at.virtual_time.max(tag)) {
+                Some((next_tag, next_seq)) => {
+                    top.tag = next_tag;
+                    top.seq = next_seq;
+                }
+                None => {
+                    PeekMut::pop(top);
+                    at.current_turns -= 1;
+                }
+            }
+            break (tag, seq, true, id);
         };
-        if user.is_some() {
+        if keyed {
             at.arrivals.remove(seq);
         }
         at.waiting -= 1;
@@ -576,14 +589,14 @@ impl<T> Schedule<T> {
             at.turns.clear();
         }
         self.len -= 1;
+        let before = at.virtual_time;
         at.virtual_time = at.virtual_time.max(tag);
-        // The user's next turn takes the key of the turn just served, not a copy of it.
-        if let (Some((tag, seq)), Some(user)) = (next, user) {
-            at.turns.push(Turn { tag, seq, user });
-            at.current_turns += 1;
+        // An idle user can be forgotten only once virtual time has moved or the level has
+        // emptied (a user is made idle only with a tag ahead of virtual time), and the line
+        // without a key once it has been served.
+        if at.virtual_time != before || at.waiting == 0 || !keyed {
+            self.sweep_idle(level);
         }
-        // Forgets the line without a key too, if it is idle now.
-        self.sweep_idle(level);
         Some(id)
     }
 
