@@ -958,4 +958,106 @@ mod tests {
         assert_eq!(s.flow_count(), 0);
         assert_eq!(s.len(), 0);
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push { level: usize, user: Option<u8> },
+        Pop,
+        Remove(usize),
+        Finish(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..3usize, proptest::option::of(0..4u8))
+                .prop_map(|(level, user)| Op::Push { level, user }),
+            2 => Just(Op::Pop),
+            1 => any::<usize>().prop_map(Op::Remove),
+            1 => any::<usize>().prop_map(Op::Finish),
+        ]
+    }
+
+    fn user_key(user: Option<u8>) -> Option<Key> {
+        user.map(|u| Key::from(u as u64))
+    }
+
+    proptest::proptest! {
+        /// Against a list of what waits and what runs: the counts agree after every step, each
+        /// request leaves once, a user's line keeps its order, strict priority holds without the
+        /// longest-waiting turn, and the order the handle lists is the order of admission.
+        #[test]
+        fn the_schedule_agrees_with_a_list_of_its_requests(
+            ops in proptest::collection::vec(op(), 1..150),
+            oldest_every in 0..4u32,
+        ) {
+            use proptest::prop_assert;
+            use proptest::prop_assert_eq;
+            let mut s = Schedule::new(3, oldest_every);
+            let mut waiting: Vec<(u64, usize, Option<u8>, Position)> = Vec::new();
+            let mut running: Vec<(usize, u8)> = Vec::new();
+            let mut n = 0;
+            for op in ops {
+                match op {
+                    Op::Push { level, user } => {
+                        n += 1;
+                        let position = s.push(level, user_key(user).as_ref(), id(n));
+                        waiting.push((n, level, user, position));
+                    }
+                    Op::Pop => match s.pop() {
+                        None => prop_assert!(waiting.is_empty()),
+                        Some(got) => {
+                            let at = waiting.iter().position(|w| w.0 == got.get());
+                            prop_assert!(at.is_some(), "{} was not waiting", got.get());
+                            let (n, level, user, _) = waiting.remove(at.unwrap_or_default());
+                            prop_assert!(
+                                !waiting.iter().any(|w| (w.1, w.2) == (level, user) && w.0 < n),
+                                "an earlier request of the same line waits"
+                            );
+                            if oldest_every == 0 {
+                                prop_assert!(!waiting.iter().any(|w| w.1 < level));
+                            }
+                            if let Some(user) = user {
+                                running.push((level, user));
+                            }
+                        }
+                    },
+                    Op::Remove(i) if !waiting.is_empty() => {
+                        let (_, _, user, position) = waiting.remove(i % waiting.len());
+                        prop_assert!(s.remove(position, user_key(user).as_ref()));
+                        prop_assert!(!s.remove(position, user_key(user).as_ref()));
+                    }
+                    Op::Finish(i) if !running.is_empty() => {
+                        let (level, user) = running.remove(i % running.len());
+                        s.finish(level, user_key(Some(user)).as_ref());
+                    }
+                    Op::Remove(_) | Op::Finish(_) => {}
+                }
+                prop_assert_eq!(s.len(), waiting.len());
+                for level in 0..3 {
+                    prop_assert_eq!(
+                        s.len_at(level),
+                        waiting.iter().filter(|w| w.1 == level).count()
+                    );
+                }
+                let mut flows: Vec<(usize, u8)> = running.clone();
+                flows.extend(waiting.iter().filter_map(|w| w.2.map(|u| (w.1, u))));
+                flows.sort_unstable();
+                flows.dedup();
+                prop_assert_eq!(s.flow_count(), flows.len());
+            }
+            let listed: Vec<u64> = s.order().map(|i| i.get()).collect();
+            let mut expected: Vec<u64> = waiting.iter().map(|w| w.0).collect();
+            let mut sorted = listed.clone();
+            sorted.sort_unstable();
+            expected.sort_unstable();
+            prop_assert_eq!(&sorted, &expected, "the listing holds every waiting request once");
+            let popped: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
+            if oldest_every == 0 {
+                prop_assert_eq!(popped, listed);
+            } else {
+                prop_assert_eq!(popped.len(), listed.len());
+            }
+        }
+    }
 }
