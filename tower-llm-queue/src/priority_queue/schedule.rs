@@ -237,7 +237,8 @@ struct Level<T> {
     /// Users with nothing waiting or running whose next tag is still ahead of virtual time, by
     /// that tag.
     idle: BTreeSet<(u64, Key)>,
-    /// How many requests wait at this level.
+    /// How many requests wait at this level: the lengths of `arrivals` and of the line without
+    /// a key, added up once here rather than on each of the reads every admission makes.
     waiting: usize,
     /// The level's waiting requests with a fairness key, by arrival: with the line without a
     /// key, which is in arrival order too, they tell the longest-waiting request's turn.
@@ -275,6 +276,13 @@ impl<T> Level<T> {
     /// virtual time has not caught up with it.
     fn remembers(&self, next_tag: u64) -> bool {
         self.waiting != 0 && next_tag > self.virtual_time
+    }
+
+    /// Forgets the line without a key if it is idle and its next tag is not worth remembering.
+    fn forget_unkeyed_if_idle(&mut self) {
+        if self.unkeyed.idle() && !self.remembers(self.unkeyed.next_tag) {
+            self.unkeyed.next_tag = 0;
+        }
     }
 
     /// The sequence number of the level's longest-waiting request.
@@ -444,10 +452,7 @@ impl<T> Schedule<T> {
     /// ahead of virtual time while others wait: then it is kept until virtual time catches up.
     fn forget_if_idle(&mut self, level: usize, user: Option<&Key>) {
         let Some(user) = user else {
-            let at = &mut self.levels[level];
-            if at.unkeyed.idle() && !at.remembers(at.unkeyed.next_tag) {
-                at.unkeyed.next_tag = 0;
-            }
+            self.levels[level].forget_unkeyed_if_idle();
             return;
         };
         let Some(flow) = self.flows.get_mut(&FlowKey(level, user)) else {
@@ -463,9 +468,7 @@ impl<T> Schedule<T> {
     /// who waits again, as the same users do burst after burst, takes them back.
     fn sweep_idle(&mut self, level: usize) {
         let at = &mut self.levels[level];
-        if at.unkeyed.idle() && !at.remembers(at.unkeyed.next_tag) {
-            at.unkeyed.next_tag = 0;
-        }
+        at.forget_unkeyed_if_idle();
         while let Some(&(tag, _)) = at.idle.first() {
             if at.remembers(tag) {
                 break;
