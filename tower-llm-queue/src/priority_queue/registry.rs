@@ -309,11 +309,13 @@ pub(super) struct Ended {
     pub(super) started: Option<Instant>,
 }
 
-/// The user and level of a running request that the schedule counts.
+/// The user and level of a running request that the schedule counts, with the user's hash if
+/// it was computed when the request was queued.
 #[derive(Debug)]
 pub(super) struct Accounted {
     pub(super) level: usize,
     pub(super) user: Key,
+    pub(super) hash: Option<u64>,
 }
 
 /// A running request with a fairness key that the schedule has not taken in: its place among
@@ -452,6 +454,7 @@ impl Registry {
             *accounted = Some(Accounted {
                 level: entry.level,
                 user,
+                hash: Some(entry.position.hash()),
             });
         }
         Some(Ended {
@@ -477,6 +480,7 @@ impl Registry {
                 *accounted = Some(Accounted {
                     level: direct.level,
                     user,
+                    hash: None,
                 });
             }
         }

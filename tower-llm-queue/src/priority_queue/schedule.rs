@@ -21,15 +21,17 @@
 //! costs no allocation of the schedule's own. A user's line that is forgotten stays in the map,
 //! reset, until new users' lines outnumber the others and a sweep drops it: a user who sends
 //! one request at a time while nobody waits takes the same entry back, rather than making and
-//! removing one per request; a line is found by a borrowed key, and the key is copied only
-//! when a request takes or makes its user's entry.
+//! removing one per request. A user's key is hashed once per request, outside the queue's lock
+//! ([`UserHasher`]): its line is found by that hash, and its turn in the heap carries the hash
+//! instead of the key.
 
 use std::cmp::Ordering;
 use std::collections::binary_heap::PeekMut;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
 
 use crate::key::Key;
 use crate::sharded::{self, sweep_due};
@@ -39,6 +41,54 @@ use crate::sharded::{self, sweep_due};
 pub(crate) struct Position {
     level: usize,
     seq: u64,
+    /// Its user's hash (zero without a fairness key).
+    hash: u64,
+}
+
+impl Position {
+    /// Its user's hash (zero without a fairness key).
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// The request's user, with the hash it was queued under.
+    pub(crate) fn user<'a>(&self, key: Option<&'a Key>) -> Option<User<'a>> {
+        key.map(|key| User {
+            key,
+            hash: self.hash,
+        })
+    }
+}
+
+/// A user with a fairness key as the schedule finds its line: the key and its hash.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct User<'a> {
+    key: &'a Key,
+    hash: u64,
+}
+
+/// Hashes fairness keys for the schedule, once per request and outside the queue's lock;
+/// seeded at random, as every map of this crate is.
+#[derive(Debug, Default)]
+pub(crate) struct UserHasher(sharded::Hasher);
+
+impl UserHasher {
+    pub(crate) fn user<'a>(&self, key: &'a Key) -> User<'a> {
+        User {
+            key,
+            hash: self.0.hash_one(key),
+        }
+    }
+
+    /// The hash of `key`, for a [`UserHasher::known`] user later.
+    pub(crate) fn hash(&self, key: &Key) -> u64 {
+        self.0.hash_one(key)
+    }
+
+    /// A user whose hash was computed already.
+    pub(crate) fn known(key: &Key, hash: u64) -> User<'_> {
+        User { key, hash }
+    }
 }
 
 /// Items in the order of their sequence numbers, which only grow: added at the back, taken
@@ -164,17 +214,19 @@ impl<T> Flow<T> {
     }
 }
 
-/// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user. (The
-/// turn of the level's requests without a fairness key is kept beside the heap, in their line.)
+/// A user's turn at a level: `(tag, seq)` of its first waiting request, and the user's hash.
+/// The user's line is the one with that hash that holds this turn: sequence numbers are
+/// unique. (The turn of the level's requests without a fairness key is kept beside the heap,
+/// in their line.)
 #[derive(Debug)]
 struct Turn {
     tag: u64,
     seq: u64,
-    user: Key,
+    hash: u64,
 }
 
 /// Turns in the heap are ordered by `(tag, seq)` alone (sequence numbers are unique), smallest
-/// on top: the user is never compared.
+/// on top: the hash is never compared.
 impl Ord for Turn {
     fn cmp(&self, other: &Self) -> Ordering {
         (other.tag, other.seq).cmp(&(self.tag, self.seq))
@@ -195,30 +247,38 @@ impl PartialEq for Turn {
 
 impl Eq for Turn {}
 
-/// The users' lines, by level and user.
-type Flows<T> = HashMap<(usize, Key), Flow<T>, sharded::Hasher>;
-
-/// A user's line's key in [`Flows`], borrowed: hashed and compared as the owned key.
-struct FlowKey<'a>(usize, &'a Key);
-
-impl Hash for FlowKey<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
-        self.1.hash(state);
-    }
+/// A user's line at one level, in [`Flows`], with the user's hash (the same at every level).
+#[derive(Debug)]
+struct FlowEntry<T> {
+    hash: u64,
+    level: usize,
+    user: Key,
+    flow: Flow<T>,
 }
 
-impl Equivalent<(usize, Key)> for FlowKey<'_> {
-    fn equivalent(&self, key: &(usize, Key)) -> bool {
-        self.0 == key.0 && *self.1 == key.1
-    }
+/// The users' lines, by level and user, found by the user's hash.
+type Flows<T> = HashTable<FlowEntry<T>>;
+
+/// The line of `user` at `level`, to change.
+fn find_mut<'a, T>(
+    flows: &'a mut Flows<T>,
+    level: usize,
+    user: User<'_>,
+) -> Option<&'a mut Flow<T>> {
+    flows
+        .find_mut(user.hash, |e| e.level == level && e.user == *user.key)
+        .map(|e| &mut e.flow)
 }
 
-/// Gives memory back when the map has become mostly empty: [`sharded::shrink`]'s rule, for a
-/// hashbrown map (found by a borrowed key, which the standard map cannot do).
+/// Whether `e` is the line at `level` that holds `turn`.
+fn holds<T>(e: &FlowEntry<T>, level: usize, turn: &Turn) -> bool {
+    e.level == level && e.flow.turn == Some((turn.tag, turn.seq))
+}
+
+/// Gives memory back when the table has become mostly empty: [`sharded::shrink`]'s rule.
 fn shrink<T>(flows: &mut Flows<T>) {
     if let Some(to) = sharded::shrink_to(flows.len(), flows.capacity()) {
-        flows.shrink_to(to);
+        flows.shrink_to(to, |e| e.hash);
     }
 }
 
@@ -235,8 +295,8 @@ struct Level<T> {
     /// looked up. Idle, it is as good as forgotten once its next tag is zero.
     unkeyed: Flow<T>,
     /// Users with nothing waiting or running whose next tag is still ahead of virtual time, by
-    /// that tag.
-    idle: BTreeSet<(u64, Key)>,
+    /// that tag, with their hashes.
+    idle: BTreeSet<(u64, u64, Key)>,
     /// How many requests wait at this level: the lengths of `arrivals` and of the line without
     /// a key, added up once here rather than on each of the reads every admission makes.
     waiting: usize,
@@ -256,19 +316,6 @@ impl<T> Level<T> {
             waiting: 0,
             arrivals: Line::default(),
             virtual_time: 0,
-        }
-    }
-
-    /// The line of `user` at this level, among `flows`.
-    fn flow<'a>(
-        &'a self,
-        flows: &'a Flows<T>,
-        level: usize,
-        user: Option<&Key>,
-    ) -> Option<&'a Flow<T>> {
-        match user {
-            None => Some(&self.unkeyed),
-            Some(user) => flows.get(&FlowKey(level, user)),
         }
     }
 
@@ -297,29 +344,30 @@ impl<T> Level<T> {
 
     /// Enters a turn its user's line has taken in the heap: a keyed user's (the line without a
     /// key keeps its own).
-    fn enter_turn(&mut self, turn: Option<(u64, u64)>, user: Option<&Key>) {
+    fn enter_turn(&mut self, turn: Option<(u64, u64)>, user: Option<User<'_>>) {
         if let (Some((tag, seq)), Some(user)) = (turn, user) {
             self.turns.push(Turn {
                 tag,
                 seq,
-                user: user.clone(),
+                hash: user.hash,
             });
             self.current_turns += 1;
         }
     }
+}
 
-    /// Whether `turn` is the one its user's line holds now.
-    fn is_current(&self, flows: &Flows<T>, level: usize, turn: &Turn) -> bool {
-        self.flow(flows, level, Some(&turn.user))
-            .is_some_and(|flow| flow.turn == Some((turn.tag, turn.seq)))
-    }
+/// The line that holds `turn` at `level`: none if the turn was given up.
+fn holder<'a, T>(flows: &'a Flows<T>, level: usize, turn: &Turn) -> Option<&'a Flow<T>> {
+    flows
+        .find(turn.hash, |e| holds(e, level, turn))
+        .map(|e| &e.flow)
 }
 
 /// An idle user's line: kept among the level's idle users while the level remembers its next
 /// tag, forgotten otherwise (see [`Flow::forgotten`]).
-fn park_or_forget<T>(at: &mut Level<T>, flow: &mut Flow<T>, user: &Key) {
+fn park_or_forget<T>(at: &mut Level<T>, flow: &mut Flow<T>, user: User<'_>) {
     if at.remembers(flow.next_tag) {
-        at.idle.insert((flow.next_tag, user.clone()));
+        at.idle.insert((flow.next_tag, user.hash, user.key.clone()));
     } else {
         flow.next_tag = 0;
     }
@@ -330,11 +378,11 @@ fn flow_mut<'a, T>(
     unkeyed: &'a mut Flow<T>,
     flows: &'a mut Flows<T>,
     level: usize,
-    user: Option<&Key>,
+    user: Option<User<'_>>,
 ) -> Option<&'a mut Flow<T>> {
     match user {
         None => Some(unkeyed),
-        Some(user) => flows.get_mut(&FlowKey(level, user)),
+        Some(user) => find_mut(flows, level, user),
     }
 }
 
@@ -356,7 +404,7 @@ impl<T> Schedule<T> {
     pub(crate) fn new(levels: usize, oldest_every: u32) -> Self {
         Schedule {
             levels: (0..levels).map(|_| Level::new()).collect(),
-            flows: HashMap::default(),
+            flows: HashTable::new(),
             seq: 0,
             oldest_every,
             turns: 0,
@@ -370,7 +418,7 @@ impl<T> Schedule<T> {
         if levels == self.levels.len() {
             self.oldest_every = oldest_every;
             true
-        } else if self.len == 0 && self.flows.values().all(Flow::forgotten) {
+        } else if self.len == 0 && self.flows.iter().all(|e| e.flow.forgotten()) {
             *self = Schedule::new(levels, oldest_every);
             true
         } else {
@@ -392,36 +440,50 @@ impl<T> Schedule<T> {
 
     /// Users with a request waiting or running (with a fairness key).
     pub(crate) fn flow_count(&self) -> usize {
-        self.flows.values().filter(|flow| !flow.idle()).count()
+        self.flows.iter().filter(|e| !e.flow.idle()).count()
     }
 
     /// The line of `user` at `level`, made if it has none; an idle user taken back leaves the
     /// idle set.
-    fn flow(&mut self, level: usize, user: Option<&Key>) -> &mut Flow<T> {
+    fn flow(&mut self, level: usize, user: Option<User<'_>>) -> &mut Flow<T> {
         let at = &mut self.levels[level];
         let Some(user) = user else {
             return &mut at.unkeyed;
         };
         let now = at.virtual_time;
         if sweep_due(self.made, self.flows.len()) {
-            self.flows.retain(|_, flow| !flow.forgotten());
+            self.flows.retain(|e| !e.flow.forgotten());
             shrink(&mut self.flows);
             self.made = 0;
         }
-        let mut made = false;
-        let flow = self.flows.entry((level, user.clone())).or_insert_with(|| {
-            made = true;
-            Flow::new(now)
-        });
-        self.made += usize::from(made);
-        if !made && flow.idle() && flow.next_tag != 0 && !at.idle.is_empty() {
-            at.idle.remove(&(flow.next_tag, user.clone()));
-        }
-        flow
+        let same = |e: &FlowEntry<T>| e.level == level && e.user == *user.key;
+        let entry = match self.flows.entry(user.hash, same, |e| e.hash) {
+            Entry::Occupied(found) => {
+                let entry = found.into_mut();
+                let flow = &entry.flow;
+                if flow.idle() && flow.next_tag != 0 && !at.idle.is_empty() {
+                    at.idle
+                        .remove(&(flow.next_tag, user.hash, user.key.clone()));
+                }
+                entry
+            }
+            Entry::Vacant(vacant) => {
+                self.made += 1;
+                vacant
+                    .insert(FlowEntry {
+                        hash: user.hash,
+                        level,
+                        user: user.key.clone(),
+                        flow: Flow::new(now),
+                    })
+                    .into_mut()
+            }
+        };
+        &mut entry.flow
     }
 
     /// Gives the first waiting request of the user's line, if any, the user's next turn.
-    fn next_turn(&mut self, level: usize, user: Option<&Key>) {
+    fn next_turn(&mut self, level: usize, user: Option<User<'_>>) {
         let at = &mut self.levels[level];
         let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, level, user) else {
             return;
@@ -433,7 +495,7 @@ impl<T> Schedule<T> {
     /// The user's turn is given up (its request left): it stays in the heap until it comes to
     /// the top, or until turns given up outnumber the current ones and the heap is rebuilt.
     /// (The turn of the line without a key was never in the heap.)
-    fn drop_turn(&mut self, level: usize, user: Option<&Key>) {
+    fn drop_turn(&mut self, level: usize, user: Option<User<'_>>) {
         if user.is_none() {
             return;
         }
@@ -443,19 +505,19 @@ impl<T> Schedule<T> {
             at.turns.clear();
         } else if at.turns.len() > 2 * at.current_turns + 32 {
             let mut turns = std::mem::take(&mut at.turns);
-            turns.retain(|turn| at.is_current(&self.flows, level, turn));
+            turns.retain(|turn| holder(&self.flows, level, turn).is_some());
             at.turns = turns;
         }
     }
 
     /// A user's line with nothing waiting or running is forgotten, unless its next tag is still
     /// ahead of virtual time while others wait: then it is kept until virtual time catches up.
-    fn forget_if_idle(&mut self, level: usize, user: Option<&Key>) {
+    fn forget_if_idle(&mut self, level: usize, user: Option<User<'_>>) {
         let Some(user) = user else {
             self.levels[level].forget_unkeyed_if_idle();
             return;
         };
-        let Some(flow) = self.flows.get_mut(&FlowKey(level, user)) else {
+        let Some(flow) = find_mut(&mut self.flows, level, user) else {
             return;
         };
         if flow.idle() {
@@ -469,21 +531,21 @@ impl<T> Schedule<T> {
     fn sweep_idle(&mut self, level: usize) {
         let at = &mut self.levels[level];
         at.forget_unkeyed_if_idle();
-        while let Some(&(tag, _)) = at.idle.first() {
+        while let Some(&(tag, _, _)) = at.idle.first() {
             if at.remembers(tag) {
                 break;
             }
-            let Some((_, user)) = at.idle.pop_first() else {
+            let Some((_, hash, key)) = at.idle.pop_first() else {
                 break;
             };
-            if let Some(flow) = self.flows.get_mut(&FlowKey(level, &user)) {
+            if let Some(flow) = find_mut(&mut self.flows, level, User { key: &key, hash }) {
                 flow.next_tag = 0;
             }
         }
     }
 
     /// A request admitted at once, without waiting: it still takes its user's turn.
-    pub(crate) fn admit_directly(&mut self, level: usize, user: Option<&Key>) {
+    pub(crate) fn admit_directly(&mut self, level: usize, user: Option<User<'_>>) {
         if user.is_none() {
             return;
         }
@@ -496,7 +558,7 @@ impl<T> Schedule<T> {
         *vt = (*vt).max(tag);
     }
 
-    pub(crate) fn push(&mut self, level: usize, user: Option<&Key>, item: T) -> Position {
+    pub(crate) fn push(&mut self, level: usize, user: Option<User<'_>>, item: T) -> Position {
         self.seq += 1;
         let seq = self.seq;
         let now = self.levels[level].virtual_time;
@@ -513,7 +575,11 @@ impl<T> Schedule<T> {
         }
         at.waiting += 1;
         self.len += 1;
-        Position { level, seq }
+        Position {
+            level,
+            seq,
+            hash: user.map_or(0, |user| user.hash),
+        }
     }
 
     /// The level whose turn it is: the highest with requests waiting, or, every
@@ -561,10 +627,10 @@ impl<T> Schedule<T> {
             }
             let mut top = at.turns.peek_mut()?;
             let (tag, seq) = (top.tag, top.seq);
-            let flow = match self.flows.get_mut(&FlowKey(level, &top.user)) {
-                Some(flow) if flow.turn == Some((tag, seq)) => flow,
+            let flow = match self.flows.find_mut(top.hash, |e| holds(e, level, &top)) {
+                Some(entry) => &mut entry.flow,
                 // A turn given up.
-                _ => {
+                None => {
                     PeekMut::pop(top);
                     continue;
                 }
@@ -611,11 +677,7 @@ impl<T> Schedule<T> {
         let mut order: Vec<(u64, u64, &T)> = at
             .turns
             .iter()
-            .filter(|turn| at.is_current(&self.flows, level, turn))
-            .filter_map(|turn| {
-                at.flow(&self.flows, level, Some(&turn.user))
-                    .map(|f| (turn.tag, f))
-            })
+            .filter_map(|turn| holder(&self.flows, level, turn).map(|f| (turn.tag, f)))
             .chain(unkeyed)
             .flat_map(|(tag, flow)| {
                 flow.waiting
@@ -649,6 +711,7 @@ impl<T> Schedule<T> {
     /// Takes a waiting request out (cancelled, timed out or dropped). Its user loses nothing:
     /// if it held the user's turn, the user's next request takes that turn.
     pub(crate) fn remove(&mut self, pos: Position, user: Option<&Key>) -> bool {
+        let user = pos.user(user);
         let at = &mut self.levels[pos.level];
         let Some(flow) = flow_mut(&mut at.unkeyed, &mut self.flows, pos.level, user) else {
             return false;
@@ -678,11 +741,11 @@ impl<T> Schedule<T> {
     }
 
     /// A request of `user` at `level` has finished running.
-    pub(crate) fn finish(&mut self, level: usize, user: Option<&Key>) {
+    pub(crate) fn finish(&mut self, level: usize, user: Option<User<'_>>) {
         let Some(user) = user else {
             return;
         };
-        let Some(flow) = self.flows.get_mut(&FlowKey(level, user)) else {
+        let Some(flow) = find_mut(&mut self.flows, level, user) else {
             return;
         };
         flow.running = flow.running.saturating_sub(1);
@@ -699,6 +762,13 @@ mod tests {
 
     fn id(n: u64) -> RequestId {
         RequestId::from_u64(n)
+    }
+
+    /// A user under a hash that many users share, so that every test also finds lines among
+    /// others of the same hash.
+    fn hashed(key: &Key) -> User<'_> {
+        let hash = foldhash::fast::FixedState::with_seed(0).hash_one(key) % 2;
+        UserHasher::known(key, hash)
     }
 
     #[test]
@@ -718,13 +788,13 @@ mod tests {
         let (a, b) = (Key::from(1u64), Key::from(2u64));
         let mut s = Schedule::new(1, 0);
         for n in 0..3 {
-            s.push(0, Some(&a), id(10 + n));
+            s.push(0, Some(hashed(&a)), id(10 + n));
         }
         for n in 0..3 {
             s.push(0, None, id(20 + n));
         }
         for n in 0..3 {
-            s.push(0, Some(&b), id(30 + n));
+            s.push(0, Some(hashed(&b)), id(30 + n));
         }
         let listed: Vec<u64> = s.order().map(|i| i.get()).collect();
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
@@ -747,12 +817,12 @@ mod tests {
         let mut s = Schedule::new(1, 0);
         let a = Key::from("a");
         let b = Key::from("b");
-        s.admit_directly(0, Some(&a));
+        s.admit_directly(0, Some(hashed(&a)));
         for n in 0..3 {
-            s.push(0, Some(&a), id(10 + n));
+            s.push(0, Some(hashed(&a)), id(10 + n));
         }
         for n in 0..3 {
-            s.push(0, Some(&b), id(20 + n));
+            s.push(0, Some(hashed(&b)), id(20 + n));
         }
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
         assert_eq!(order, vec![20, 10, 21, 11, 22, 12]);
@@ -774,10 +844,10 @@ mod tests {
         let mut s = Schedule::new(2, 2);
         let (a, b) = (Key::from("a"), Key::from("b"));
         for n in 0..3 {
-            s.push(1, Some(&a), id(10 + n));
+            s.push(1, Some(hashed(&a)), id(10 + n));
         }
         for n in 0..3 {
-            s.push(1, Some(&b), id(20 + n));
+            s.push(1, Some(hashed(&b)), id(20 + n));
         }
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
         assert_eq!(order, vec![10, 20, 11, 21, 12, 22]);
@@ -788,12 +858,12 @@ mod tests {
         let (a, b) = (Key::from("a"), Key::from("b"));
         // The first of a's requests, holding a's turn, times out: a's next takes that turn.
         let mut s = Schedule::new(1, 0);
-        let first = s.push(0, Some(&a), id(1));
+        let first = s.push(0, Some(hashed(&a)), id(1));
         for n in 2..=3 {
-            s.push(0, Some(&a), id(n));
+            s.push(0, Some(hashed(&a)), id(n));
         }
         for n in 0..3 {
-            s.push(0, Some(&b), id(10 + n));
+            s.push(0, Some(hashed(&b)), id(10 + n));
         }
         assert!(s.remove(first, Some(&a)));
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
@@ -801,11 +871,11 @@ mod tests {
 
         // One from the middle of a's line leaves: a's turns are as they were.
         let mut s = Schedule::new(1, 0);
-        s.push(0, Some(&a), id(1));
-        let middle = s.push(0, Some(&a), id(2));
-        s.push(0, Some(&a), id(3));
+        s.push(0, Some(hashed(&a)), id(1));
+        let middle = s.push(0, Some(hashed(&a)), id(2));
+        s.push(0, Some(hashed(&a)), id(3));
         for n in 0..3 {
-            s.push(0, Some(&b), id(10 + n));
+            s.push(0, Some(hashed(&b)), id(10 + n));
         }
         assert!(s.remove(middle, Some(&a)));
         let order: Vec<u64> = std::iter::from_fn(|| s.pop()).map(|i| i.get()).collect();
@@ -827,14 +897,14 @@ mod tests {
                 while lines[u].len() < [3, 1][u] {
                     next += 1;
                     let n = next * 2 + u as u64;
-                    lines[u].push_back((s.push(0, Some(user), id(n)), n));
+                    lines[u].push_back((s.push(0, Some(hashed(user)), id(n)), n));
                 }
             }
             let popped = s.pop().unwrap().get();
             let u = (popped % 2) as usize;
             served[u] += 1;
             lines[u].retain(|&(_, n)| n != popped);
-            s.finish(0, Some(&users[u]));
+            s.finish(0, Some(hashed(&users[u])));
             if let Some((oldest, _)) = lines[0].pop_front() {
                 assert!(s.remove(oldest, Some(&users[0])));
             }
@@ -882,16 +952,13 @@ mod tests {
         let mut held: Vec<Position> = users
             .iter()
             .enumerate()
-            .map(|(n, user)| s.push(0, Some(user), id(n as u64)))
+            .map(|(n, user)| s.push(0, Some(hashed(user)), id(n as u64)))
             .collect();
         for round in 0..1_000u64 {
             let u = (round % 10) as usize;
-            s.push(0, Some(&users[u]), id(1_000 + round));
+            let next = s.push(0, Some(hashed(&users[u])), id(1_000 + round));
             assert!(s.remove(held[u], Some(&users[u])));
-            held[u] = Position {
-                level: 0,
-                seq: s.seq,
-            };
+            held[u] = next;
             assert!(s.levels[0].turns.len() <= 2 * 10 + 32 + 1);
         }
         assert_eq!(s.len(), 10);
@@ -905,9 +972,9 @@ mod tests {
         let mut s = Schedule::<RequestId>::new(2, 4);
         for n in 0..10_000u64 {
             let user = Key::from(n);
-            s.admit_directly(1, Some(&user));
+            s.admit_directly(1, Some(hashed(&user)));
             assert_eq!(s.flow_count(), 1);
-            s.finish(1, Some(&user));
+            s.finish(1, Some(hashed(&user)));
             assert!(
                 s.flows.len() <= 2 * sharded::SWEEP_AT_LEAST,
                 "{} lines kept",
@@ -930,14 +997,14 @@ mod tests {
         let (a, b) = (Key::from("a"), Key::from("b"));
         let mut s = Schedule::new(1, 0);
         for _ in 0..5 {
-            s.admit_directly(0, Some(&a));
-            s.finish(0, Some(&a));
+            s.admit_directly(0, Some(hashed(&a)));
+            s.finish(0, Some(hashed(&a)));
         }
         for n in 0..3 {
-            s.push(0, Some(&a), id(n));
+            s.push(0, Some(hashed(&a)), id(n));
         }
         for n in 10..13 {
-            s.push(0, Some(&b), id(n));
+            s.push(0, Some(hashed(&b)), id(n));
         }
         let order: Vec<_> = std::iter::from_fn(|| s.pop()).collect();
         assert_eq!(
@@ -951,13 +1018,13 @@ mod tests {
     fn state_empties() {
         let mut s = Schedule::new(2, 4);
         let a = Key::from("a");
-        let p = s.push(1, Some(&a), id(1));
-        s.push(1, Some(&a), id(2));
+        let p = s.push(1, Some(hashed(&a)), id(1));
+        s.push(1, Some(hashed(&a)), id(2));
         assert!(s.remove(p, Some(&a)));
         assert!(!s.remove(p, Some(&a)));
         assert_eq!(s.pop(), Some(id(2)));
         assert_eq!(s.flow_count(), 1);
-        s.finish(1, Some(&a));
+        s.finish(1, Some(hashed(&a)));
         assert_eq!(s.flow_count(), 0);
         assert_eq!(s.len(), 0);
     }
@@ -1004,7 +1071,7 @@ mod tests {
                 match op {
                     Op::Push { level, user } => {
                         n += 1;
-                        let position = s.push(level, user_key(user).as_ref(), id(n));
+                        let position = s.push(level, user_key(user).as_ref().map(hashed), id(n));
                         waiting.push((n, level, user, position));
                     }
                     Op::Pop => match s.pop() {
@@ -1032,7 +1099,7 @@ mod tests {
                     }
                     Op::Finish(i) if !running.is_empty() => {
                         let (level, user) = running.remove(i % running.len());
-                        s.finish(level, user_key(Some(user)).as_ref());
+                        s.finish(level, user_key(Some(user)).as_ref().map(hashed));
                     }
                     Op::Remove(_) | Op::Finish(_) => {}
                 }

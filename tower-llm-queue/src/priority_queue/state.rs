@@ -40,7 +40,7 @@ use crate::sharded::{lock, FastMap, Padded};
 use crate::waiter::{Registered, Waiter};
 
 use super::registry::{Accounted, Book, Ended, Entry, Registry};
-use super::schedule::{Position, Schedule};
+use super::schedule::{Position, Schedule, UserHasher};
 use super::stats::{EntryState, QueueEntry, QueueStats, RecentWaits};
 use super::RequestId;
 
@@ -139,6 +139,8 @@ pub(crate) struct Shared {
     /// read on every request must not move with it.
     queue: Padded<Mutex<Queue>>,
     registry: Registry,
+    /// Hashes fairness keys for the schedule, before the queue's lock is taken.
+    users: UserHasher,
     /// How long a request holds its slot, for the `retry_after` of `QueueFull`.
     service_time: Padded<ServiceTime>,
 }
@@ -193,6 +195,7 @@ impl Shared {
                 spare: Vec::new(),
             })),
             registry: Registry::new(),
+            users: UserHasher::default(),
             service_time: Padded::default(),
         }
     }
@@ -270,7 +273,9 @@ impl Shared {
             std::cmp::Reverse(now.wrapping_sub(seq) % AT_ONCE_MODULUS)
         });
         for (_, level, user) in unaccounted {
-            queue.schedule.admit_directly(level, Some(&user));
+            queue
+                .schedule
+                .admit_directly(level, Some(self.users.user(&user)));
         }
     }
 
@@ -390,6 +395,7 @@ impl Shared {
         level: usize,
         since: Option<Instant>,
     ) -> Result<Option<Enqueued>, Rejected> {
+        let hash = user.as_ref().map_or(0, |user| self.users.hash(user));
         let mut queue = self.lock_queue();
         // The levels may have changed since `level` was picked.
         let level = level.min(queue.schedule.levels() - 1);
@@ -430,7 +436,8 @@ impl Shared {
             waiter: waiter.clone(),
             since,
         };
-        let position = queue.schedule.push(level, user.as_ref(), waiting);
+        let hashed = user.as_ref().map(|user| UserHasher::known(user, hash));
+        let position = queue.schedule.push(level, hashed, waiting);
         tracing::debug!(%id, user = ?user, level = level + 1, waiting = queue.schedule.len(), "queued");
         let timeout = queue.config.queue_timeout;
         drop(queue);
@@ -467,7 +474,7 @@ impl Shared {
         }
         // Granted: it never ran, so it is not counted as admitted.
         queue.counters.admitted = queue.counters.admitted.saturating_sub(1);
-        queue.schedule.finish(level, user);
+        queue.schedule.finish(level, position.user(user));
         let wake = self.release_locked(&mut queue, Some(waiter), Instant::now());
         drop(queue);
         if let Some(waker) = wake {
@@ -822,8 +829,10 @@ impl Shared {
     fn end_accounted(&self, ended: &Accounted, spent: Option<Arc<Waiter>>) {
         // Likely to hand its slot over: the clock is read before the lock.
         let early = (self.word.0.load(Ordering::Relaxed) & WAITING != 0).then(Instant::now);
+        let hash = ended.hash.unwrap_or_else(|| self.users.hash(&ended.user));
+        let user = UserHasher::known(&ended.user, hash);
         let mut queue = self.lock_queue();
-        queue.schedule.finish(ended.level, Some(&ended.user));
+        queue.schedule.finish(ended.level, Some(user));
         let word = self.word.0.load(Ordering::Relaxed);
         if word & WAITING != 0 {
             let now = early.unwrap_or_else(Instant::now);
@@ -893,7 +902,9 @@ mod tests {
                 waiter: waiter.clone(),
                 since: Instant::now(),
             };
-            queue.schedule.push(0, Some(&user), waiting)
+            queue
+                .schedule
+                .push(0, Some(shared.users.user(&user)), waiting)
         };
         drop(first);
         assert!(!waiter.is_waiting(), "the slot went to the waiting request");
