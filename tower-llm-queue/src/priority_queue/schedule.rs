@@ -225,17 +225,42 @@ struct Turn {
     hash: u64,
 }
 
+impl Turn {
+    /// `(tag, seq)` as one number, compared without branches.
+    #[inline]
+    fn order(&self) -> u128 {
+        (u128::from(self.tag) << 64) | u128::from(self.seq)
+    }
+}
+
 /// Turns in the heap are ordered by `(tag, seq)` alone (sequence numbers are unique), smallest
 /// on top: the hash is never compared.
 impl Ord for Turn {
     fn cmp(&self, other: &Self) -> Ordering {
-        (other.tag, other.seq).cmp(&(self.tag, self.seq))
+        other.order().cmp(&self.order())
     }
 }
 
+/// The heap compares with `<=`: each comparison is given directly, rather than through `cmp`.
 impl PartialOrd for Turn {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
+    }
+
+    fn lt(&self, other: &Self) -> bool {
+        other.order() < self.order()
+    }
+
+    fn le(&self, other: &Self) -> bool {
+        other.order() <= self.order()
+    }
+
+    fn gt(&self, other: &Self) -> bool {
+        other.order() > self.order()
+    }
+
+    fn ge(&self, other: &Self) -> bool {
+        other.order() >= self.order()
     }
 }
 
