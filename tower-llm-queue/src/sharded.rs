@@ -323,6 +323,7 @@ pub(crate) fn shrink_to(len: usize, capacity: usize) -> Option<usize> {
 
 /// Gives memory back when a map has become mostly empty (see [`shrink_to`]), keeping room for
 /// `floor` entries.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn shrink<K, V, S>(map: &mut HashMap<K, V, S>, floor: usize)
 where
     K: Eq + std::hash::Hash,

@@ -8,28 +8,30 @@
 //!
 //! # Two places in a shard
 //!
-//! A request that waits is kept in the shard's map by id, from its arrival to its end, with
-//! its waiter: the hand-off that the queue, which keeps the waiter too, uses to give it a slot
-//! without looking here. The waiter's status tells whether the request waits or runs.
+//! Each shard keeps two slabs — lists of places with a list of the free ones — and a request's
+//! ticket keeps the index of its place: its end, and each look at its cancellation, go straight
+//! to that place, with no hashing on the path of any request.
 //!
-//! A request admitted at once is kept in the shard's slab instead — a list of places with a
-//! list of the free ones — and its ticket keeps its place's index. Its end, and each look at
-//! its cancellation flag, go straight to that place: no hashing on the path of a request that
-//! never waits. What looks such a request up by id — [`PriorityQueueHandle::cancel`],
-//! [`entries`](super::PriorityQueueHandle::entries) — walks the slab of the id's shard, which
-//! holds at most as many places as requests of that shard ever ran at once; an operation of the
-//! handle can afford that.
+//! A request that waits is kept in the slab of those that waited, from its arrival to its end,
+//! with its waiter: the hand-off that the queue, which keeps the waiter too, uses to give it a
+//! slot without looking here. The waiter's status tells whether the request waits or runs.
+//! A request admitted at once is kept in the slab of those admitted at once, with its
+//! cancellation flag and the task to wake.
 //!
-//! An id is in use while it is in either place, and a new request with an id in use is refused.
+//! What looks a request up by id — [`PriorityQueueHandle::cancel`],
+//! [`position`](super::PriorityQueueHandle::position) — walks the two slabs of the id's shard,
+//! which hold at most as many places as requests of that shard were ever in the queue at once;
+//! an operation of the handle can afford that.
+//!
+//! An id is in use while it is in either slab, and a new request with an id in use is refused.
 //! Each shard remembers the highest id it has registered since it was last empty: an id above
 //! it is free without a look, which is the case of every id from [`RequestId::next`] in a shard
 //! that requests enter in the order of their ids. Any other id (an id chosen by a client, or one
-//! that lost a race to a later one) is looked for in the map and in the slab.
+//! that lost a race to a later one) is looked for in both slabs.
 //!
 //! [`PriorityQueueHandle::cancel`]: super::PriorityQueueHandle::cancel
 //! [`RequestId::next`]: super::RequestId::next
 
-use std::collections::hash_map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
@@ -39,17 +41,18 @@ use tokio::time::Instant;
 use crate::admission::Finish;
 use crate::key::Key;
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, shrink, shrink_to, FastMap};
+use crate::sharded::{lock, shrink_to};
 use crate::waiter::Waiter;
 
 use super::schedule::Position;
 use super::RequestId;
 
-/// A request that waited, in its shard's map. Its waiter tells its phase: waiting until the
-/// queue grants it a slot (under the queue's lock), running after; it also carries a
+/// A request that waited, in its shard's slab of those. Its waiter tells its phase: waiting
+/// until the queue grants it a slot (under the queue's lock), running after; it also carries a
 /// cancellation through the handle, in either phase.
 #[derive(Debug)]
 pub(super) struct Entry {
+    pub(super) id: RequestId,
     pub(super) user: Option<Key>,
     pub(super) level: usize,
     /// Its place in the queue while it waits.
@@ -108,14 +111,14 @@ impl std::ops::AddAssign for Counts {
     }
 }
 
-/// The requests that waited a shard keeps room for once it has held that many: a table of 256
-/// places (hashbrown fills 7 in 8), about 20 KiB.
+/// The places for requests that waited a shard keeps once it has held that many, about 20 KiB.
 const KEPT_ENTRIES: usize = 224;
 
 #[derive(Debug, Default)]
 pub(super) struct Book {
-    /// The requests that waited, by id.
-    pub(super) entries: FastMap<RequestId, Entry>,
+    /// The requests that waited; the places not taken are listed in `waited_free`.
+    waited: Vec<Option<Entry>>,
+    waited_free: Vec<usize>,
     /// The requests admitted at once; the places not taken are listed in `free`.
     slab: Vec<Direct>,
     free: Vec<usize>,
@@ -148,7 +151,20 @@ impl Book {
 
     #[cold]
     fn in_use(&self, id: RequestId) -> bool {
-        self.entries.contains_key(&id) || self.find(id).is_some()
+        self.find_waited(id).is_some() || self.find(id).is_some()
+    }
+
+    /// The request `id` that waited, and its place.
+    pub(super) fn find_waited(&self, id: RequestId) -> Option<(usize, &Entry)> {
+        self.waited
+            .iter()
+            .enumerate()
+            .find_map(|(slot, place)| place.as_ref().filter(|e| e.id == id).map(|e| (slot, e)))
+    }
+
+    /// The requests that waited.
+    pub(super) fn waited(&self) -> impl Iterator<Item = &Entry> {
+        self.waited.iter().flatten()
     }
 
     /// The request `id` admitted at once, and its place in the slab.
@@ -164,19 +180,34 @@ impl Book {
         self.slab.iter().filter(|place| place.taken)
     }
 
-    /// Takes a request that waited out of the map. The map gives memory back once mostly
-    /// empty, but keeps room for [`KEPT_ENTRIES`]: a queue that fills and drains again and
-    /// again (bursts of requests) would otherwise grow and shrink it with every burst.
-    pub(super) fn remove(&mut self, id: RequestId) -> Option<Entry> {
-        let entry = self.entries.remove(&id)?;
-        self.removed();
+    /// Takes the request `id` that waited out of place `slot`.
+    pub(super) fn remove(&mut self, slot: usize, id: RequestId) -> Option<Entry> {
+        let place = self.waited.get_mut(slot)?;
+        let entry = place.take_if(|e| e.id == id)?;
+        self.vacate_waited(slot);
         Some(entry)
     }
 
-    /// After a request that waited was taken out of the map.
-    fn removed(&mut self) {
-        shrink(&mut self.entries, KEPT_ENTRIES);
-        self.forget_ids();
+    /// Frees the place `slot` of a request that waited. The slab keeps its length — the most
+    /// requests that waited at once in this shard — until its last request ends; then it gives
+    /// memory back, but keeps room for [`KEPT_ENTRIES`]: a queue that fills and drains again
+    /// and again (bursts of requests) would otherwise grow and shrink it with every burst.
+    fn vacate_waited(&mut self, slot: usize) {
+        self.waited_free.push(slot);
+        if self.none_waited() {
+            if self.waited.capacity() > KEPT_ENTRIES {
+                self.waited.clear();
+                self.waited_free.clear();
+                self.waited.shrink_to(KEPT_ENTRIES);
+                self.waited_free.shrink_to(KEPT_ENTRIES);
+            }
+            self.forget_ids();
+        }
+    }
+
+    /// Whether no place for a request that waited is taken.
+    fn none_waited(&self) -> bool {
+        self.waited_free.len() == self.waited.len()
     }
 
     /// Frees the place `slot` of the slab, whose request has ended: lets its user and task
@@ -206,7 +237,7 @@ impl Book {
 
     /// Once no request is left, no id is in use.
     fn forget_ids(&mut self) {
-        if self.none_direct() && self.entries.is_empty() {
+        if self.none_direct() && self.none_waited() {
             self.highest = None;
         }
     }
@@ -283,10 +314,20 @@ impl Vacancy<'_> {
         slot
     }
 
-    /// Registers a request that waits.
-    pub(super) fn queue(mut self, entry: Entry) {
+    /// Registers a request that waits, and gives its place.
+    pub(super) fn queue(mut self, entry: Entry) -> usize {
         self.taken();
-        self.book.entries.insert(self.id, entry);
+        let book = self.book;
+        match book.waited_free.pop() {
+            Some(slot) => {
+                book.waited[slot] = Some(entry);
+                slot
+            }
+            None => {
+                book.waited.push(Some(entry));
+                book.waited.len() - 1
+            }
+        }
     }
 }
 
@@ -421,29 +462,24 @@ impl Registry {
         false
     }
 
-    /// Takes a running request that waited out and counts how it ended (unless the handle
-    /// cancelled it, which counted it then). `None` if it is not there: it was cancelled while
-    /// it waited (and its id may be another request's by now, which `waiter`, the request's
-    /// own, tells apart). Only sampled requests give when they started, for the service-time
+    /// Takes the running request `id` that waited, in place `slot`, out and counts how it
+    /// ended (unless the handle cancelled it, which counted it then). `None` if it is not
+    /// there: it was cancelled while it waited (and its place may be another request's by now,
+    /// which `waiter`, the request's own, tells apart). Only sampled requests give when they started, for the service-time
     /// estimate. If the schedule counts it, its user and level are written to `accounted`.
     pub(super) fn end(
         &self,
         id: RequestId,
+        slot: usize,
         waiter: &Arc<Waiter>,
         (finish, panicking): (Finish, bool),
         service_time: &ServiceTime,
         accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
-        // Found once: looked up and then removed, it would be hashed and probed twice.
-        let hash_map::Entry::Occupied(found) = book.entries.entry(id) else {
-            return None;
-        };
-        if !Arc::ptr_eq(&found.get().waiter, waiter) {
-            return None;
-        }
-        let entry = found.remove();
-        book.removed();
+        let place = book.waited.get_mut(slot)?;
+        let entry = place.take_if(|e| Arc::ptr_eq(&e.waiter, waiter))?;
+        book.vacate_waited(slot);
         if !entry.is_cancelled() {
             book.count_end(finish, panicking);
         }

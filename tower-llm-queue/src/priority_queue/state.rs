@@ -153,7 +153,8 @@ pub(crate) struct Ticket {
     id: RequestId,
     /// The hand-off with the queue, for a request that waited.
     waiter: Option<Arc<Waiter>>,
-    /// For a request admitted at once: its place in its shard's slab.
+    /// Its place in its shard: among the requests admitted at once, or among those that
+    /// waited.
     slot: usize,
     /// For a request admitted at once: its shard's cancellation count when it last looked at
     /// its flag.
@@ -279,12 +280,13 @@ impl Shared {
         }
     }
 
-    fn ticket(self: &Arc<Self>, id: RequestId, waiter: Option<Arc<Waiter>>) -> Ticket {
+    /// The ticket of a request that waits, registered in place `slot`.
+    fn waiting_ticket(self: &Arc<Self>, id: RequestId, waiter: Arc<Waiter>, slot: usize) -> Ticket {
         Ticket {
             shared: self.clone(),
             id,
-            waiter,
-            slot: 0,
+            waiter: Some(waiter),
+            slot,
             cancels_seen: AtomicU64::new(0),
             registered: Registered::default(),
             finish: Finish::Dropped,
@@ -447,7 +449,8 @@ impl Shared {
             self.withdraw(position, level, user.as_ref(), waiter);
             return Err(duplicate(id));
         };
-        vacancy.queue(Entry {
+        let slot = vacancy.queue(Entry {
+            id,
             user,
             level,
             position,
@@ -456,7 +459,7 @@ impl Shared {
         });
         drop(book);
         Ok(Some(Enqueued::Waiting(
-            self.ticket(id, Some(waiter)),
+            self.waiting_ticket(id, waiter, slot),
             timeout,
         )))
     }
@@ -571,9 +574,10 @@ impl Shared {
         }
     }
 
-    /// Takes a waiting request out of the queue (it left, timed out or was cancelled).
-    fn remove_waiting(&self, queue: &mut Queue, book: &mut Book, id: RequestId) {
-        let Some(entry) = book.remove(id) else {
+    /// Takes the waiting request `id`, in place `slot`, out of the queue (it left, timed out or
+    /// was cancelled).
+    fn remove_waiting(&self, queue: &mut Queue, book: &mut Book, slot: usize, id: RequestId) {
+        let Some(entry) = book.remove(slot, id) else {
             return;
         };
         queue.schedule.remove(entry.position, entry.user.as_ref());
@@ -585,7 +589,7 @@ impl Shared {
     pub(crate) fn cancel(&self, id: RequestId, owner: Option<&Key>) -> bool {
         let mut queue = self.lock_queue();
         let mut book = self.registry.lock(id);
-        let Some(entry) = book.entries.get(&id) else {
+        let Some((slot, entry)) = book.find_waited(id) else {
             drop(queue);
             return self.cancel_direct(id, owner, book);
         };
@@ -600,7 +604,7 @@ impl Shared {
         tracing::debug!(%id, user = ?entry.user, "cancelled through the handle");
         book.counts.cancelled += 1;
         if queued {
-            self.remove_waiting(&mut queue, &mut book, id);
+            self.remove_waiting(&mut queue, &mut book, slot, id);
         }
         true
     }
@@ -663,7 +667,7 @@ impl Shared {
     pub(crate) fn position(&self, id: RequestId) -> Option<usize> {
         let queue = self.lock_queue();
         let book = self.registry.lock(id);
-        let entry = book.entries.get(&id)?;
+        let (_, entry) = book.find_waited(id)?;
         entry
             .waiter
             .is_waiting()
@@ -681,23 +685,21 @@ impl Shared {
             .collect();
         let mut entries = Vec::new();
         self.registry.for_each(|book| {
-            entries.extend(book.entries.iter().filter(|(_, e)| !e.is_cancelled()).map(
-                |(id, e)| {
-                    let (state, waited) = if e.waiter.is_waiting() {
-                        (EntryState::Queued, now.saturating_duration_since(e.since))
-                    } else {
-                        (EntryState::Running, e.waiter.waited())
-                    };
-                    QueueEntry {
-                        id: *id,
-                        user: e.user.clone(),
-                        level: e.level as u8 + 1,
-                        state,
-                        waited,
-                        position: places.get(id).copied(),
-                    }
-                },
-            ));
+            entries.extend(book.waited().filter(|e| !e.is_cancelled()).map(|e| {
+                let (state, waited) = if e.waiter.is_waiting() {
+                    (EntryState::Queued, now.saturating_duration_since(e.since))
+                } else {
+                    (EntryState::Running, e.waiter.waited())
+                };
+                QueueEntry {
+                    id: e.id,
+                    user: e.user.clone(),
+                    level: e.level as u8 + 1,
+                    state,
+                    waited,
+                    position: places.get(&e.id).copied(),
+                }
+            }));
             entries.extend(book.direct().filter(|d| !d.cancelled).map(|d| QueueEntry {
                 id: d.id,
                 user: d.user.clone(),
@@ -745,7 +747,8 @@ impl Slot for Ticket {
         if !waiter.leave() {
             return None;
         }
-        self.shared.remove_waiting(&mut queue, &mut book, self.id);
+        self.shared
+            .remove_waiting(&mut queue, &mut book, self.slot, self.id);
         queue.counters.timed_out += 1;
         tracing::debug!(id = %self.id, "rejected: queue timeout");
         self.released = true;
@@ -790,13 +793,14 @@ impl Ticket {
             let mut book = shared.registry.lock(self.id);
             if waiter.leave() {
                 book.counts.cancelled += 1;
-                shared.remove_waiting(&mut queue, &mut book, self.id);
+                shared.remove_waiting(&mut queue, &mut book, self.slot, self.id);
                 return;
             }
         }
         let mut accounted = None;
         let ended = shared.registry.end(
             self.id,
+            self.slot,
             &waiter,
             (self.finish, panicking),
             &shared.service_time,
