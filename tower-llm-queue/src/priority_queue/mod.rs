@@ -27,8 +27,9 @@
 //!   registered in one of several shards of requests (by id), in a place its response future
 //!   keeps, so that it ends without a lookup; it never takes the queue's lock. Only a request
 //!   that must wait, and a release that hands its slot to a waiter, do. Those take O(log n) in
-//!   the number of waiting requests. The handle finds a request admitted at once by walking its
-//!   shard, O(n) in the requests that ran at once there.
+//!   the number of waiting requests. A request that waits has a place in its shard too, kept
+//!   by its response future. The handle finds a request by id by walking its shard, O(n) in the
+//!   requests that were in the queue at once there.
 //!
 //! # Example
 //!

@@ -380,7 +380,7 @@ impl Book {
 
 /// The registry's shards. A request's shard is its id's lowest bits: ids are handed out in
 /// sequence, so consecutive requests take turns over the shards. (Ids chosen by clients may
-/// crowd one shard; each shard's map is still randomly seeded.)
+/// crowd one shard, whose walks by id then grow longer.)
 #[derive(Debug)]
 pub(super) struct Registry {
     shards: Box<[Shard]>,
