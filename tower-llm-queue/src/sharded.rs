@@ -300,7 +300,7 @@ fn shrink_table<V>(entries: &mut HashTable<(u64, Key, V)>, floor: usize) {
 }
 
 /// [`shrink_to`], keeping room for `floor` entries: `None` unless that still gives memory back.
-fn shrink_above(len: usize, capacity: usize, floor: usize) -> Option<usize> {
+pub(crate) fn shrink_above(len: usize, capacity: usize, floor: usize) -> Option<usize> {
     shrink_to(len, capacity)
         .map(|to| to.max(floor))
         .filter(|&to| to < capacity)
@@ -318,8 +318,11 @@ impl<V, T> std::fmt::Debug for Sharded<V, T> {
 /// become mostly empty: the rule of every map, table and list in this crate that gives memory
 /// back, amortised O(1) per removal.
 pub(crate) fn shrink_to(len: usize, capacity: usize) -> Option<usize> {
-    (capacity > 64 && len * 4 < capacity).then_some(len * 2)
+    (capacity > SMALL && len * 4 < capacity).then_some(len * 2)
 }
+
+/// The capacity up to which a collection never gives memory back.
+pub(crate) const SMALL: usize = 64;
 
 /// Gives memory back when a map has become mostly empty (see [`shrink_to`]), keeping room for
 /// `floor` entries.

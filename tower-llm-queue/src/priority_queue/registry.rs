@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use crate::admission::Finish;
 use crate::key::Key;
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, shrink_to};
+use crate::sharded::{lock, shrink_above, SMALL};
 use crate::waiter::Waiter;
 
 use super::schedule::Position;
@@ -114,14 +114,73 @@ impl std::ops::AddAssign for Counts {
 /// The places for requests that waited a shard keeps once it has held that many, about 20 KiB.
 const KEPT_ENTRIES: usize = 224;
 
+/// A slab: places reused as requests come and go, with the list of the free ones. It keeps its
+/// length — the most requests it held at once — until its last place is freed; then it gives
+/// memory back, keeping room for `FLOOR` places.
+#[derive(Debug)]
+struct Places<T, const FLOOR: usize> {
+    items: Vec<T>,
+    free: Vec<usize>,
+}
+
+impl<T, const FLOOR: usize> Default for Places<T, FLOOR> {
+    fn default() -> Self {
+        Places {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T, const FLOOR: usize> Places<T, FLOOR> {
+    /// A free place, or a new one holding `new()`.
+    #[inline(always)]
+    fn take(&mut self, new: impl FnOnce() -> T) -> usize {
+        match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.items.push(new());
+                self.items.len() - 1
+            }
+        }
+    }
+
+    /// Lists the place `slot` as free; once every place is, gives memory back and says so.
+    #[inline(always)]
+    fn vacate(&mut self, slot: usize) -> bool {
+        self.free.push(slot);
+        if !self.all_free() {
+            return false;
+        }
+        if self.items.capacity() > FLOOR.max(SMALL) {
+            self.give_back();
+        }
+        true
+    }
+
+    /// Gives memory back, all places being free, if there is enough to give.
+    #[cold]
+    fn give_back(&mut self) {
+        if let Some(to) = shrink_above(0, self.items.capacity(), FLOOR) {
+            self.items.clear();
+            self.free.clear();
+            self.items.shrink_to(to);
+            self.free.shrink_to(to);
+        }
+    }
+
+    #[inline]
+    fn all_free(&self) -> bool {
+        self.free.len() == self.items.len()
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Book {
-    /// The requests that waited; the places not taken are listed in `waited_free`.
-    waited: Vec<Option<Entry>>,
-    waited_free: Vec<usize>,
-    /// The requests admitted at once; the places not taken are listed in `free`.
-    slab: Vec<Direct>,
-    free: Vec<usize>,
+    /// The requests that waited, each in a place that holds it until it ends.
+    waited: Places<Option<Entry>, KEPT_ENTRIES>,
+    /// The requests admitted at once; a free place keeps its fields for the next request.
+    slab: Places<Direct, 0>,
     /// No id above this one is in use here; `None`: no id is.
     highest: Option<RequestId>,
     pub(super) counts: Counts,
@@ -157,6 +216,7 @@ impl Book {
     /// The request `id` that waited, and its place.
     pub(super) fn find_waited(&self, id: RequestId) -> Option<(usize, &Entry)> {
         self.waited
+            .items
             .iter()
             .enumerate()
             .find_map(|(slot, place)| place.as_ref().filter(|e| e.id == id).map(|e| (slot, e)))
@@ -164,12 +224,13 @@ impl Book {
 
     /// The requests that waited.
     pub(super) fn waited(&self) -> impl Iterator<Item = &Entry> {
-        self.waited.iter().flatten()
+        self.waited.items.iter().flatten()
     }
 
     /// The request `id` admitted at once, and its place in the slab.
     pub(super) fn find(&self, id: RequestId) -> Option<(usize, &Direct)> {
         self.slab
+            .items
             .iter()
             .enumerate()
             .find(|(_, place)| place.taken && place.id == id)
@@ -177,67 +238,35 @@ impl Book {
 
     /// The requests admitted at once.
     pub(super) fn direct(&self) -> impl Iterator<Item = &Direct> {
-        self.slab.iter().filter(|place| place.taken)
+        self.slab.items.iter().filter(|place| place.taken)
     }
 
     /// Takes the request `id` that waited out of place `slot`.
     pub(super) fn remove(&mut self, slot: usize, id: RequestId) -> Option<Entry> {
-        let place = self.waited.get_mut(slot)?;
-        let entry = place.take_if(|e| e.id == id)?;
+        let entry = self.waited.items.get_mut(slot)?.take_if(|e| e.id == id)?;
         self.vacate_waited(slot);
         Some(entry)
     }
 
-    /// Frees the place `slot` of a request that waited. The slab keeps its length — the most
-    /// requests that waited at once in this shard — until its last request ends; then it gives
-    /// memory back, but keeps room for [`KEPT_ENTRIES`]: a queue that fills and drains again
-    /// and again (bursts of requests) would otherwise grow and shrink it with every burst.
+    /// Frees the place `slot` of a request that waited, which has been taken out. Room for
+    /// [`KEPT_ENTRIES`] stays: a queue that fills and drains again and again (bursts of
+    /// requests) would otherwise grow and shrink the slab with every burst.
     fn vacate_waited(&mut self, slot: usize) {
-        self.waited_free.push(slot);
-        if self.none_waited() {
-            if self.waited.capacity() > KEPT_ENTRIES {
-                self.waited.clear();
-                self.waited_free.clear();
-                self.waited.shrink_to(KEPT_ENTRIES);
-                self.waited_free.shrink_to(KEPT_ENTRIES);
-            }
-            self.forget_ids();
+        // Once no request is left, no id is in use.
+        if self.waited.vacate(slot) && self.slab.all_free() {
+            self.highest = None;
         }
     }
 
-    /// Whether no place for a request that waited is taken.
-    fn none_waited(&self) -> bool {
-        self.waited_free.len() == self.waited.len()
-    }
-
-    /// Frees the place `slot` of the slab, whose request has ended: lets its user and task
-    /// go. The slab keeps its length — the most requests that ran at once in this shard — until
-    /// its last request ends and it has become long enough to give memory back.
+    /// Frees the place `slot` of a request admitted at once, whose request has ended: lets its
+    /// user and task go.
     fn vacate(&mut self, slot: usize) {
-        let place = &mut self.slab[slot];
+        let place = &mut self.slab.items[slot];
         place.taken = false;
         place.user = None;
         place.waker = None;
-        self.free.push(slot);
-        if self.none_direct() {
-            if let Some(to) = shrink_to(0, self.slab.capacity()) {
-                self.slab.clear();
-                self.free.clear();
-                self.slab.shrink_to(to);
-                self.free.shrink_to(to);
-            }
-            self.forget_ids();
-        }
-    }
-
-    /// Whether no place of the slab is taken: every place is listed as free.
-    fn none_direct(&self) -> bool {
-        self.free.len() == self.slab.len()
-    }
-
-    /// Once no request is left, no id is in use.
-    fn forget_ids(&mut self) {
-        if self.none_direct() && self.none_waited() {
+        // Once no request is left, no id is in use.
+        if self.slab.vacate(slot) && self.waited.all_free() {
             self.highest = None;
         }
     }
@@ -282,24 +311,19 @@ impl Vacancy<'_> {
         book.starts = book.starts.wrapping_add(1);
         let started = service_time.sampled(book.starts);
         book.counts.admitted += 1;
-        let slot = match book.free.pop() {
-            Some(slot) => slot,
-            None => {
-                book.slab.push(Direct {
-                    taken: false,
-                    id: self.id,
-                    user: None,
-                    level,
-                    started: None,
-                    cancelled: false,
-                    waker: None,
-                    accounted: false,
-                    seq,
-                });
-                book.slab.len() - 1
-            }
-        };
-        let place = &mut book.slab[slot];
+        let id = self.id;
+        let slot = book.slab.take(|| Direct {
+            taken: false,
+            id,
+            user: None,
+            level,
+            started: None,
+            cancelled: false,
+            waker: None,
+            accounted: false,
+            seq,
+        });
+        let place = &mut book.slab.items[slot];
         place.taken = true;
         place.id = self.id;
         // A free place holds no user: only a user to keep is written.
@@ -317,17 +341,10 @@ impl Vacancy<'_> {
     /// Registers a request that waits, and gives its place.
     pub(super) fn queue(mut self, entry: Entry) -> usize {
         self.taken();
-        let book = self.book;
-        match book.waited_free.pop() {
-            Some(slot) => {
-                book.waited[slot] = Some(entry);
-                slot
-            }
-            None => {
-                book.waited.push(Some(entry));
-                book.waited.len() - 1
-            }
-        }
+        let waited = &mut self.book.waited;
+        let slot = waited.take(|| None);
+        waited.items[slot] = Some(entry);
+        slot
     }
 }
 
@@ -369,7 +386,7 @@ impl Book {
     /// (picked before the levels changed) are never taken in.
     fn take_unaccounted(&mut self, out: &mut Vec<Unaccounted>, levels: usize) {
         let open = |p: &&mut Direct| p.taken && !p.accounted && p.level < levels;
-        for place in self.slab.iter_mut().filter(open) {
+        for place in self.slab.items.iter_mut().filter(open) {
             if let Some(user) = &place.user {
                 place.accounted = true;
                 out.push((place.seq, place.level, user.clone()));
@@ -421,7 +438,7 @@ impl Registry {
         slot: usize,
         book: &mut Book,
     ) -> Option<Option<Waker>> {
-        let direct = book.slab.get_mut(slot).filter(|d| d.taken)?;
+        let direct = book.slab.items.get_mut(slot).filter(|d| d.taken)?;
         if direct.cancelled {
             return None;
         }
@@ -446,7 +463,7 @@ impl Registry {
             cancelled,
             waker,
             ..
-        }) = book.slab.get_mut(slot)
+        }) = book.slab.items.get_mut(slot)
         else {
             return false;
         };
@@ -477,7 +494,7 @@ impl Registry {
         accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
-        let place = book.waited.get_mut(slot)?;
+        let place = book.waited.items.get_mut(slot)?;
         let entry = place.take_if(|e| Arc::ptr_eq(&e.waiter, waiter))?;
         book.vacate_waited(slot);
         if !entry.is_cancelled() {
@@ -510,7 +527,7 @@ impl Registry {
         accounted: &mut Option<Accounted>,
     ) -> Option<Ended> {
         let mut book = self.lock(id);
-        let direct = book.slab.get_mut(slot).filter(|d| d.taken)?;
+        let direct = book.slab.items.get_mut(slot).filter(|d| d.taken)?;
         if direct.accounted {
             if let Some(user) = direct.user.take() {
                 *accounted = Some(Accounted {
@@ -555,5 +572,31 @@ impl Registry {
         for shard in self.shards.iter() {
             f(&lock(&shard.book));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_reused_and_give_memory_back_once_all_are_free() {
+        let mut places = Places::<u32, 100>::default();
+        let slots: Vec<usize> = (0..1_000).map(|n| places.take(|| n)).collect();
+        assert_eq!(slots, (0..1_000).collect::<Vec<_>>(), "new places in order");
+        assert!(!places.vacate(7), "others are still taken");
+        assert_eq!(places.take(|| 0), 7, "a freed place is taken again");
+        for slot in 0..999 {
+            assert!(!places.vacate(slot), "place {slot} freed before the last");
+        }
+        assert!(places.vacate(999), "the last place freed");
+        assert!(places.all_free());
+        assert!(places.items.is_empty() && places.free.is_empty());
+        assert!(
+            (100..1_000).contains(&places.items.capacity()),
+            "room kept for the floor, not for the peak: {}",
+            places.items.capacity()
+        );
+        assert_eq!(places.take(|| 5), 0, "places start over from the first");
     }
 }
