@@ -576,6 +576,72 @@ async fn a_duplicate_of_a_waiting_request_is_refused_and_leaves_the_queue_as_it_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_that_must_wait_is_refused_the_id_of_one_admitted_at_once() {
+    let layer = PriorityQueueLayer::new(1).request_id(|_: &mut u64| RequestId::from_u64(7));
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|secs: u64| async move {
+            sleep(Duration::from_secs(secs)).await;
+            Ok::<_, BoxError>(secs)
+        }));
+    let first = tokio::spawn(svc.call(5));
+    tokio::task::yield_now().await;
+    let err = svc.call(1).await.unwrap_err();
+    assert!(err.to_string().contains("request id 7 is already in use"));
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.running, stats.waiting, stats.rejected),
+        (1, 0, 1),
+        "{stats:?}"
+    );
+    assert_eq!(handle.entries().len(), 1);
+    assert_eq!(first.await.unwrap().unwrap(), 5);
+    assert_eq!(
+        svc.call(1).await.unwrap(),
+        1,
+        "the id is free once it ended"
+    );
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.completed), (0, 2), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_admitted_at_once_is_refused_the_id_of_one_that_waited_and_runs() {
+    // Ids: the request's number, except 12, which takes the id of 2.
+    let layer = PriorityQueueLayer::new(2).request_id(|n: &mut u64| RequestId::from_u64(*n % 10));
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|n: u64| async move {
+            sleep(Duration::from_secs(n % 10)).await;
+            Ok::<_, BoxError>(n)
+        }));
+    let long = tokio::spawn(svc.call(9));
+    let short = tokio::spawn(svc.call(1));
+    tokio::task::yield_now().await;
+    let waited = tokio::spawn(svc.call(2));
+    tokio::task::yield_now().await;
+    assert_eq!(handle.stats().waiting, 1);
+    assert_eq!(short.await.unwrap().unwrap(), 1);
+    // At 1 s the request of id 2 runs, after waiting; a slot is free, nobody waits.
+    tokio::task::yield_now().await;
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.waiting), (2, 0), "{stats:?}");
+    let err = svc.call(12).await.unwrap_err();
+    assert!(err.to_string().contains("request id 2 is already in use"));
+    assert_eq!(waited.await.unwrap().unwrap(), 2);
+    assert_eq!(
+        svc.call(12).await.unwrap(),
+        12,
+        "the id is free once it ended"
+    );
+    assert_eq!(long.await.unwrap().unwrap(), 9);
+    let stats = handle.stats();
+    assert_eq!((stats.rejected, stats.completed), (1, 4), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn inner_errors_pass_through_untouched() {
     #[derive(Debug)]
     struct Upstream;
