@@ -47,17 +47,51 @@ pub(crate) trait Slot: Guard {
     fn set_finish(&mut self, finish: Finish);
 }
 
+/// Where a request stands: waiting for its slot, with how long it may still wait, or holding
+/// it. (One field for both: with the others, it keeps a response future small enough to be
+/// moved without a call to `memcpy`.)
+enum Phase {
+    /// Waiting for its slot as long as it takes.
+    Waiting,
+    /// Waiting for its slot at most this long from the first poll that finds it waiting.
+    WaitingAtMost(Duration),
+    /// Waiting for its slot until this timer fires.
+    WaitingUntil(Pin<Box<Sleep>>),
+    /// Holding its slot: about to run, or running.
+    Admitted,
+}
+
+impl Phase {
+    /// Ready once the wait has lasted its time, and never without one; the timer starts on the
+    /// first poll, so that a future built outside a runtime does not need one until then.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self {
+                Phase::Waiting | Phase::Admitted => return Poll::Pending,
+                Phase::WaitingAtMost(timeout) => {
+                    *self = Phase::WaitingUntil(Box::pin(tokio::time::sleep(*timeout)));
+                }
+                Phase::WaitingUntil(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    *self = Phase::Waiting;
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
 pin_project! {
     /// Waits for a slot, then for the inner service, then runs the call, and hands the slot to
     /// the response's hold policy.
     pub(crate) struct Admission<S, Req, F, H, T> {
         #[pin]
         call: CallWhenReady<S, Req, F>,
-        timeout: Option<Duration>,
-        deadline: Option<Pin<Box<Sleep>>>,
+        phase: Phase,
         ticket: Option<T>,
-        admitted: bool,
-        rejected: Option<Rejected>,
+        // Boxed: a future is moved, often into a box of its own, on every request, and a
+        // rejection is rare.
+        rejected: Option<tower::BoxError>,
         hold: H,
     }
 }
@@ -66,10 +100,8 @@ impl<S, Req, F, H, T> Admission<S, Req, F, H, T> {
     pub(crate) fn admitted(ticket: T, inner: S, request: Req, hold: H) -> Self {
         Admission {
             call: CallWhenReady::new(inner, request),
-            timeout: None,
-            deadline: None,
+            phase: Phase::Admitted,
             ticket: Some(ticket),
-            admitted: true,
             rejected: None,
             hold,
         }
@@ -86,22 +118,19 @@ impl<S, Req, F, H, T> Admission<S, Req, F, H, T> {
     ) -> Self {
         Admission {
             call: CallWhenReady::new(inner, request),
-            timeout,
-            deadline: None,
+            phase: timeout.map_or(Phase::Waiting, Phase::WaitingAtMost),
             ticket: Some(ticket),
-            admitted: false,
             rejected: None,
             hold,
         }
     }
 
     pub(crate) fn rejected(rejected: Rejected, hold: H) -> Self {
+        let rejected: tower::BoxError = Box::new(rejected);
         Admission {
             call: CallWhenReady::none(),
-            timeout: None,
-            deadline: None,
+            phase: Phase::Waiting,
             ticket: None,
-            admitted: false,
             rejected: Some(rejected),
             hold,
         }
@@ -127,35 +156,27 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Some(rejected) = this.rejected.take() {
-            return Poll::Ready(Err(rejected.into()));
+        if this.rejected.is_some() {
+            return Poll::Ready(Err(this
+                .rejected
+                .take()
+                .unwrap_or_else(polled_after_completion)));
         }
         let Some(ticket) = this.ticket.as_mut() else {
             return Poll::Ready(Err(polled_after_completion()));
         };
-        while !*this.admitted {
+        while !matches!(this.phase, Phase::Admitted) {
             let outcome = ticket
                 .waiter()
                 .map_or(Poll::Ready(Outcome::Granted), |w| w.poll(cx));
             match outcome {
-                Poll::Ready(Outcome::Granted) => {
-                    *this.admitted = true;
-                    *this.deadline = None;
-                }
+                Poll::Ready(Outcome::Granted) => *this.phase = Phase::Admitted,
                 Poll::Ready(Outcome::Cancelled) => {
                     this.ticket.take();
                     return Poll::Ready(Err(cancelled()));
                 }
                 Poll::Pending => {
-                    let Some(timeout) = *this.timeout else {
-                        return Poll::Pending;
-                    };
-                    let deadline = this
-                        .deadline
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                    ready!(deadline.as_mut().poll(cx));
-                    *this.deadline = None;
-                    *this.timeout = None;
+                    ready!(this.phase.expired(cx));
                     if let Some(rejected) = ticket.time_out() {
                         this.ticket.take();
                         return Poll::Ready(Err(rejected.into()));
@@ -223,8 +244,42 @@ impl<T: Slot> From<Completed<T>> for Permit {
 impl<S, Req, F, H, T> fmt::Debug for Admission<S, Req, F, H, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admission")
-            .field("admitted", &self.admitted)
+            .field("admitted", &matches!(self.phase, Phase::Admitted))
             .field("running", &self.call.is_running())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::{service_fn, BoxError, Service, ServiceBuilder};
+
+    use crate::{PerUserConcurrencyLayer, PriorityQueueLayer};
+
+    /// The size of the response future of `layer` around a small service.
+    fn future_size<L>(layer: L) -> usize
+    where
+        L: tower::Layer<
+            tower::util::ServiceFn<fn(u64) -> std::future::Ready<Result<u64, BoxError>>>,
+        >,
+        L::Service: Service<u64>,
+    {
+        let immediate: fn(u64) -> std::future::Ready<Result<u64, BoxError>> =
+            |n| std::future::ready(Ok(n));
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(immediate));
+        std::mem::size_of_val(&svc.call(1))
+    }
+
+    #[test]
+    fn the_response_futures_of_a_small_service_are_moved_without_a_memcpy_call() {
+        // A future is moved on every request, often into a box of its own (as axum's routes
+        // and tower's `BoxService` do): up to 128 bytes the compiler moves it inline, beyond
+        // that it calls `memcpy`, which cost about 20 instructions per request.
+        let queue = future_size(PriorityQueueLayer::new(2));
+        let per_user = future_size(PerUserConcurrencyLayer::new(2, |n: &u64| *n));
+        assert!(queue <= 128, "the queue's: {queue} bytes");
+        assert!(per_user <= 128, "the per-user limit's: {per_user} bytes");
     }
 }

@@ -36,16 +36,19 @@ impl ServiceTime {
 
     /// When the request that is the `count`-th start of its counter started, if it is one of
     /// the sampled.
+    #[inline]
     pub(crate) fn sampled(&self, count: u32) -> Option<Instant> {
         self.is_sampled(count).then(Instant::now)
     }
 
     /// Whether the `count`-th start (or end) of a counter is one of the sampled.
+    #[inline]
     pub(crate) fn is_sampled(&self, count: u32) -> bool {
         count % SAMPLE_EVERY == 0 || !self.measured()
     }
 
     /// Whether anything has been measured yet.
+    #[inline]
     fn measured(&self) -> bool {
         self.nanos.load(Relaxed) != 0
     }

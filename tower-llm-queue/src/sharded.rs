@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hashbrown::HashTable;
 
@@ -16,10 +15,20 @@ pub(crate) type Hasher = foldhash::fast::RandomState;
 /// A `HashMap` with [`Hasher`].
 pub(crate) type FastMap<K, V> = HashMap<K, V, Hasher>;
 
-/// Locks a mutex, ignoring poisoning: every critical section in this crate leaves its data
-/// consistent before anything that could panic, so a poisoned lock still guards valid state.
+/// The mutex of every lock in this crate: `parking_lot`'s, which takes and lets go of an
+/// uncontended lock in one atomic operation each and keeps no poison flag (every critical
+/// section here leaves its data consistent before anything that could panic, so a lock whose
+/// holder panicked still guards valid state), where the standard library's checks whether the
+/// thread is panicking on each.
+pub(crate) type Mutex<T> = parking_lot::Mutex<T>;
+
+/// The guard of a locked [`Mutex`].
+pub(crate) type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
+
+/// Locks a mutex.
+#[inline]
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    mutex.lock()
 }
 
 /// A value on cache lines of its own, so that threads writing it do not slow down those that

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::classify::Outcome;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
-use crate::sharded::{lock, Sharded};
+use crate::sharded::{lock, Mutex, MutexGuard, Sharded};
 
 use super::{BreakerState, BreakerStats, Window};
 

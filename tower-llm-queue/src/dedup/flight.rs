@@ -3,7 +3,7 @@
 use std::any::{Any, TypeId};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -11,7 +11,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::clock::AtomicDuration;
-use crate::sharded::{lock, FastMap};
+use crate::sharded::{lock, FastMap, Mutex};
 
 use super::error::CallFailed;
 use super::DedupStats;

@@ -4,7 +4,7 @@
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::Context;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::hold::{Guard, Permit};
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
-use crate::sharded::{lock, FastMap};
+use crate::sharded::{lock, FastMap, Mutex};
 use crate::store::{script, OnRedisFailure, RedisStore};
 
 use super::LeaseStats;

@@ -33,7 +33,7 @@
 //! [`RequestId::next`]: super::RequestId::next
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Waker};
 
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use crate::admission::Finish;
 use crate::key::Key;
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, shrink_above, SMALL};
+use crate::sharded::{lock, shrink_above, Mutex, MutexGuard, SMALL};
 use crate::waiter::Waiter;
 
 use super::schedule::Position;
@@ -260,6 +260,7 @@ impl Book {
 
     /// Frees the place `slot` of a request admitted at once, whose request has ended: lets its
     /// user and task go.
+    #[inline]
     fn vacate(&mut self, slot: usize) {
         let place = &mut self.slab.items[slot];
         place.taken = false;
@@ -289,6 +290,7 @@ pub(super) struct Vacancy<'a> {
 }
 
 impl Vacancy<'_> {
+    #[inline]
     fn taken(&mut self) {
         let highest = self.book.highest.get_or_insert(self.id);
         *highest = (*highest).max(self.id);
@@ -412,20 +414,24 @@ impl Registry {
         }
     }
 
+    #[inline]
     fn index(&self, id: RequestId) -> usize {
         id.get() as usize & (self.shards.len() - 1)
     }
 
+    #[inline]
     fn shard(&self, id: RequestId) -> &Shard {
         &self.shards[self.index(id)]
     }
 
     /// The locked shard of `id`.
+    #[inline]
     pub(super) fn lock(&self, id: RequestId) -> MutexGuard<'_, Book> {
         lock(&self.shard(id).book)
     }
 
     /// The cancellation count of `id`'s shard, before a look at its flag.
+    #[inline]
     pub(super) fn cancels(&self, id: RequestId) -> u64 {
         self.shard(id).cancels.load(Ordering::Acquire)
     }

@@ -25,7 +25,7 @@
 //! slot over under the queue's lock alone; the registry learns of it from the waiter.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ use crate::hold::Guard;
 use crate::key::Key;
 use crate::rejected::{Rejected, RejectionKind};
 use crate::service_time::ServiceTime;
-use crate::sharded::{lock, FastMap, Padded};
+use crate::sharded::{lock, FastMap, Mutex, MutexGuard, Padded};
 use crate::waiter::{Registered, Waiter};
 
 use super::registry::{Accounted, Book, Ended, Entry, Registry};
@@ -69,6 +69,7 @@ pub(crate) struct Config {
     pub(crate) oldest_every: u32,
 }
 
+#[inline]
 fn level_index(levels: usize, priority: u8) -> usize {
     (priority.max(1) as usize).min(levels) - 1
 }
@@ -154,8 +155,9 @@ pub(crate) struct Ticket {
     /// The hand-off with the queue, for a request that waited.
     waiter: Option<Arc<Waiter>>,
     /// Its place in its shard: among the requests admitted at once, or among those that
-    /// waited.
-    slot: usize,
+    /// waited. (Four bytes: with the others, they keep a response future small enough to be
+    /// moved without a call to `memcpy`. No shard holds four billion requests.)
+    slot: u32,
     /// For a request admitted at once: its shard's cancellation count when it last looked at
     /// its flag.
     cancels_seen: AtomicU64,
@@ -236,6 +238,7 @@ impl Shared {
 
     /// Takes a slot if one is free and nobody waits; `word` is the word as last read. Gives the
     /// request's place among those admitted at once.
+    #[inline]
     fn try_admit(&self, mut word: u64) -> Option<u64> {
         while word & WAITING == 0 && word & RUNNING < self.concurrency {
             match self.word.0.compare_exchange_weak(
@@ -286,7 +289,7 @@ impl Shared {
             shared: self.clone(),
             id,
             waiter: Some(waiter),
-            slot,
+            slot: slot as u32,
             cancels_seen: AtomicU64::new(0),
             registered: Registered::default(),
             finish: Finish::Dropped,
@@ -304,7 +307,7 @@ impl Shared {
             shared: self.clone(),
             id,
             waiter: None,
-            slot,
+            slot: slot as u32,
             cancels_seen: AtomicU64::new(self.registry.cancels(id)),
             registered: Registered::default(),
             finish: Finish::Dropped,
@@ -730,7 +733,7 @@ impl Slot for Ticket {
                     return false;
                 }
                 self.cancels_seen.store(cancels, Ordering::Relaxed);
-                registry.direct_cancelled(self.id, self.slot, None)
+                registry.direct_cancelled(self.id, self.slot(), None)
             }
         }
     }
@@ -748,7 +751,7 @@ impl Slot for Ticket {
             return None;
         }
         self.shared
-            .remove_waiting(&mut queue, &mut book, self.slot, self.id);
+            .remove_waiting(&mut queue, &mut book, self.slot(), self.id);
         queue.counters.timed_out += 1;
         tracing::debug!(id = %self.id, "rejected: queue timeout");
         self.released = true;
@@ -769,7 +772,7 @@ impl Drop for Ticket {
                 let mut accounted = None;
                 let ended = self.shared.registry.end_direct(
                     self.id,
-                    self.slot,
+                    self.slot(),
                     (self.finish, panicking),
                     &mut accounted,
                 );
@@ -783,6 +786,12 @@ impl Drop for Ticket {
 }
 
 impl Ticket {
+    /// Its place in its shard.
+    #[inline]
+    fn slot(&self) -> usize {
+        self.slot as usize
+    }
+
     /// The end of a request that waited: it leaves the queue if it still waits, or gives its
     /// slot back.
     #[inline(never)]
@@ -793,14 +802,14 @@ impl Ticket {
             let mut book = shared.registry.lock(self.id);
             if waiter.leave() {
                 book.counts.cancelled += 1;
-                shared.remove_waiting(&mut queue, &mut book, self.slot, self.id);
+                shared.remove_waiting(&mut queue, &mut book, self.slot(), self.id);
                 return;
             }
         }
         let mut accounted = None;
         let ended = shared.registry.end(
             self.id,
-            self.slot,
+            self.slot(),
             &waiter,
             (self.finish, panicking),
             &shared.service_time,
@@ -868,7 +877,7 @@ impl Guard for Ticket {
                 *seen = cancels;
                 self.shared
                     .registry
-                    .direct_cancelled(self.id, self.slot, Some(cx))
+                    .direct_cancelled(self.id, self.slot(), Some(cx))
             }
         }
     }

@@ -65,7 +65,7 @@ impl<Req, Response> Reconcile<Req, Response> for NoReconcile {
 
 /// A correction sent to a shared store, which the response future waits for when it was made
 /// before the response is returned.
-pub(super) type Sent = Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
+pub(super) type Sent = Arc<crate::sharded::Mutex<Option<tokio::task::JoinHandle<()>>>>;
 
 /// Tells a rate limit what an admitted request actually cost. See [`Reconcile`].
 pub struct Settle {

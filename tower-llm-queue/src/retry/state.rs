@@ -1,11 +1,11 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::sharded::lock;
+use crate::sharded::{lock, Mutex};
 
 use super::budget::{BudgetLedger, RetryBudget};
 use super::{Config, RetryStats};
