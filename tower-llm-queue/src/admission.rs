@@ -156,11 +156,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if this.rejected.is_some() {
-            return Poll::Ready(Err(this
-                .rejected
-                .take()
-                .unwrap_or_else(polled_after_completion)));
+        if let Some(rejected) = this.rejected.take() {
+            return Poll::Ready(Err(rejected));
         }
         let Some(ticket) = this.ticket.as_mut() else {
             return Poll::Ready(Err(polled_after_completion()));
