@@ -60,6 +60,30 @@ where
     out
 }
 
+/// A service that answers `n` after `n % 10` seconds.
+fn sleeps_for_its_number() -> impl Service<
+    u64,
+    Response = u64,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<u64, BoxError>> + Send,
+> + Clone
+       + Send {
+    service_fn(|n: u64| async move {
+        sleep(Duration::from_secs(n % 10)).await;
+        Ok::<_, BoxError>(n)
+    })
+}
+
+/// Asserts that `err` refuses a request because its id `id` is in use.
+fn assert_id_in_use(err: &BoxError, id: u64) {
+    assert_eq!(kind(err), RejectionKind::MissingKey);
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("request id {id} is already in use")),
+        "{message}"
+    );
+}
+
 fn logged(log: &Log) -> Vec<String> {
     log.lock().unwrap().clone()
 }
@@ -528,14 +552,9 @@ async fn a_duplicate_request_id_is_refused() {
     let layer = PriorityQueueLayer::new(2).request_id(|_: &mut u64| RequestId::from_u64(7));
     let mut svc = ServiceBuilder::new()
         .layer(layer)
-        .service(service_fn(|secs: u64| async move {
-            sleep(Duration::from_secs(secs)).await;
-            Ok::<_, BoxError>(secs)
-        }));
+        .service(sleeps_for_its_number());
     let first = tokio::spawn(svc.call(5));
-    let err = svc.call(1).await.unwrap_err();
-    assert_eq!(kind(&err), RejectionKind::MissingKey);
-    assert!(err.to_string().contains("request id 7 is already in use"));
+    assert_id_in_use(&svc.call(1).await.unwrap_err(), 7);
     assert_eq!(first.await.unwrap().unwrap(), 5);
 }
 
@@ -554,9 +573,7 @@ async fn a_duplicate_of_a_waiting_request_is_refused_and_leaves_the_queue_as_it_
     let running = tokio::spawn(svc.call(1));
     let waiting = tokio::spawn(svc.call(2));
     tokio::task::yield_now().await;
-    let err = svc.call(12).await.unwrap_err();
-    assert_eq!(kind(&err), RejectionKind::MissingKey);
-    assert!(err.to_string().contains("request id 2 is already in use"));
+    assert_id_in_use(&svc.call(12).await.unwrap_err(), 2);
     let stats = handle.stats();
     assert_eq!(
         (stats.running, stats.waiting, stats.rejected),
@@ -581,14 +598,10 @@ async fn a_request_that_must_wait_is_refused_the_id_of_one_admitted_at_once() {
     let handle = layer.handle();
     let mut svc = ServiceBuilder::new()
         .layer(layer)
-        .service(service_fn(|secs: u64| async move {
-            sleep(Duration::from_secs(secs)).await;
-            Ok::<_, BoxError>(secs)
-        }));
+        .service(sleeps_for_its_number());
     let first = tokio::spawn(svc.call(5));
     tokio::task::yield_now().await;
-    let err = svc.call(1).await.unwrap_err();
-    assert!(err.to_string().contains("request id 7 is already in use"));
+    assert_id_in_use(&svc.call(1).await.unwrap_err(), 7);
     let stats = handle.stats();
     assert_eq!(
         (stats.running, stats.waiting, stats.rejected),
@@ -613,10 +626,7 @@ async fn a_request_admitted_at_once_is_refused_the_id_of_one_that_waited_and_run
     let handle = layer.handle();
     let mut svc = ServiceBuilder::new()
         .layer(layer)
-        .service(service_fn(|n: u64| async move {
-            sleep(Duration::from_secs(n % 10)).await;
-            Ok::<_, BoxError>(n)
-        }));
+        .service(sleeps_for_its_number());
     let long = tokio::spawn(svc.call(9));
     let short = tokio::spawn(svc.call(1));
     tokio::task::yield_now().await;
@@ -628,8 +638,7 @@ async fn a_request_admitted_at_once_is_refused_the_id_of_one_that_waited_and_run
     tokio::task::yield_now().await;
     let stats = handle.stats();
     assert_eq!((stats.running, stats.waiting), (2, 0), "{stats:?}");
-    let err = svc.call(12).await.unwrap_err();
-    assert!(err.to_string().contains("request id 2 is already in use"));
+    assert_id_in_use(&svc.call(12).await.unwrap_err(), 2);
     assert_eq!(waited.await.unwrap().unwrap(), 2);
     assert_eq!(
         svc.call(12).await.unwrap(),
