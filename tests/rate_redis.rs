@@ -3,8 +3,7 @@
 //! `CI=true`, where they fail. Redis keeps its own clock, so these tests run in real time; they
 //! are short.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,28 +12,15 @@ use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_queue::rate::{OnRedisFailure, Rate, RedisStore, MAX_PERIOD};
 use tower_llm_queue::{Rejected, RejectionKind, SlidingWindowLayer, TokenBucketLayer};
 
-fn redis_url() -> Option<String> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let reachable = redis::Client::open(url.as_str())
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_ok();
-    if reachable {
-        return Some(url);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("Redis is not reachable at {url}, and CI=true: the Redis tests must run");
-    }
-    eprintln!("skipping: Redis is not reachable at {url} (set REDIS_URL)");
-    None
-}
+mod support;
 
-fn fresh_prefix(test: &str) -> String {
-    format!(
-        "tlq-test:{test}:{}:{}",
-        std::process::id(),
-        fastrand::u64(..)
-    )
+use support::own_redis::{connection, fresh_prefix, redis_url, OwnRedis};
+
+/// A Redis server of the test's own, to stop at will; `None` (the test passes) where Redis is
+/// not available at all and `CI` is not `true` (see `redis_url`).
+fn own_server() -> Option<OwnRedis> {
+    redis_url()?;
+    Some(OwnRedis::start().expect("redis-server could not be started for the test"))
 }
 
 fn counting() -> (
@@ -127,67 +113,9 @@ async fn waiting_reserves_a_place_in_redis() {
     assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
 }
 
-/// A Redis server of the test's own, on a free port, to stop at will.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Option<OwnRedis> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let url = format!("redis://127.0.0.1:{port}");
-        for _ in 0..100 {
-            let ok = redis::Client::open(url.as_str())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(100)))
-                .is_ok();
-            if ok {
-                return Some(OwnRedis { child, url });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn redis_down_means_the_local_share_or_a_refusal_and_never_a_hang() {
-    if redis_url().is_none() {
-        return;
-    }
-    let Some(server) = OwnRedis::start() else {
-        panic!("redis-server could not be started for the outage test");
-    };
+    let Some(server) = own_server() else { return };
     let timeout = Duration::from_millis(200);
     let (calls, upstream) = counting();
     let share = RedisStore::new(&server.url, fresh_prefix("outage"))
@@ -198,7 +126,7 @@ async fn redis_down_means_the_local_share_or_a_refusal_and_never_a_hang() {
         .unwrap()
         .timeout(timeout)
         .on_failure(OnRedisFailure::Refuse);
-    let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
+    let port = server.port;
     let shared = ServiceBuilder::new()
         .layer(SlidingWindowLayer::new(10, Duration::from_secs(30)).store(share))
         .service(upstream.clone());
@@ -333,12 +261,6 @@ fn two_processes_share_one_limit() {
     );
 }
 
-fn redis_connection(url: &str) -> redis::Connection {
-    redis::Client::open(url)
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-        .expect("a connection to Redis")
-}
-
 /// The Redis key of the unkeyed limit under `prefix`.
 fn global_key(prefix: &str) -> String {
     format!("{prefix}:a")
@@ -363,7 +285,7 @@ async fn a_cost_of_zero_leaves_no_record_in_redis() {
         svc.clone().oneshot(n).await.unwrap();
     }
     assert_eq!(calls.load(Ordering::SeqCst), 200);
-    let mut redis = redis_connection(&url);
+    let mut redis = connection(&url);
     let exists: bool = redis::cmd("EXISTS")
         .arg(global_key(&prefix))
         .query(&mut redis)
@@ -591,7 +513,7 @@ fn pause(connection: &mut redis::Connection, pause: Duration) {
 /// most two seconds after the server answers; false if it still holds one then.
 async fn records_go(url: String, key: String) -> bool {
     tokio::task::spawn_blocking(move || {
-        let mut redis = redis_connection(&url);
+        let mut redis = connection(&url);
         let exists = |redis: &mut redis::Connection| -> bool {
             redis::cmd("EXISTS").arg(&key).query(redis).unwrap()
         };
@@ -642,24 +564,34 @@ fn keyed_limit(
     }
 }
 
+/// A keyed limit over a store in `server` that waits `timeout` for Redis, after one call that
+/// connects it, with every client of the server then paused for half a second: the next
+/// decision's round trip is held up.
+async fn paused_limit(
+    server: &OwnRedis,
+    prefix: &str,
+    bucket: bool,
+    timeout: Duration,
+) -> (
+    tower_llm_queue::rate::RateHandle,
+    Arc<AtomicU64>,
+    tower::util::BoxCloneService<u64, u64, BoxError>,
+) {
+    let store = RedisStore::new(&server.url, prefix.to_string())
+        .unwrap()
+        .timeout(timeout);
+    let (handle, calls, svc) = keyed_limit(bucket, store);
+    svc.clone().oneshot(0).await.unwrap();
+    pause(&mut connection(&server.url), Duration::from_millis(500));
+    (handle, calls, svc)
+}
+
 #[tokio::test]
 async fn a_caller_that_leaves_during_the_round_trip_gives_its_place_back() {
-    if redis_url().is_none() {
-        return;
-    }
-    let Some(server) = OwnRedis::start() else {
-        panic!("redis-server could not be started for the test");
-    };
+    let Some(server) = own_server() else { return };
     for bucket in [false, true] {
         let prefix = fresh_prefix("leave");
-        let store = RedisStore::new(&server.url, prefix.clone())
-            .unwrap()
-            .timeout(Duration::from_secs(5));
-        let (_, calls, svc) = keyed_limit(bucket, store);
-        // Connected before the pause.
-        svc.clone().oneshot(0).await.unwrap();
-        let mut admin = redis_connection(&server.url);
-        pause(&mut admin, Duration::from_millis(500));
+        let (_, calls, svc) = paused_limit(&server, &prefix, bucket, Duration::from_secs(5)).await;
         // The caller gives up while its decision is on its way.
         let left = tokio::time::timeout(Duration::from_millis(100), svc.clone().oneshot(1)).await;
         assert!(left.is_err(), "the decision came during the pause");
@@ -673,21 +605,11 @@ async fn a_caller_that_leaves_during_the_round_trip_gives_its_place_back() {
 
 #[tokio::test]
 async fn a_decision_that_times_out_is_counted_once() {
-    if redis_url().is_none() {
-        return;
-    }
-    let Some(server) = OwnRedis::start() else {
-        panic!("redis-server could not be started for the test");
-    };
+    let Some(server) = own_server() else { return };
     for bucket in [false, true] {
         let prefix = fresh_prefix("late");
-        let store = RedisStore::new(&server.url, prefix.clone())
-            .unwrap()
-            .timeout(Duration::from_millis(100));
-        let (handle, calls, svc) = keyed_limit(bucket, store);
-        svc.clone().oneshot(0).await.unwrap();
-        let mut admin = redis_connection(&server.url);
-        pause(&mut admin, Duration::from_millis(500));
+        let (handle, calls, svc) =
+            paused_limit(&server, &prefix, bucket, Duration::from_millis(100)).await;
         // Redis does not answer in time: the local share decides...
         svc.clone().oneshot(1).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
