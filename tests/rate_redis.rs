@@ -531,15 +531,16 @@ async fn records_go(url: String, key: String) -> bool {
     .unwrap()
 }
 
-/// A window or a bucket with a limit of 10 per key (`u64`), over a store of its own.
-fn keyed_limit(
-    bucket: bool,
-    store: RedisStore,
-) -> (
+/// A keyed limit as the tests drive it: its handle, the count of calls that reached the
+/// upstream, and the service.
+type KeyedLimit = (
     tower_llm_queue::rate::RateHandle,
     Arc<AtomicU64>,
     tower::util::BoxCloneService<u64, u64, BoxError>,
-) {
+);
+
+/// A window or a bucket with a limit of 10 per key (`u64`), over a store of its own.
+fn keyed_limit(bucket: bool, store: RedisStore) -> KeyedLimit {
     let (calls, upstream) = counting();
     if bucket {
         let layer = TokenBucketLayer::new(Rate::per_minute(10), 10)
@@ -572,11 +573,7 @@ async fn paused_limit(
     prefix: &str,
     bucket: bool,
     timeout: Duration,
-) -> (
-    tower_llm_queue::rate::RateHandle,
-    Arc<AtomicU64>,
-    tower::util::BoxCloneService<u64, u64, BoxError>,
-) {
+) -> KeyedLimit {
     let store = RedisStore::new(&server.url, prefix.to_string())
         .unwrap()
         .timeout(timeout);
